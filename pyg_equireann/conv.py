@@ -1,0 +1,87 @@
+"""One EquiREANN message-passing iteration as a PyG ``MessagePassing`` layer."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
+
+from .contraction import OrbitalContraction
+
+
+class EquiREANNConv(MessagePassing):
+    r"""One EquiREANN iteration t (spec §1.7):
+
+    .. math::
+        c^{(t)}_{ij} &= c^{(t-1)}_{ij} + M_t(\rho^{(t-1)}_j) \\
+        \Psi^{(t)}_i &= \frac{1}{\bar n} \sum_{j \in \mathcal N(i)}
+            c^{(t)}_{ij} O_{ij} + f(d_{ij})\, \Psi^{(t-1)}_j \\
+        \rho^{(t)}_i &= \text{contraction}_t(\Psi^{(t)}_i, w_i)
+
+    The second term of the message, the equivariant orbital passing, has no parameters: it hands
+    the neighbour's whole orbital (every l, m, k) on, scaled by the cutoff only, so orientation
+    information travels along chains. With ``equivariant_passing=False`` (or no previous orbitals,
+    as in iteration 0) the message is the invariant part only. :math:`\bar n` is the optional average
+    neighbour count (a constant, so equivariance is kept); 1 when not set.
+
+    Args:
+        contraction: the :class:`OrbitalContraction` of this iteration (may be shared).
+        message_mlp: :math:`M_t`, a module ``(density (N, C), atom_species (N,)) → (N, K)``, or None
+            for iteration 0.
+        equivariant_passing: pass :math:`\Psi_j` on.
+
+    Shapes: edge_index (2, E) with row 0 the neighbour j and row 1 the centre i; edge_orbitals O
+    (E, A, K); edge_cutoff f (E,); edge_coefficients c (E, K); node_orbitals Ψ (N, A, K);
+    node_density ρ (N, C); center_weight w (N, C) or None.
+    """
+
+    def __init__(
+        self,
+        contraction: OrbitalContraction,
+        message_mlp: Optional[nn.Module] = None,
+        equivariant_passing: bool = True,
+    ):
+        super().__init__(aggr="add", flow="source_to_target", node_dim=0)
+        self.contraction = contraction
+        self.message_mlp = message_mlp
+        self.equivariant_passing = equivariant_passing
+
+    def forward(
+        self,
+        edge_index: Tensor,
+        edge_orbitals: Tensor,
+        edge_cutoff: Tensor,
+        edge_coefficients: Tensor,
+        center_weight: Optional[Tensor] = None,
+        node_orbitals: Optional[Tensor] = None,
+        node_density: Optional[Tensor] = None,
+        atom_species: Optional[Tensor] = None,
+        inv_avg_num_neighbors: float = 1.0,
+        num_nodes: Optional[int] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Returns (node_orbitals Ψ⁽ᵗ⁾ (N, A, K), node_density ρ⁽ᵗ⁾ (N, C), edge_coefficients c⁽ᵗ⁾ (E, K))."""
+        if num_nodes is None:
+            num_nodes = node_orbitals.shape[0] if node_orbitals is not None else int(edge_index.max()) + 1
+        if self.message_mlp is not None and node_density is not None:
+            update = self.message_mlp(node_density, atom_species)
+            edge_coefficients = edge_coefficients + update.index_select(0, edge_index[0])
+        passed = node_orbitals if self.equivariant_passing else None
+        aggregated = self.propagate(
+            edge_index,
+            orbital=edge_orbitals,
+            coefficient=edge_coefficients,
+            cutoff=edge_cutoff,
+            psi=passed,
+            size=(num_nodes, num_nodes),
+        )
+        if inv_avg_num_neighbors != 1.0:
+            aggregated = aggregated * inv_avg_num_neighbors
+        return aggregated, self.contraction(aggregated, center_weight), edge_coefficients
+
+    def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:
+        message = coefficient.unsqueeze(1) * orbital
+        if psi_j is not None:
+            message = torch.addcmul(message, cutoff.view(-1, 1, 1), psi_j)
+        return message
+
+    def extra_repr(self) -> str:
+        return f"equivariant_passing={self.equivariant_passing}"

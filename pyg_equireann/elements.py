@@ -1,0 +1,49 @@
+"""Element bookkeeping shared by the models."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from ase.data import chemical_symbols
+from torch import Tensor
+
+MAX_Z = 118
+
+
+def symbol(z: int) -> str:
+    return chemical_symbols[z] if 0 <= z <= MAX_Z else f"Z={z}"
+
+
+def check_atomic_numbers(z: Tensor, allowed: Optional[Tensor] = None) -> None:
+    """Raise a ValueError naming the first atom whose atomic number is invalid or not in ``allowed``
+    (a (MAX_Z+1,) bool mask)."""
+    bad = (z < 1) | (z > MAX_Z)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"atom {i} has atomic number {int(z[i])}; expected 1..{MAX_Z}")
+    if allowed is not None:
+        unknown = ~allowed[z]
+        if bool(unknown.any()):
+            i = int(unknown.nonzero()[0])
+            known = [symbol(int(e)) for e in allowed.nonzero().flatten()]
+            raise ValueError(
+                f"atom {i} is element {symbol(int(z[i]))} (Z={int(z[i])}), which this model was not built for; "
+                f"model elements: {known}"
+            )
+
+
+def element_mask(elements: Optional[Sequence[int]]) -> Tensor:
+    """(MAX_Z+1,) bool mask of the allowed atomic numbers (all when ``elements`` is None)."""
+    mask = torch.zeros(MAX_Z + 1, dtype=torch.bool)
+    if elements is None:
+        mask[1:] = True
+    else:
+        for e in elements:
+            if not 1 <= int(e) <= MAX_Z:
+                raise ValueError(f"invalid atomic number {e} in elements")
+            mask[int(e)] = True
+    return mask
+
+
+def species_index(z: Tensor) -> Tuple[Tensor, Tensor]:
+    """Distinct atomic numbers present (S,) and each atom's index into them (N,)."""
+    species, index = torch.unique(z, sorted=True, return_inverse=True)
+    return species, index

@@ -1,0 +1,297 @@
+"""The EquiREANN potential (Wu, Xia, Zhang, Jiang, J. Phys. Chem. A 128, 11061 (2024))."""
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .contraction import OrbitalContraction
+from .conv import EquiREANNConv
+from .cutoff import CosineCutoff
+from .elements import MAX_Z, check_atomic_numbers, element_mask, species_index
+from .embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
+from .harmonics import AngularBasis
+from .mlp import MLP, ElementMLPs
+from .neighbors import build_graph
+
+
+class _SharedMLP(nn.Module):
+    """An MLP that ignores the element index (one network for every element)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.mlp = MLP(*args, **kwargs)
+
+    def forward(self, x: Tensor, element_index: Optional[Tensor] = None) -> Tensor:
+        return self.mlp(x)
+
+
+class EquiREANN(nn.Module):
+    r"""EquiREANN: equivariant recursively embedded atom neural network.
+
+    Primitive orbitals of every edge (i centre, j neighbour, :math:`r_{ij} = x_j - x_i + S_{ij}`):
+
+    .. math::
+        O_{ij,a,k} = f(d_{ij})\, e^{-(\alpha_{ij,k}(d_{ij}-\mu_{ij,k}))^2}\, Y_a(\hat r_{ij})
+
+    with the cutoff :math:`f`, K Gaussians whose parameters come from the element pair, and real
+    spherical harmonics :math:`Y_a`, :math:`a = l^2+l+m`, :math:`l \le L`. Iteration 0 builds
+    :math:`\Psi^{(0)}_i = \sum_j c^0_{ij} O_{ij}`; each iteration t = 1..T (:class:`EquiREANNConv`)
+    updates the invariant coefficients from the neighbours' densities and passes the neighbours'
+    orbitals on:
+
+    .. math::
+        c^{(t)}_{ij} = c^{(t-1)}_{ij} + M_t(\rho^{(t-1)}_j), \qquad
+        \Psi^{(t)}_i = \sum_j c^{(t)}_{ij} O_{ij} + f(d_{ij}) \Psi^{(t-1)}_j,
+
+    densities :math:`\rho^{(t)}_{i,c} = w_{i,c} \sum_a (\sum_k \Psi^{(t)}_{i,a,k} W^{(t)}_{l(a),k,c})^2`,
+    and the energy :math:`E = \sum_i E^0_{Z_i} + s\,\Phi(\rho^{(T)}_i) + b`.
+
+    Differences from the authors' reference code (spec §9), each changing results:
+
+    * species enter through the one-hot ordered pair (:math:`Z_i`, :math:`Z_j`), an injective encoding;
+      the reference's :math:`Z_iZ_j/(Z_i+Z_j)` maps (C, Mg) and (O, O) to the same value;
+    * per-element reference energies :math:`E^0_Z` and an energy scale s and per-atom shift b, set
+      from data (:meth:`set_energy_statistics`); the reference gives every isolated atom the same energy;
+    * initialisation does not depend on padding-buffer sizes, T or L: coefficients and centre weights
+      start from N(0, 1), message nets from zero output, contraction weights from N(0, 1/K), Gaussian
+      centres spread over [0, r_c];
+    * optional division of each aggregated orbital by the average neighbour count ``avg_num_neighbors``
+      (a constant, so equivariance is kept): the passed orbitals then do not grow like
+      :math:`(\sum_j f)^t` in dense systems.
+
+    Args:
+        cutoff: cutoff radius r_c (Å).
+        max_l: highest angular degree L.
+        num_radial: number of Gaussians K.
+        num_channels: width C of the density vector.
+        num_iterations: number of message-passing iterations T.
+        equivariant_passing: pass the neighbours' orbitals on (False gives the zero-parameter
+            invariant ablation with identical parameters and initial weights).
+        avg_num_neighbors: if given, aggregated orbitals are divided by it.
+        elements: atomic numbers the model accepts (all if None); other elements raise an error.
+        angular: ``"spherical"`` or ``"cartesian"`` (REANN's tensor powers of the raw edge vector).
+        species_embedding: ``"pair"`` (MLP of the element pair) or ``"neighbor"`` (tables indexed by
+            the neighbour element, REANN).
+        center_weight: multiply densities by the centre-element weight :math:`w_i`.
+        shared_contraction: one contraction W for all iterations (REANN) instead of one per iteration.
+        per_element_readout / per_element_messages: one readout / message MLP per element (REANN);
+            needs ``elements``.
+        embedding_hidden, message_hidden, readout_hidden: hidden widths of the MLPs.
+        layer_norm: LayerNorm inside the message and readout MLPs.
+        neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"`` or ``"vesin"`` (non-periodic).
+    """
+
+    def __init__(
+        self,
+        cutoff: float = 4.0,
+        max_l: int = 2,
+        num_radial: int = 8,
+        num_channels: int = 36,
+        num_iterations: int = 2,
+        equivariant_passing: bool = True,
+        avg_num_neighbors: Optional[float] = None,
+        elements: Optional[Sequence[int]] = None,
+        angular: str = "spherical",
+        species_embedding: str = "pair",
+        center_weight: bool = True,
+        shared_contraction: bool = False,
+        per_element_readout: bool = False,
+        per_element_messages: bool = False,
+        embedding_hidden: Sequence[int] = (8, 8),
+        message_hidden: Sequence[int] = (64, 64),
+        readout_hidden: Sequence[int] = (64, 64),
+        layer_norm: bool = False,
+        neighbor_backend: str = "auto",
+    ):
+        super().__init__()
+        if num_iterations < 0:
+            raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
+        if species_embedding not in ("pair", "neighbor"):
+            raise ValueError(f"species_embedding must be 'pair' or 'neighbor', got {species_embedding!r}")
+        if (per_element_readout or per_element_messages) and elements is None:
+            raise ValueError("per-element readout or message networks need `elements` (a list of atomic numbers)")
+        if avg_num_neighbors is not None and not avg_num_neighbors > 0:
+            raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
+        self.cutoff = float(cutoff)
+        self.max_l = int(max_l)
+        self.num_radial = int(num_radial)
+        self.num_channels = int(num_channels)
+        self.num_iterations = int(num_iterations)
+        self.equivariant_passing = bool(equivariant_passing)
+        self.neighbor_backend = neighbor_backend
+        self.elements = None if elements is None else sorted(int(e) for e in set(elements))
+
+        self.register_buffer("element_mask", element_mask(self.elements))
+        slots = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
+        if self.elements is not None:
+            slots[self.elements] = torch.arange(len(self.elements))
+        self.register_buffer("element_slot", slots, persistent=False)
+        self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
+        self.register_buffer("energy_scale", torch.tensor(1.0))
+        self.register_buffer("energy_shift", torch.tensor(0.0))
+        self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
+
+        self.cutoff_fn = CosineCutoff(cutoff)
+        self.angular = AngularBasis(max_l, angular)
+        if species_embedding == "pair":
+            self.species_embedding = PairEmbedding(num_radial, cutoff, embedding_hidden, layer_norm=True)
+        else:
+            self.species_embedding = NeighborTableEmbedding(num_radial, cutoff)
+        self.center_weight = CenterWeight(num_channels, embedding_hidden) if center_weight else None
+
+        degrees = self.angular.degrees
+        num_contractions = 1 if shared_contraction else num_iterations + 1
+        contractions = [OrbitalContraction(degrees, num_radial, num_channels) for _ in range(num_contractions)]
+
+        def make_mlp(in_features, hidden, out_features, per_element):
+            if per_element:
+                return ElementMLPs(len(self.elements), in_features, hidden, out_features, layer_norm)
+            return _SharedMLP(in_features, hidden, out_features, layer_norm)
+
+        self.convs = nn.ModuleList()
+        for t in range(num_iterations + 1):
+            self.convs.append(
+                EquiREANNConv(
+                    contractions[0 if shared_contraction else t],
+                    make_mlp(num_channels, message_hidden, num_radial, per_element_messages) if t > 0 else None,
+                    equivariant_passing,
+                )
+            )
+        self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
+
+    @torch.no_grad()
+    def set_energy_statistics(
+        self,
+        atomic_energies: Union[Dict[int, float], Tensor, None] = None,
+        scale: Optional[float] = None,
+        shift: Optional[float] = None,
+        avg_num_neighbors: Optional[float] = None,
+    ) -> None:
+        """Set per-element reference energies E0 ({Z: eV} or a (119,) tensor), the energy scale s (eV)
+        and per-atom shift b (eV) of the readout, and the neighbour normalisation (see
+        :func:`pyg_equireann.statistics.compute_statistics`)."""
+        if atomic_energies is not None:
+            if isinstance(atomic_energies, dict):
+                for z, e0 in atomic_energies.items():
+                    self.atomic_energies[int(z)] = float(e0)
+            else:
+                self.atomic_energies.copy_(torch.as_tensor(atomic_energies))
+        if scale is not None:
+            self.energy_scale.fill_(float(scale))
+        if shift is not None:
+            self.energy_shift.fill_(float(shift))
+        if avg_num_neighbors is not None:
+            self.avg_num_neighbors.fill_(float(avg_num_neighbors))
+
+    def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
+                    pbc: Optional[Tensor] = None):
+        """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None."""
+        return build_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)
+
+    def forward(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Optional[Tensor] = None,
+        cell: Optional[Tensor] = None,
+        pbc: Optional[Tensor] = None,
+        edge_index: Optional[Tensor] = None,
+        edge_shift: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Energy of each graph.
+
+        Args:
+            z: (N,) atomic numbers.
+            pos: (N, 3) positions (Å).
+            batch: (N,) graph index of each atom, sorted (default: one graph).
+            cell: (B, 3, 3) or (3, 3) lattice vectors as rows (Å), for periodic systems.
+            pbc: (B, 3) or (3,) periodic directions (default all True when a cell is given).
+            edge_index: (2, E) precomputed neighbour list [neighbour j, centre i]; built when None.
+            edge_shift: (E, 3) Cartesian image shifts S_ij (Å) for a precomputed periodic list.
+
+        Returns:
+            (B,) energies (eV when trained on eV).
+        """
+        return self.compute(z, pos, batch, cell, pbc, edge_index, edge_shift)["energy"]
+
+    def compute(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Optional[Tensor] = None,
+        cell: Optional[Tensor] = None,
+        pbc: Optional[Tensor] = None,
+        edge_index: Optional[Tensor] = None,
+        edge_shift: Optional[Tensor] = None,
+        num_graphs: Optional[int] = None,
+    ) -> Dict[str, Union[Tensor, List[Tensor]]]:
+        """As :meth:`forward`, but returns a dict with ``energy`` (B,), ``atomic_energies`` (N,),
+        ``node_orbitals`` [Ψ⁽⁰⁾…Ψ⁽ᵀ⁾] (N, A, K), ``densities`` [ρ⁽⁰⁾…] (N, C), ``edge_coefficients``
+        [c⁽⁰⁾…] (E, K), ``edge_index`` and ``edge_vectors`` (E, 3)."""
+        if pos.dim() != 2 or pos.shape[-1] != 3:
+            raise ValueError(f"pos must have shape (N, 3), got {tuple(pos.shape)}")
+        if z.shape != pos.shape[:1]:
+            raise ValueError(f"z has shape {tuple(z.shape)} but pos has {pos.shape[0]} atoms")
+        z = z.long()
+        check_atomic_numbers(z, self.element_mask)
+        num_atoms = pos.shape[0]
+        if batch is None:
+            batch = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
+        if num_graphs is None:
+            if cell is not None and cell.dim() == 3:
+                num_graphs = cell.shape[0]
+            else:
+                num_graphs = int(batch.max()) + 1 if num_atoms else 1
+        if edge_index is None:
+            edge_index, cell_offsets = self.build_graph(pos, batch, cell, pbc)
+            if cell_offsets is not None:
+                cells = cell.view(-1, 3, 3).to(pos.dtype)
+                edge_shift = torch.einsum("ei,eij->ej", cell_offsets, cells[batch[edge_index[1]]])
+        neighbor, center = edge_index[0], edge_index[1]
+        edge_vectors = pos.index_select(0, neighbor) - pos.index_select(0, center)
+        if edge_shift is not None:
+            edge_vectors = edge_vectors + edge_shift
+        edge_lengths = torch.linalg.vector_norm(edge_vectors, dim=-1)
+
+        species, atom_species = species_index(z)
+        coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index, pos.dtype)
+        edge_cutoff = self.cutoff_fn(edge_lengths)
+        radial = torch.exp(-(alpha * (edge_lengths.unsqueeze(-1) - mu)).square())  # (E, K)
+        angular = self.angular(edge_vectors, edge_lengths) * edge_cutoff.unsqueeze(-1)  # (E, A)
+        edge_orbitals = angular.unsqueeze(-1) * radial.unsqueeze(1)  # (E, A, K)
+        center_weight = None
+        if self.center_weight is not None:
+            center_weight = self.center_weight(species, atom_species, pos.dtype)
+        element_index = self.element_slot[z]
+        inv_n = 1.0 / float(self.avg_num_neighbors)
+
+        node_orbitals, density = None, None
+        orbitals_list, density_list, coefficient_list = [], [], []
+        for conv in self.convs:
+            node_orbitals, density, coefficients = conv(
+                edge_index, edge_orbitals, edge_cutoff, coefficients, center_weight,
+                node_orbitals, density, element_index, inv_n, num_atoms,
+            )
+            orbitals_list.append(node_orbitals)
+            density_list.append(density)
+            coefficient_list.append(coefficients)
+
+        readout = self.readout(density, element_index).squeeze(-1)
+        atomic = self.atomic_energies.to(pos.dtype)[z] + self.energy_scale * readout + self.energy_shift
+        energy = torch.zeros(num_graphs, dtype=pos.dtype, device=pos.device).index_add_(0, batch, atomic)
+        return {
+            "energy": energy,
+            "atomic_energies": atomic,
+            "node_orbitals": orbitals_list,
+            "densities": density_list,
+            "edge_coefficients": coefficient_list,
+            "edge_index": edge_index,
+            "edge_vectors": edge_vectors,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"cutoff={self.cutoff}, max_l={self.max_l}, num_radial={self.num_radial}, "
+            f"num_channels={self.num_channels}, num_iterations={self.num_iterations}, "
+            f"equivariant_passing={self.equivariant_passing}"
+        )

@@ -1,0 +1,107 @@
+"""Feed-forward blocks of EquiREANN/REANN (spec §3)."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class ScaledSiLU(nn.Module):
+    r"""The reference's "Relu_like" activation :math:`y = a \odot \mathrm{SiLU}(b \odot x)` with
+    learnable per-unit vectors ``a`` (init 1) and ``b`` (init 1/fan-in of the preceding layer), so that
+    each network starts almost linear."""
+
+    def __init__(self, width: int, fan_in: int):
+        super().__init__()
+        self.fan_in = fan_in
+        self.alpha = nn.Parameter(torch.ones(width))
+        self.beta = nn.Parameter(torch.full((width,), 1.0 / fan_in))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.alpha)
+        nn.init.constant_(self.beta, 1.0 / self.fan_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.alpha * nn.functional.silu(self.beta * x)
+
+
+class MLP(nn.Sequential):
+    """``Linear(n0, h1) → [act → (LayerNorm) → Linear]… → act → Linear(h_p, out)`` (spec §3.2).
+
+    Hidden layers use Xavier-normal weights. The output layer starts with zero weights and a
+    prescribed bias (``output_bias``, a scalar or a (out,) tensor), as in the reference: every input
+    then gets the same output at initialisation, and training moves away from it.
+
+    Args:
+        in_features: input width n0.
+        hidden: hidden widths [h1, …, hp] (at least one).
+        out_features: output width.
+        layer_norm: insert LayerNorm after each inner activation.
+        output_bias: initial bias of the output layer (default 0).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        layer_norm: bool = False,
+        output_bias: Optional[Tensor] = None,
+    ):
+        hidden = list(hidden)
+        if not hidden:
+            raise ValueError("an MLP needs at least one hidden layer")
+        layers = [nn.Linear(in_features, hidden[0])]
+        widths = [in_features] + hidden
+        for q in range(1, len(hidden)):
+            layers.append(ScaledSiLU(hidden[q - 1], widths[q - 1]))
+            if layer_norm:
+                layers.append(nn.LayerNorm(hidden[q - 1]))
+            layers.append(nn.Linear(hidden[q - 1], hidden[q]))
+        layers.append(ScaledSiLU(hidden[-1], widths[-2]))
+        layers.append(nn.Linear(hidden[-1], out_features))
+        super().__init__(*layers)
+        self._output_bias = output_bias
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        linears = [m for m in self if isinstance(m, nn.Linear)]
+        for layer in linears[:-1]:
+            nn.init.xavier_normal_(layer.weight)
+            fan_in = layer.weight.shape[1]
+            nn.init.uniform_(layer.bias, -(fan_in**-0.5), fan_in**-0.5)
+        out = linears[-1]
+        nn.init.zeros_(out.weight)
+        with torch.no_grad():
+            if self._output_bias is None:
+                out.bias.zero_()
+            else:
+                out.bias.copy_(torch.as_tensor(self._output_bias, dtype=out.bias.dtype))
+        for m in self:
+            if isinstance(m, (ScaledSiLU, nn.LayerNorm)):
+                m.reset_parameters()
+
+
+class ElementMLPs(nn.Module):
+    """One MLP per element, each applied to the rows of its element (REANN's per-element nets).
+
+    Args:
+        num_elements: number of element slots.
+        in_features, hidden, out_features, layer_norm, output_bias: as for :class:`MLP`.
+    """
+
+    def __init__(self, num_elements: int, in_features: int, hidden: Sequence[int], out_features: int,
+                 layer_norm: bool = False, output_bias: Optional[Tensor] = None):
+        super().__init__()
+        self.out_features = out_features
+        self.nets = nn.ModuleList(
+            [MLP(in_features, hidden, out_features, layer_norm, output_bias) for _ in range(num_elements)]
+        )
+
+    def forward(self, x: Tensor, element_index: Tensor) -> Tensor:
+        """x (N, in), element_index (N,) in [0, num_elements) → (N, out)."""
+        out = x.new_zeros(x.shape[0], self.out_features)
+        for e, net in enumerate(self.nets):
+            rows = (element_index == e).nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_put((rows,), net(x.index_select(0, rows)))
+        return out

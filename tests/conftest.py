@@ -1,0 +1,76 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyg_equireann import EquiREANN, REANN
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    """Give every zero-initialised output layer random weights and perturb all parameters, so that
+    no output is trivially constant (spec §8: zero last layers hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if p.dim() >= 2:
+                p.add_(scale * noise / math.sqrt(p.shape[-1]))
+            else:
+                p.add_(0.1 * scale * noise)
+    return model
+
+
+def make_model(cls=EquiREANN, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = cls(**kwargs).double()
+    randomize(model, seed)
+    return model
+
+
+def load_rmd17(molecule: str = "aspirin", frames=slice(0, 4), split: str = "train"):
+    """(z (n,), coords (F, n, 3) Å, energies (F,) eV, forces (F, n, 3) eV/Å) from the shipped files."""
+    from ase.units import kcal, mol
+
+    d = np.load(DATA / "rmd17" / f"rmd17_{molecule}_{split}_01.npz")
+    z = torch.as_tensor(d["nuclear_charges"], dtype=torch.long)
+    conv = kcal / mol
+    return (
+        z,
+        torch.as_tensor(d["coords"][frames], dtype=torch.float64),
+        torch.as_tensor(d["energies"][frames] * conv, dtype=torch.float64),
+        torch.as_tensor(d["forces"][frames] * conv, dtype=torch.float64),
+    )
+
+
+def random_rotation(seed: int, reflect: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    if reflect:
+        q = -q
+    return q
+
+
+def small_periodic_system(seed: int = 0):
+    """A skewed 4-atom cell (two elements) smaller than twice a 4 Å cutoff."""
+    gen = torch.Generator().manual_seed(seed)
+    cell = torch.tensor([[3.1, 0.0, 0.0], [0.9, 2.9, 0.0], [0.4, 0.7, 3.3]], dtype=torch.float64)
+    frac = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    pos = frac @ cell
+    z = torch.tensor([8, 1, 1, 6])
+    return z, pos, cell

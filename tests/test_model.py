@@ -1,0 +1,335 @@
+"""Physics of EquiREANN and REANN (spec §8), float64 with random weights and non-zero last layers."""
+import math
+
+import pytest
+import torch
+
+from pyg_equireann import EquiREANN, REANN, energy_forces_stress, spherical_harmonics
+
+from .conftest import load_rmd17, make_model, random_rotation, small_periodic_system
+
+MODELS = {
+    "equireann": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3),
+    "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
+    "reann": lambda seed=0: make_model(REANN, seed, num_iterations=2, elements=(1, 6, 8)),
+    "cartesian_passing": lambda seed=0: make_model(
+        EquiREANN, seed, angular="cartesian", num_iterations=2, avg_num_neighbors=5.0
+    ),
+}
+
+
+def aspirin(frame=0):
+    z, coords, _, _ = load_rmd17("aspirin", slice(frame, frame + 1))
+    return z, coords[0]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("reflect", [False, True])
+def test_o3_invariance_and_force_equivariance(name, reflect):
+    model = MODELS[name]()
+    z, pos = aspirin()
+    R = random_rotation(1, reflect=reflect)
+    out = energy_forces_stress(model, z, pos)
+    out_rot = energy_forces_stress(model, z, pos @ R.T)
+    assert rel(out_rot["energy"], out["energy"]) < 1e-10
+    assert rel(out_rot["forces"], out["forces"] @ R.T) < 1e-10
+    assert out["forces"].abs().max() > 1e-3  # non-trivial forces
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+@pytest.mark.parametrize("passing", [True, False])
+def test_orbitals_rotate_with_wigner_matrices(reflect, passing):
+    """Every l-block of Ψ⁽ᵗ⁾ transforms with D^l obtained by least squares in the package's own basis;
+    densities and coefficients are invariant (spec §8.4)."""
+    max_l = 4
+    model = make_model(EquiREANN, max_l=max_l, num_iterations=3, equivariant_passing=passing)
+    z, pos = aspirin()
+    R = random_rotation(7, reflect=reflect)
+    out, out_rot = model.compute(z, pos), model.compute(z, pos @ R.T)
+    v = torch.nn.functional.normalize(torch.randn(60, 3), dim=-1)
+    y, y_rot = spherical_harmonics(v, max_l), spherical_harmonics(v @ R.T, max_l)
+    for t in range(4):
+        psi, psi_rot = out["node_orbitals"][t], out_rot["node_orbitals"][t]
+        assert psi.shape == (21, (max_l + 1) ** 2, 8)
+        for l in range(max_l + 1):
+            sl = slice(l * l, (l + 1) ** 2)
+            D = torch.linalg.lstsq(y[:, sl], y_rot[:, sl]).solution.T
+            assert torch.allclose(D @ D.T, torch.eye(2 * l + 1), atol=1e-10)
+            expected = torch.einsum("ab,nbk->nak", D, psi[:, sl])
+            assert rel(psi_rot[:, sl], expected) < 1e-10, (t, l)
+        assert rel(out_rot["densities"][t], out["densities"][t]) < 1e-10
+        assert rel(out_rot["edge_coefficients"][t], out["edge_coefficients"][t]) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_translation_permutation_batch(name):
+    model = MODELS[name]()
+    z, coords, _, _ = load_rmd17("aspirin", slice(0, 3))
+    single = [energy_forces_stress(model, z, c) for c in coords]
+    e0 = single[0]["energy"]
+    # translation
+    assert rel(model(z, coords[0] + torch.tensor([3.0, -7.0, 11.0])), e0) < 1e-12
+    # permutation
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(3))
+    out_perm = energy_forces_stress(model, z[perm], coords[0][perm])
+    assert rel(out_perm["energy"], e0) < 1e-12
+    assert rel(out_perm["forces"], single[0]["forces"][perm]) < 1e-10
+    # batch vs single
+    batch = torch.arange(3).repeat_interleave(len(z))
+    out_batch = energy_forces_stress(model, z.repeat(3), coords.reshape(-1, 3), batch)
+    assert rel(out_batch["energy"], torch.cat([s["energy"] for s in single])) < 1e-12
+    assert rel(out_batch["forces"], torch.cat([s["forces"] for s in single])) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_far_atom_changes_nothing(name):
+    model = MODELS[name]()
+    z, pos = aspirin()
+    far = torch.cat([pos, pos.mean(0, keepdim=True) + torch.tensor([[50.0, 0.0, 0.0]])])
+    zf = torch.cat([z, torch.tensor([8])])
+    isolated = model(torch.tensor([8]), far[-1:])
+    assert rel(model(zf, far), model(z, pos) + isolated) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forces_match_finite_differences(name):
+    model = MODELS[name]()
+    z, pos = aspirin()
+    forces = energy_forces_stress(model, z, pos)["forces"]
+    h = 1e-5
+    fd = torch.zeros_like(pos)
+    with torch.no_grad():
+        for i in range(len(z)):
+            for a in range(3):
+                plus, minus = pos.clone(), pos.clone()
+                plus[i, a] += h
+                minus[i, a] -= h
+                fd[i, a] = -(model(z, plus) - model(z, minus)).item() / (2 * h)
+    assert rel(forces, fd) < 1e-6
+
+
+def periodic_models():
+    return {
+        "equireann": make_model(EquiREANN, num_iterations=2, avg_num_neighbors=4.0),
+        "reann": make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
+    }
+
+
+@pytest.mark.parametrize("name", ["equireann", "reann"])
+def test_stress_matches_finite_strain(name):
+    model = periodic_models()[name]
+    z, pos, cell = small_periodic_system()
+    out = energy_forces_stress(model, z, pos, cell=cell, compute_stress=True)
+    stress = out["stress"][0]
+    assert torch.allclose(stress, stress.T, atol=1e-12)
+    h = 1e-5
+    volume = torch.det(cell).abs()
+    fd = torch.zeros(3, 3)
+    with torch.no_grad():
+        for a in range(3):
+            for b in range(3):
+                energies = []
+                for sign in (1, -1):
+                    eps = torch.zeros(3, 3)
+                    eps[a, b] += sign * h / 2
+                    eps[b, a] += sign * h / 2
+                    deform = torch.eye(3) + eps
+                    energies.append(model(z, pos @ deform, cell=cell @ deform))
+                fd[a, b] = (energies[0] - energies[1]).item() / (2 * h) / volume
+    assert rel(stress, fd) < 1e-6
+    assert stress.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["equireann", "reann"])
+def test_periodic_supercell_wrapping_and_rotation(name):
+    model = periodic_models()[name]
+    z, pos, cell = small_periodic_system()
+    assert cell.norm(dim=1).min() < 2 * model.cutoff  # several images of each atom are neighbours
+    energy = model(z, pos, cell=cell)
+    # 2×1×1 supercell: extensive
+    pos2 = torch.cat([pos, pos + cell[0]])
+    cell2 = cell.clone()
+    cell2[0] *= 2
+    assert rel(model(z.repeat(2), pos2, cell=cell2), 2 * energy) < 1e-10
+    # wrapping atoms into (or out of) the cell changes nothing
+    shifted = pos + torch.tensor([[1.0, 0, 0], [0, -2.0, 1.0], [3.0, 1.0, -1.0], [0, 0, 0]]) @ cell
+    assert rel(model(z, shifted, cell=cell), energy) < 1e-10
+    # rotating positions and cell together
+    R = random_rotation(5, reflect=True)
+    out = energy_forces_stress(model, z, pos, cell=cell, compute_stress=True)
+    out_rot = energy_forces_stress(model, z, pos @ R.T, cell=cell @ R.T, compute_stress=True)
+    assert rel(out_rot["energy"], out["energy"]) < 1e-10
+    assert rel(out_rot["forces"], out["forces"] @ R.T) < 1e-10
+    assert rel(out_rot["stress"][0], R @ out["stress"][0] @ R.T) < 1e-9
+
+
+def test_periodic_batch_matches_single():
+    model = periodic_models()["equireann"]
+    z, pos, cell = small_periodic_system(0)
+    z2, pos2, _ = small_periodic_system(1)
+    cell2 = cell * 1.3
+    pos2 = pos2 * 1.3
+    e1, e2 = model(z, pos, cell=cell), model(z2, pos2, cell=cell2)
+    batch = torch.tensor([0] * 4 + [1] * 4)
+    both = model(torch.cat([z, z2]), torch.cat([pos, pos2]), batch, cell=torch.stack([cell, cell2]))
+    assert rel(both, torch.cat([e1, e2])) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_smooth_at_cutoff(name):
+    """E and F are continuous as an atom crosses r_c; the jump decays at least like δ⁴."""
+    model = MODELS[name]()
+    rc = model.cutoff
+    z = torch.tensor([6, 8, 1])
+    base = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+    def at(d):
+        pos = base.clone()
+        pos[2] = torch.tensor([-d, 0.3, 0.0])
+        pos[2] = pos[2] / pos[2].norm() * d  # H at distance d from C, beyond the O's cutoff
+        return energy_forces_stress(model, z, pos)
+
+    jumps = []
+    for delta in (1e-2, 1e-3):
+        inside, outside = at(rc - delta), at(rc + delta)
+        jumps.append((inside["energy"] - outside["energy"]).abs().item())
+        assert (inside["forces"] - outside["forces"]).abs().max() < 50 * delta**3 * (1 + inside["forces"].abs().max())
+    assert jumps[1] < jumps[0] * 1e-3  # ≥ 3rd order in practice (f ∝ δ⁴)
+    assert jumps[1] < 1e-9
+
+
+def dihedral_chain(phi_deg: float) -> torch.Tensor:
+    """A–B–C–D with 1.0 Å bonds, both bond angles 120°, dihedral φ (spec §8.10)."""
+    phi = math.radians(phi_deg)
+    theta = math.radians(120.0)
+    b = torch.tensor([0.0, 0.0, 0.0])
+    c = torch.tensor([1.0, 0.0, 0.0])
+    a = b + torch.tensor([-math.cos(math.pi - theta), math.sin(math.pi - theta), 0.0])
+    d = c + torch.tensor([math.cos(math.pi - theta), math.sin(math.pi - theta) * math.cos(phi),
+                          math.sin(math.pi - theta) * math.sin(phi)])
+    return torch.stack([a, b, c, d])
+
+
+def test_dihedral_chain_geometry():
+    pos = dihedral_chain(37.0)
+    d = torch.cdist(pos, pos)
+    assert torch.allclose(torch.diagonal(d, 1), torch.ones(3))
+    assert d[0, 2] == pytest.approx(math.sqrt(3)) and d[1, 3] == pytest.approx(math.sqrt(3))
+    assert d[0, 3] >= 2.0 - 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_dihedral_invisible_to_invariant_messages(T):
+    z = torch.tensor([6, 6, 6, 6])
+    angles = [0.0, 30.0, 60.0, 90.0, 150.0, 180.0]
+    for model in (
+        make_model(EquiREANN, cutoff=1.7, num_iterations=T, equivariant_passing=False),
+        make_model(REANN, cutoff=1.7, num_iterations=T, elements=(6,)),
+    ):
+        energies = torch.stack([model(z, dihedral_chain(p)) for p in angles])
+        assert (energies - energies[0]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_dihedral_visible_to_equivariant_passing(T):
+    z = torch.tensor([6, 6, 6, 6])
+    model = make_model(EquiREANN, cutoff=1.7, num_iterations=T)
+    energies = {p: model(z, dihedral_chain(p)).item() for p in (-60.0, 0.0, 60.0, 120.0, 180.0)}
+    assert abs(energies[60.0] - energies[0.0]) > 1e-8
+    assert abs(energies[120.0] - energies[60.0]) > 1e-8
+    assert energies[60.0] == pytest.approx(energies[-60.0], abs=1e-12)
+
+
+def test_passing_has_no_parameters():
+    torch.manual_seed(0)
+    on = EquiREANN(equivariant_passing=True)
+    torch.manual_seed(0)
+    off = EquiREANN(equivariant_passing=False)
+    assert sum(p.numel() for p in on.parameters()) == sum(p.numel() for p in off.parameters())
+    for (n1, p1), (n2, p2) in zip(on.state_dict().items(), off.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def reference_forward(model: EquiREANN, z, pos, passing: bool):
+    """Independent dense re-implementation of spec §1.10 from the model's own parameters."""
+    n = len(z)
+    rc = model.cutoff
+    rvec = pos[None, :, :] - pos[:, None, :]  # [i, j] = x_j - x_i
+    d = rvec.norm(dim=-1)
+    mask = (d <= rc) & ~torch.eye(n, dtype=torch.bool)
+    fc = torch.where(mask, (0.5 * torch.cos(math.pi * d / rc) + 0.5) ** 2, torch.zeros_like(d))
+    safe = torch.where(mask[..., None], rvec, torch.ones_like(rvec))
+    Y = spherical_harmonics(safe / safe.norm(dim=-1, keepdim=True), model.max_l)  # (n, n, A)
+    K = model.num_radial
+    species = torch.unique(z)
+    idx = torch.searchsorted(species, z)
+    table = model.species_embedding.mlp(
+        torch.cat([torch.nn.functional.one_hot(species, 119)[:, None].expand(-1, len(species), -1),
+                   torch.nn.functional.one_hot(species, 119)[None].expand(len(species), -1, -1)], -1).double()
+    )
+    g = table[idx[:, None], idx[None, :]]  # (n, n, 3K) [centre, neighbour]
+    c, alpha, mu = g[..., :K], g[..., K:2 * K], g[..., 2 * K:]
+    R = torch.exp(-(alpha * (d[..., None] - mu)) ** 2)
+    O = fc[..., None, None] * Y[..., :, None] * R[..., None, :]  # (n, n, A, K)
+    w = model.center_weight.mlp(torch.nn.functional.one_hot(z, 119).double())
+    inv = 1.0 / float(model.avg_num_neighbors)
+
+    def density(psi, t):
+        W = model.convs[t].contraction.weight[model.angular.degrees]  # (A, K, C)
+        P = torch.einsum("nak,akc->nac", psi, W)
+        return w * (P**2).sum(1)
+
+    psi = inv * torch.einsum("ijk,ijak->iak", c, O)
+    rho = density(psi, 0)
+    for t in range(1, model.num_iterations + 1):
+        c = c + model.convs[t].message_mlp(rho)[None, :, :]
+        msg = c[..., None, :] * O
+        if passing:
+            msg = msg + fc[..., None, None] * psi[None, :, :, :]
+        psi = inv * msg.sum(1)
+        rho = density(psi, t)
+    eps = model.readout(rho).squeeze(-1)
+    return (model.atomic_energies[z] + model.energy_scale * eps + model.energy_shift).sum()
+
+
+@pytest.mark.parametrize("passing", [True, False])
+def test_matches_dense_reference(passing):
+    """The MessagePassing implementation equals a dense hand-written loop (spec §8.11)."""
+    model = make_model(EquiREANN, num_iterations=3, equivariant_passing=passing, avg_num_neighbors=7.0)
+    model.set_energy_statistics({1: -13.6, 6: -1030.0, 8: -2040.0}, scale=0.7, shift=0.1)
+    z, pos = aspirin()
+    assert rel(model(z, pos), reference_forward(model, z, pos, passing).view(1)) < 1e-12
+
+
+def test_energy_statistics_and_isolated_atoms():
+    model = make_model(EquiREANN)
+    model.set_energy_statistics({1: -13.6, 8: -2040.0}, scale=2.0, shift=0.0)
+    e_h = model(torch.tensor([1]), torch.zeros(1, 3))
+    e_o = model(torch.tensor([8]), torch.zeros(1, 3))
+    readout = model.readout(torch.zeros(1, model.num_channels)).item()
+    assert e_h.item() == pytest.approx(-13.6 + 2.0 * readout)
+    assert e_o.item() == pytest.approx(-2040.0 + 2.0 * readout)
+
+
+def test_elements_and_input_errors():
+    model = EquiREANN(elements=[1, 6, 8])
+    with pytest.raises(ValueError, match="atom 1 is element N"):
+        model(torch.tensor([1, 7]), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="atomic number 0"):
+        model(torch.tensor([1, 0]), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.tensor([1, 6]), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="elements"):
+        EquiREANN(per_element_readout=True)
+
+
+@pytest.mark.parametrize("max_l", [0, 1, 6])
+def test_any_max_l(max_l):
+    model = make_model(EquiREANN, max_l=max_l, num_iterations=1)
+    z, pos = aspirin()
+    R = random_rotation(2)
+    assert rel(model(z, pos @ R.T), model(z, pos)) < 1e-10

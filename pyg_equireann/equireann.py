@@ -126,7 +126,7 @@ class EquiREANN(nn.Module):
         if self.elements is not None:
             slots[self.elements] = torch.arange(len(self.elements))
         self.register_buffer("element_slot", slots, persistent=False)
-        self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
+        self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
@@ -158,6 +158,13 @@ class EquiREANN(nn.Module):
                 )
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the per-element reference energies in float64 through .float()/.half()/.to(dtype).
+        atomic_energies = self.atomic_energies
+        super()._apply(fn, recurse)
+        self.atomic_energies = atomic_energies.to(self.atomic_energies.device, torch.float64)
+        return self
 
     @torch.no_grad()
     def set_energy_statistics(
@@ -210,7 +217,7 @@ class EquiREANN(nn.Module):
             edge_shift: (E, 3) Cartesian image shifts S_ij (Å) for a precomputed periodic list.
 
         Returns:
-            (B,) energies (eV when trained on eV).
+            (B,) energies in float64 (eV when trained on eV).
         """
         return self.compute(z, pos, batch, cell, pbc, edge_index, edge_shift)["energy"]
 
@@ -277,8 +284,10 @@ class EquiREANN(nn.Module):
             coefficient_list.append(coefficients)
 
         readout = self.readout(density, element_index).squeeze(-1)
-        atomic = self.atomic_energies.to(pos.dtype)[z] + self.energy_scale * readout + self.energy_shift
-        energy = torch.zeros(num_graphs, dtype=pos.dtype, device=pos.device).index_add_(0, batch, atomic)
+        # Reference energies and totals in float64 even for a float32 model: totals are ~1e4 eV while
+        # errors are meV.
+        atomic = self.atomic_energies[z] + (self.energy_scale * readout + self.energy_shift).double()
+        energy = torch.zeros(num_graphs, dtype=torch.float64, device=pos.device).index_add_(0, batch, atomic)
         return {
             "energy": energy,
             "atomic_energies": atomic,

@@ -1,0 +1,31 @@
+# Two commands: `make train` and `make test`. Each creates .venv when missing and installs the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; override for GPUs, e.g. `make test TORCH="torch==2.13.0 --index-url ..."`.
+# (An unpinned torch resolves to a multi-GB CUDA build.)
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test train bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(PY) -m pyg_equireann.quick_train
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,551 @@
+"""Neighbour lists for EquiREANN graphs (no compiled extension needed).
+
+Conventions (shared by every function here):
+
+* ``pos``: ``(N, 3)`` Cartesian positions in Å, float32 or float64.
+* ``batch``: ``(N,)`` long graph index of each atom, sorted (as in PyG) or ``None`` (one graph).
+* ``edge_index``: ``(2, E)`` long, ``edge_index[0] = j`` (neighbour, source),
+  ``edge_index[1] = i`` (centre, target); edges are sorted by centre ``i``, then ``j``
+  (then cell offset), so results are deterministic.
+* Periodic edges carry ``cell_offsets`` ``(E, 3)`` (integer values, dtype of ``pos``) with
+  ``r_ij = pos[j] - pos[i] + cell_offsets @ cell[batch[i]]`` and ``|r_ij| <= cutoff``.
+
+Backends of :func:`radius_graph` (non-periodic):
+
+* ``"torch"``: all candidate pairs *within each graph* (``sum_g n_g**2``, vectorised, no
+  Python loop over graphs), filtered by distance. Graphs too large for that (see
+  :data:`TORCH_MAX_CANDIDATES`, :data:`TORCH_MAX_GRAPH_ATOMS`) go to vesin's O(N) cell list.
+* ``"torch_cluster"``: ``torch_cluster.radius_graph`` (optional compiled extension).
+* ``"vesin"``: vesin cell list for the whole batch (one call, CPU, float64).
+* ``"auto"``: ``"torch_cluster"`` if it can be imported, else ``"torch"``.
+
+:func:`radius_graph_pbc` always uses vesin (CPU). Every edge any backend returns is
+re-checked with the same formula in ``pos.dtype`` (``|r_ij|**2 <= cutoff**2``), so the
+backends agree except possibly for pairs exactly at the cutoff (torch_cluster).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_available"]
+
+#: Above this many within-graph candidate pairs (``sum_g n_g**2``) the ``"torch"`` backend
+#: hands the largest graphs to vesin until the remainder fits.
+TORCH_MAX_CANDIDATES: int = 20_000_000
+#: Graphs with more atoms than this always go to vesin in the ``"torch"`` backend
+#: (O(n) cell list beats the O(n**2) candidate enumeration there).
+TORCH_MAX_GRAPH_ATOMS: int = 1000
+#: Candidate pairs processed per vectorised chunk (bounds peak memory of the torch backend).
+TORCH_CHUNK_CANDIDATES: int = 1 << 22
+#: The torch backend pads graphs to equal size (dense blocks, no gathers) when that costs at
+#: most this many times the ``sum_g n_g**2`` candidates of the flat layout.
+TORCH_DENSE_MAX_WASTE: float = 2.0
+
+#: Threads for vesin (0 = all cores). 1 by default: the lists here are built in well under
+#: a few ms, and vesin's own thread pool competes with torch's (and with data-loader
+#: workers), which made multi-threaded calls much slower on a busy 2-core machine.
+VESIN_NUM_THREADS: int = 1
+
+_BACKENDS = ("auto", "torch", "torch_cluster", "vesin")
+_TC_INSTALL_HINT = "pip install torch-cluster --no-build-isolation"
+
+
+def torch_cluster_available() -> bool:
+    """True if the optional ``torch_cluster`` extension can be imported."""
+    if importlib.util.find_spec("torch_cluster") is None:
+        return False
+    try:
+        import torch_cluster  # noqa: F401
+    except Exception:  # broken build / ABI mismatch
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_pos(pos: Tensor) -> None:
+    if not isinstance(pos, Tensor):
+        raise ValueError(f"pos must be a torch.Tensor of shape (N, 3), got {type(pos).__name__}")
+    if pos.dim() != 2 or pos.shape[1] != 3:
+        raise ValueError(f"pos must have shape (N, 3), got {tuple(pos.shape)}")
+    if not pos.is_floating_point():
+        raise ValueError(f"pos must be a floating-point tensor, got dtype {pos.dtype}")
+    finite = torch.isfinite(pos).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"pos contains non-finite values (NaN or inf) at atom index {bad}: {pos[bad].tolist()}"
+        )
+
+
+def _check_cutoff(cutoff: float) -> float:
+    cutoff = float(cutoff)
+    if not np.isfinite(cutoff) or cutoff <= 0.0:
+        raise ValueError(f"cutoff must be a positive finite number (Å), got {cutoff}")
+    return cutoff
+
+
+def _prepare_batch(pos: Tensor, batch: Tensor | None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Validate ``batch``; return (batch, counts (G,), ptr (G+1,), G) on pos.device."""
+    n = pos.shape[0]
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+    else:
+        if not isinstance(batch, Tensor):
+            raise ValueError(f"batch must be a torch.Tensor of shape (N,), got {type(batch).__name__}")
+        if batch.dim() != 1 or batch.shape[0] != n:
+            raise ValueError(f"batch must have shape (N,) = ({n},), got {tuple(batch.shape)}")
+        if batch.is_floating_point() or batch.dtype == torch.bool:
+            raise ValueError(f"batch must be an integer tensor, got dtype {batch.dtype}")
+        batch = batch.to(device=pos.device, dtype=torch.long)
+        if n > 0:
+            if int(batch[0]) < 0:
+                raise ValueError(f"batch must be non-negative, got batch[0] = {int(batch[0])}")
+            if n > 1 and not bool((batch[1:] >= batch[:-1]).all()):
+                k = int((batch[1:] < batch[:-1]).nonzero()[0, 0])
+                raise ValueError(
+                    "batch must be sorted in non-decreasing order (as produced by PyG's Batch), "
+                    f"but batch[{k}] = {int(batch[k])} > batch[{k + 1}] = {int(batch[k + 1])}"
+                )
+    num_graphs = int(batch[-1]) + 1 if n > 0 else 0
+    counts = torch.bincount(batch, minlength=num_graphs)
+    ptr = torch.zeros(num_graphs + 1, dtype=torch.long, device=pos.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return batch, counts, ptr, num_graphs
+
+
+def _empty_edges(device: torch.device) -> Tensor:
+    return torch.empty((2, 0), dtype=torch.long, device=device)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sort_key_order(i: Tensor, j: Tensor, n: int) -> Tensor:
+    """Permutation sorting edges by (centre i, neighbour j)."""
+    key = i * max(n, 1) + j
+    return torch.sort(key, stable=True).indices
+
+
+def _keep_within(pos_t: Tensor, i: Tensor, j: Tensor, cutoff: float, shift: Tensor | None = None) -> Tensor:
+    """Boolean mask ``|pos[j] - pos[i] (+ shift)|**2 <= cutoff**2`` evaluated in pos.dtype.
+
+    ``pos_t`` is ``pos.t().contiguous()`` (3, N): per-coordinate 1-D ``take`` is much faster
+    on CPU than ``pos[j]`` followed by ``.sum(dim=1)`` over 3 columns. ``shift``: (E, 3) or None.
+    """
+    d2 = None
+    for k in range(3):
+        col = pos_t[k]
+        d = torch.take(col, j) - torch.take(col, i)
+        if shift is not None:
+            d += shift[:, k]
+        d2 = d * d if d2 is None else d2.addcmul_(d, d)
+    return d2 <= cutoff * cutoff
+
+
+def _select(keep: Tensor, *tensors: Tensor) -> list[Tensor]:
+    idx = keep.nonzero().squeeze(1)
+    return [t.index_select(0, idx) for t in tensors]
+
+
+def _vesin_margin(cutoff: float, scale: float) -> float:
+    # vesin works in float64 on (possibly translated) coordinates; search slightly beyond
+    # the cutoff, then apply the exact test in pos.dtype (covers float32 round-off).
+    return 1e-5 * (cutoff + scale) + 1e-9
+
+
+def _vesin_neighbor_list(cutoff: float):
+    try:
+        import vesin
+    except ImportError as exc:  # pragma: no cover - vesin is a hard dependency
+        raise ImportError("pyg_equireann.neighbors needs `vesin` (pip install vesin)") from exc
+    return vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False, n_threads=VESIN_NUM_THREADS)
+
+
+def _vesin_nonperiodic_pairs(
+    pos64: np.ndarray, batch_np: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (i, j) within each graph, one vesin call for all graphs.
+
+    ``pos64``: (n, 3) float64 subset of atoms, ``batch_np``: (n,) sorted graph ids.
+    Graphs are translated apart along x (gap > cutoff) so no cross-graph pairs appear.
+    Returns int64 local indices (candidates up to cutoff + margin).
+    """
+    n = pos64.shape[0]
+    if n < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, batch_np[1:] != batch_np[:-1]])
+    lo = np.minimum.reduceat(pos64, starts, axis=0)
+    hi = np.maximum.reduceat(pos64, starts, axis=0)
+    scale = float(np.abs(hi - lo).max())
+    margin = _vesin_margin(cutoff, scale)
+    if len(starts) > 1:
+        width = (hi[:, 0] - lo[:, 0]) + 2.0 * (cutoff + margin) + 1.0
+        offset_x = np.concatenate([[0.0], np.cumsum(width[:-1])])
+        sizes = np.diff(np.r_[starts, n])
+        shift = -lo
+        shift[:, 0] += offset_x
+        pos64 = pos64 + np.repeat(shift, sizes, axis=0)
+    nl = _vesin_neighbor_list(cutoff + margin)
+    i, j = nl.compute(pos64, np.zeros((3, 3)), False, "ij")
+    return i.astype(np.int64), j.astype(np.int64)
+
+
+def _vesin_subset(pos: Tensor, batch: Tensor, node_idx: Tensor | None, cutoff: float) -> tuple[Tensor, Tensor]:
+    """Non-periodic vesin pairs (i, j) (global indices, on pos.device) for atoms ``node_idx``."""
+    sub = pos if node_idx is None else pos[node_idx]
+    bsub = batch if node_idx is None else batch[node_idx]
+    pos64 = sub.detach().to("cpu", torch.float64).numpy()
+    i, j = _vesin_nonperiodic_pairs(pos64, bsub.cpu().numpy(), cutoff)
+    i_t = torch.from_numpy(i).to(pos.device)
+    j_t = torch.from_numpy(j).to(pos.device)
+    if node_idx is not None:
+        i_t, j_t = node_idx[i_t], node_idx[j_t]
+    return i_t, j_t
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _pairs_flat(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor, small: Tensor):
+    """Candidates = every (centre i, atom j of i's graph) for graphs in ``small``, flat layout.
+
+    Exactly ``sum_g n_g**2`` candidates, processed in chunks of centres. Returns (j, i)
+    sorted by i then j.
+    """
+    n = pos.shape[0]
+    device = pos.device
+    deg = (counts * small)[batch]  # candidates per centre (its graph size, 0 if not handled)
+    first = ptr[:-1][batch]  # first atom of each centre's graph
+    cum = torch.cumsum(deg, 0)
+    total = int(cum[-1])
+    pos_t = pos.t().contiguous()
+    bounds: list[int] = []
+    if total > TORCH_CHUNK_CANDIDATES:
+        targets = torch.arange(TORCH_CHUNK_CANDIDATES, total, TORCH_CHUNK_CANDIDATES, device=device)
+        bounds = sorted({b for b in (torch.searchsorted(cum, targets) + 1).tolist() if 0 < b < n})
+    src, dst = [], []
+    a = 0
+    for b in bounds + [n]:
+        deg_c = deg[a:b]
+        tot_c = int(cum[b - 1]) - (int(cum[a - 1]) if a > 0 else 0)
+        if tot_c > 0:
+            centre = torch.repeat_interleave(torch.arange(a, b, device=device), deg_c, output_size=tot_c)
+            start = torch.cumsum(deg_c, 0) - deg_c
+            nbr = torch.repeat_interleave(first[a:b] - start, deg_c, output_size=tot_c)
+            nbr += torch.arange(tot_c, device=device)
+            keep = _keep_within(pos_t, centre, nbr, cutoff) & (nbr != centre)
+            nbr, centre = _select(keep, nbr, centre)
+            src.append(nbr)
+            dst.append(centre)
+        a = b
+    return src, dst
+
+
+def _pairs_dense(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor, small: Tensor):
+    """Same candidates as :func:`_pairs_flat`, as padded (graph, n_max, n_max) blocks.
+
+    Only graphs in ``small`` are padded (to their largest size); no gathers are needed, which
+    makes this faster when the graphs have similar sizes. Returns (j, i) sorted by i then j.
+    """
+    device = pos.device
+    graph_ids = small.nonzero().squeeze(1)
+    n_max = int(counts[graph_ids].max())
+    rank = torch.cumsum(small.long(), 0) - 1  # position of each handled graph in the padding
+    node = small[batch].nonzero().squeeze(1)
+    g_node = batch.index_select(0, node)
+    local = node - ptr.index_select(0, g_node)
+    pad = pos.new_full((3, graph_ids.numel(), n_max), float("inf"))  # inf - inf = nan: never kept
+    pad[:, rank.index_select(0, g_node), local] = pos.index_select(0, node).t()
+    step = max(1, TORCH_CHUNK_CANDIDATES // (n_max * n_max))
+    c2 = cutoff * cutoff
+    src, dst = [], []
+    for g0 in range(0, graph_ids.numel(), step):
+        blk = pad[:, g0 : g0 + step]
+        d2 = None
+        for k in range(3):
+            col = blk[k]
+            d = col.unsqueeze(2) - col.unsqueeze(1)  # [g, a, b] = x_b - x_a
+            d2 = d * d if d2 is None else d2.addcmul_(d, d)
+        d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+        g, ia, jb = (d2 <= c2).nonzero(as_tuple=True)
+        base = ptr.index_select(0, graph_ids.index_select(0, g + g0))
+        src.append(base + jb)
+        dst.append(base + ia)
+    return src, dst
+
+
+def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor) -> Tensor:
+    n = pos.shape[0]
+    device = pos.device
+    sq = counts * counts
+    large = counts > TORCH_MAX_GRAPH_ATOMS
+    if int(sq.sum()) > TORCH_MAX_CANDIDATES:
+        # keep the smallest graphs on torch while their sum of n_g**2 fits
+        order = torch.argsort(sq)
+        fits = torch.cumsum(sq[order], 0) <= TORCH_MAX_CANDIDATES
+        fit = torch.zeros_like(large)
+        fit[order[fits]] = True
+        large |= ~fit
+    large &= counts > 1
+    small = (counts > 1) & ~large
+    any_large = bool(large.any())
+
+    src_parts: list[Tensor] = []
+    dst_parts: list[Tensor] = []
+    num_small = int(small.sum())
+    if num_small > 0:
+        total = int((sq * small).sum())
+        n_max = int(counts[small].max())
+        if num_small * n_max * n_max <= TORCH_DENSE_MAX_WASTE * total:
+            src_parts, dst_parts = _pairs_dense(pos, cutoff, batch, counts, ptr, small)
+        else:
+            src_parts, dst_parts = _pairs_flat(pos, cutoff, batch, counts, ptr, small)
+
+    if any_large:
+        node_idx = large[batch].nonzero().squeeze(1)
+        i, j = _vesin_subset(pos, batch, node_idx, cutoff)
+        i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
+        src_parts.append(j)
+        dst_parts.append(i)
+
+    if not src_parts:
+        return _empty_edges(device)
+    src = torch.cat(src_parts) if len(src_parts) > 1 else src_parts[0]
+    dst = torch.cat(dst_parts) if len(dst_parts) > 1 else dst_parts[0]
+    if any_large and num_small > 0:
+        perm = _sort_key_order(dst, src, n)
+        src, dst = src[perm], dst[perm]
+    return torch.stack([src, dst])
+
+
+def _radius_vesin(pos: Tensor, cutoff: float, batch: Tensor) -> Tensor:
+    i, j = _vesin_subset(pos, batch, None, cutoff)
+    i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
+    perm = _sort_key_order(i, j, pos.shape[0])
+    return torch.stack([j[perm], i[perm]])
+
+
+def _radius_torch_cluster(pos: Tensor, cutoff: float, batch: Tensor | None, counts: Tensor) -> Tensor:
+    import torch_cluster
+
+    n = pos.shape[0]
+    if n < 2:
+        return _empty_edges(pos.device)
+    max_nb = int(counts.max())  # a centre cannot have more neighbours than its graph size - 1
+    edge_index = torch_cluster.radius_graph(
+        pos, r=cutoff, batch=batch, loop=False, max_num_neighbors=max_nb, flow="source_to_target"
+    )
+    j, i = edge_index[0], edge_index[1]
+    i, j = _select((i != j) & _keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
+    perm = _sort_key_order(i, j, n)
+    return torch.stack([j[perm], i[perm]])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def radius_graph(pos: Tensor, cutoff: float, batch: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Full (both directions) neighbour list of non-periodic structures.
+
+    Args:
+        pos: ``(N, 3)`` positions in Å (float32 or float64).
+        cutoff: cutoff radius in Å; pairs with ``|pos[j] - pos[i]| <= cutoff`` are kept.
+        batch: ``(N,)`` sorted graph index per atom, or ``None`` (single graph).
+        backend: ``"auto"`` | ``"torch"`` | ``"torch_cluster"`` | ``"vesin"``.
+
+    Returns:
+        ``edge_index`` ``(2, E)`` long on ``pos.device``: row 0 = neighbour ``j`` (source),
+        row 1 = centre ``i`` (target), ``i != j``, same graph only, sorted by ``i`` then ``j``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {_BACKENDS}")
+    _check_pos(pos)
+    cutoff = _check_cutoff(cutoff)
+    if backend == "auto":
+        backend = "torch_cluster" if torch_cluster_available() else "torch"
+    elif backend == "torch_cluster" and not torch_cluster_available():
+        raise ValueError(
+            "backend='torch_cluster' was requested but torch_cluster is not installed (or fails to "
+            f"import); install it with `{_TC_INSTALL_HINT}` or use backend='torch'"
+        )
+    with torch.no_grad():
+        batch_in = batch
+        batch, counts, ptr, _ = _prepare_batch(pos, batch)
+        if pos.shape[0] < 2:
+            return _empty_edges(pos.device)
+        if backend == "torch":
+            return _radius_torch(pos, cutoff, batch, counts, ptr)
+        if backend == "vesin":
+            return _radius_vesin(pos, cutoff, batch)
+        return _radius_torch_cluster(pos, cutoff, None if batch_in is None else batch, counts)
+
+
+def _prepare_cell_pbc(
+    cell: Tensor, pbc: Tensor | bool | None, num_graphs: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Return cell (G, 3, 3) and pbc (G, 3) bool, validated."""
+    if not isinstance(cell, Tensor):
+        cell = torch.as_tensor(cell)
+    if cell.dim() == 2 and cell.shape == (3, 3):
+        cell = cell.unsqueeze(0).expand(max(num_graphs, 1), 3, 3)
+    elif cell.dim() == 3 and cell.shape[1:] == (3, 3):
+        if cell.shape[0] < num_graphs:
+            raise ValueError(
+                f"cell has {cell.shape[0]} entries but batch has {num_graphs} graphs; "
+                "cell must have shape (3, 3) or (B, 3, 3) with one cell per graph"
+            )
+    else:
+        raise ValueError(
+            f"cell must have shape (3, 3) or (B, 3, 3) (rows = lattice vectors, Å), got {tuple(cell.shape)}"
+        )
+    if not bool(torch.isfinite(cell).all()):
+        raise ValueError("cell contains non-finite values (NaN or inf)")
+    g = cell.shape[0]
+    if pbc is None:
+        pbc_t = torch.ones((g, 3), dtype=torch.bool)
+    else:
+        pbc_t = torch.as_tensor(pbc).to("cpu")
+        if pbc_t.dim() == 0:
+            pbc_t = pbc_t.reshape(1).expand(3)
+        if pbc_t.dim() == 1 and pbc_t.shape[0] == 3:
+            pbc_t = pbc_t.unsqueeze(0).expand(g, 3)
+        elif not (pbc_t.dim() == 2 and pbc_t.shape[1] == 3 and pbc_t.shape[0] == g):
+            raise ValueError(f"pbc must have shape (3,) or (B, 3) with B = {g} (bool), got {tuple(pbc_t.shape)}")
+        pbc_t = pbc_t.to(torch.bool)
+    return cell, pbc_t
+
+
+def radius_graph_pbc(
+    pos: Tensor, cutoff: float, batch: Tensor | None, cell: Tensor, pbc: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Periodic neighbour list (vesin cell list, CPU float64).
+
+    Args:
+        pos: ``(N, 3)`` positions in Å (need not be wrapped into the cell).
+        cutoff: cutoff radius in Å.
+        batch: ``(N,)`` sorted graph index per atom, or ``None`` (single graph).
+        cell: ``(B, 3, 3)`` or ``(3, 3)``; rows are lattice vectors in Å.
+        pbc: ``(B, 3)`` or ``(3,)`` bool periodicity per direction; default all ``True``.
+
+    Returns:
+        ``edge_index`` ``(2, E)`` long (row 0 = neighbour ``j``, row 1 = centre ``i``) and
+        ``cell_offsets`` ``(E, 3)`` (integer values, ``pos.dtype``) with
+        ``r_ij = pos[j] - pos[i] + cell_offsets @ cell[batch[i]]``, ``|r_ij| <= cutoff``.
+        All periodic images are included (also ``j == i`` with a nonzero offset, and several
+        images of one neighbour), so cells smaller than ``2 * cutoff`` work; only
+        ``(i, i, 0)`` is excluded. Non-periodic directions have offset 0. Sorted by centre
+        ``i``, then ``j``, then offset.
+    """
+    _check_pos(pos)
+    cutoff = _check_cutoff(cutoff)
+    device, dtype = pos.device, pos.dtype
+    with torch.no_grad():
+        batch, counts, ptr, num_graphs = _prepare_batch(pos, batch)
+        cell_g, pbc_g = _prepare_cell_pbc(cell, pbc, num_graphs, device)
+        n = pos.shape[0]
+        if n == 0:
+            return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
+
+        pos64 = pos.detach().to("cpu", torch.float64).numpy()
+        cell64 = cell_g.detach().to("cpu", torch.float64).numpy()
+        pbc_np = pbc_g.numpy()
+        counts_l = counts.tolist()
+        ptr_l = ptr.tolist()
+        batch_np = batch.cpu().numpy()
+
+        i_parts, j_parts, s_parts = [], [], []
+        # graphs without any periodic direction: one batched non-periodic vesin call
+        nonper = ~pbc_np[:num_graphs].any(axis=1)
+        if nonper.any():
+            node_mask = nonper[batch_np]
+            idx = np.flatnonzero(node_mask)
+            i, j = _vesin_nonperiodic_pairs(pos64[idx], batch_np[idx], cutoff)
+            i_parts.append(idx[i])
+            j_parts.append(idx[j])
+            s_parts.append(np.zeros((len(i), 3), np.int64))
+        for g in np.flatnonzero(~nonper).tolist():
+            a, b = ptr_l[g], ptr_l[g + 1]
+            if counts_l[g] == 0:
+                continue
+            p = pos64[a:b]
+            box = cell64[g]
+            per = pbc_np[g]
+            for d in range(3):
+                if per[d] and not np.linalg.norm(box[d]) > 0.0:
+                    raise ValueError(
+                        f"cell of graph {g} has a zero lattice vector {d} in a periodic direction: {box.tolist()}"
+                    )
+            scale = float(np.abs(p).max()) + float(np.linalg.norm(box, axis=1).sum())
+            margin = _vesin_margin(cutoff, scale)
+            nl = _vesin_neighbor_list(cutoff + margin)
+            try:
+                i, j, s = nl.compute(p, box, [bool(x) for x in per], "ijS")
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"periodic neighbour list failed for graph {g} (cell {box.tolist()}, pbc {per.tolist()}): {exc}"
+                ) from exc
+            i_parts.append(i.astype(np.int64) + a)
+            j_parts.append(j.astype(np.int64) + a)
+            s_parts.append(s.astype(np.int64))
+
+        if not i_parts:
+            return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
+        i = np.concatenate(i_parts)
+        j = np.concatenate(j_parts)
+        s = np.concatenate(s_parts)
+        # drop the (i, i, 0) pair (vesin never returns it, but be safe)
+        ok = (i != j) | s.any(axis=1)
+        i, j, s = i[ok], j[ok], s[ok]
+        order = _lexsort_edges(i, j, s, n)
+        i, j, s = i[order], j[order], s[order]
+
+        i_t = torch.from_numpy(i).to(device)
+        j_t = torch.from_numpy(j).to(device)
+        off = torch.from_numpy(s).to(device=device, dtype=dtype)
+        cell_t = cell_g.to(device=device, dtype=dtype)
+        shift = torch.einsum("ek,ekl->el", off, cell_t[batch[i_t]])
+        keep = _keep_within(pos.t().contiguous(), i_t, j_t, cutoff, shift)
+        if not bool(keep.all()):
+            i_t, j_t, off = _select(keep, i_t, j_t, off)
+        return torch.stack([j_t, i_t]), off
+
+
+def _lexsort_edges(i: np.ndarray, j: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
+    """Order by (i, j, s0, s1, s2) with a single int64 key when it fits."""
+    if len(i) == 0:
+        return np.zeros(0, np.int64)
+    m = int(np.abs(s).max())
+    k = 2 * m + 1
+    if float(n) * n * k**3 < 2**62:
+        key = (i * n + j) * k**3 + ((s[:, 0] + m) * k + (s[:, 1] + m)) * k + (s[:, 2] + m)
+        return np.argsort(key, kind="stable")
+    return np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, i))
+
+
+def build_graph(
+    pos: Tensor,
+    cutoff: float,
+    batch: Tensor | None = None,
+    cell: Tensor | None = None,
+    pbc: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Neighbour list for a batch, periodic or not.
+
+    If ``cell`` is ``None`` or ``pbc`` is all ``False``: ``(radius_graph(pos, cutoff, batch,
+    backend), None)``. Otherwise ``radius_graph_pbc(pos, cutoff, batch, cell, pbc)`` (vesin;
+    ``backend`` is ignored), which also handles batches mixing periodic and non-periodic graphs.
+    Shapes/units as in those functions: ``edge_index`` ``(2, E)``, ``cell_offsets`` ``(E, 3)``.
+    """
+    if cell is None:
+        return radius_graph(pos, cutoff, batch, backend), None
+    if pbc is not None and not bool(torch.as_tensor(pbc).any()):
+        return radius_graph(pos, cutoff, batch, backend), None
+    return radius_graph_pbc(pos, cutoff, batch, cell, pbc)

@@ -80,7 +80,8 @@ class EquiREANNConv(MessagePassing):
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:
         message = coefficient.unsqueeze(1) * orbital
         if psi_j is not None:
-            message = torch.addcmul(message, cutoff.view(-1, 1, 1), psi_j)
+            # not addcmul: its backward is ~2x slower than that of mul + add here
+            message = message + cutoff.view(-1, 1, 1) * psi_j
         return message
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from .embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
 from .harmonics import AngularBasis
 from .mlp import MLP, ElementMLPs
 from .neighbors import build_graph
+from .reference import EnergyReference
 
 
 class _SharedMLP(nn.Module):
@@ -25,7 +26,7 @@ class _SharedMLP(nn.Module):
         return self.mlp(x)
 
 
-class EquiREANN(nn.Module):
+class EquiREANN(EnergyReference):
     r"""EquiREANN: equivariant recursively embedded atom neural network.
 
     Primitive orbitals of every edge (i centre, j neighbour, :math:`r_{ij} = x_j - x_i + S_{ij}`):
@@ -126,10 +127,7 @@ class EquiREANN(nn.Module):
         if self.elements is not None:
             slots[self.elements] = torch.arange(len(self.elements))
         self.register_buffer("element_slot", slots, persistent=False)
-        self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1, dtype=torch.float64))
-        self.register_buffer("energy_scale", torch.tensor(1.0))
-        self.register_buffer("energy_shift", torch.tensor(0.0))
-        self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
+        self.avg_num_neighbors.fill_(float(avg_num_neighbors or 1.0))
 
         self.cutoff_fn = CosineCutoff(cutoff)
         self.angular = AngularBasis(max_l, angular)
@@ -158,37 +156,6 @@ class EquiREANN(nn.Module):
                 )
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the per-element reference energies in float64 through .float()/.half()/.to(dtype).
-        atomic_energies = self.atomic_energies
-        super()._apply(fn, recurse)
-        self.atomic_energies = atomic_energies.to(self.atomic_energies.device, torch.float64)
-        return self
-
-    @torch.no_grad()
-    def set_energy_statistics(
-        self,
-        atomic_energies: Union[Dict[int, float], Tensor, None] = None,
-        scale: Optional[float] = None,
-        shift: Optional[float] = None,
-        avg_num_neighbors: Optional[float] = None,
-    ) -> None:
-        """Set per-element reference energies E0 ({Z: eV} or a (119,) tensor), the energy scale s (eV)
-        and per-atom shift b (eV) of the readout, and the neighbour normalisation (see
-        :func:`pyg_equireann.statistics.compute_statistics`)."""
-        if atomic_energies is not None:
-            if isinstance(atomic_energies, dict):
-                for z, e0 in atomic_energies.items():
-                    self.atomic_energies[int(z)] = float(e0)
-            else:
-                self.atomic_energies.copy_(torch.as_tensor(atomic_energies))
-        if scale is not None:
-            self.energy_scale.fill_(float(scale))
-        if shift is not None:
-            self.energy_shift.fill_(float(shift))
-        if avg_num_neighbors is not None:
-            self.avg_num_neighbors.fill_(float(avg_num_neighbors))
 
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
@@ -284,10 +251,7 @@ class EquiREANN(nn.Module):
             coefficient_list.append(coefficients)
 
         readout = self.readout(density, element_index).squeeze(-1)
-        # Reference energies and totals in float64 even for a float32 model: totals are ~1e4 eV while
-        # errors are meV.
-        atomic = self.atomic_energies[z] + (self.energy_scale * readout + self.energy_shift).double()
-        energy = torch.zeros(num_graphs, dtype=torch.float64, device=pos.device).index_add_(0, batch, atomic)
+        atomic, energy = self.total_energy(z, readout, batch, num_graphs)
         return {
             "energy": energy,
             "atomic_energies": atomic,

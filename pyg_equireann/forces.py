@@ -17,6 +17,8 @@ def energy_forces_stress(
     compute_stress: bool = False,
     create_graph: bool = False,
     cutoff: Optional[float] = None,
+    edge_index: Optional[Tensor] = None,
+    cell_offsets: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     r"""Energy (B,), forces :math:`F = -\partial E/\partial x` (N, 3) and, for periodic graphs,
     stress :math:`\sigma = V^{-1}\,\partial E/\partial \varepsilon` (B, 3, 3) by the strain
@@ -32,14 +34,19 @@ def energy_forces_stress(
         z, pos, batch, cell, pbc: as for :meth:`EquiREANN.forward`.
         compute_stress: also return ``stress`` (needs ``cell``).
         create_graph: keep the graph of the derivatives (for training on forces).
+        edge_index, cell_offsets: a precomputed neighbour list (e.g. cached by a data module) with
+            integer cell offsets for periodic graphs; built here when None.
     """
     rc = float(cutoff if cutoff is not None else model.cutoff)
     if batch is None:
         batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
     if compute_stress and cell is None:
         raise ValueError("stress needs a periodic cell")
-    backend = getattr(model, "neighbor_backend", "auto")
-    edge_index, cell_offsets = build_graph(pos.detach(), rc, batch, cell, pbc, backend=backend)
+    if edge_index is None:
+        backend = getattr(model, "neighbor_backend", "auto")
+        edge_index, cell_offsets = build_graph(pos.detach(), rc, batch, cell, pbc, backend=backend)
+    elif cell is not None and cell_offsets is None:
+        raise ValueError("a precomputed periodic edge_index needs its cell_offsets")
     num_graphs = cell.view(-1, 3, 3).shape[0] if cell is not None else (int(batch.max()) + 1 if len(batch) else 1)
 
     pos = pos.detach().requires_grad_(True)

@@ -26,6 +26,7 @@ backends agree except possibly for pairs exactly at the cutoff (torch_cluster).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -39,24 +40,24 @@ __all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_ava
 TORCH_MAX_CANDIDATES: int = 20_000_000
 #: Graphs with more atoms than this always go to vesin in the ``"torch"`` backend
 #: (O(n) cell list beats the O(n**2) candidate enumeration there).
-TORCH_MAX_GRAPH_ATOMS: int = 1000
+TORCH_MAX_GRAPH_ATOMS: int = 500
 #: Candidate pairs processed per vectorised chunk (bounds peak memory of the torch backend).
 TORCH_CHUNK_CANDIDATES: int = 1 << 22
 #: The torch backend pads graphs to equal size (dense blocks, no gathers) when that costs at
 #: most this many times the ``sum_g n_g**2`` candidates of the flat layout.
 TORCH_DENSE_MAX_WASTE: float = 2.0
 
-#: Threads for vesin (0 = all cores). 1 by default: the lists here are built in well under
-#: a few ms, and vesin's own thread pool competes with torch's (and with data-loader
-#: workers), which made multi-threaded calls much slower on a busy 2-core machine.
+#: Threads for vesin (0 = all cores). 1 by default: on the 2-core machine a second thread
+#: saved little (about 10 % for 10k atoms) and competes with torch's own thread pool.
 VESIN_NUM_THREADS: int = 1
 
 _BACKENDS = ("auto", "torch", "torch_cluster", "vesin")
 _TC_INSTALL_HINT = "pip install torch-cluster --no-build-isolation"
 
 
+@functools.lru_cache(maxsize=None)
 def torch_cluster_available() -> bool:
-    """True if the optional ``torch_cluster`` extension can be imported."""
+    """True if the optional ``torch_cluster`` extension can be imported (cached)."""
     if importlib.util.find_spec("torch_cluster") is None:
         return False
     try:
@@ -309,7 +310,8 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
             src_parts, dst_parts = _pairs_flat(pos, cutoff, batch, counts, ptr, small)
 
     if any_large:
-        node_idx = large[batch].nonzero().squeeze(1)
+        # all graphs with pairs are large: hand the whole batch over (no subset gathers)
+        node_idx = None if num_small == 0 else large[batch].nonzero().squeeze(1)
         i, j = _vesin_subset(pos, batch, node_idx, cutoff)
         i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
         src_parts.append(j)
@@ -319,7 +321,7 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
         return _empty_edges(device)
     src = torch.cat(src_parts) if len(src_parts) > 1 else src_parts[0]
     dst = torch.cat(dst_parts) if len(dst_parts) > 1 else dst_parts[0]
-    if any_large and num_small > 0:
+    if any_large:  # vesin pairs come unsorted
         perm = _sort_key_order(dst, src, n)
         src, dst = src[perm], dst[perm]
     return torch.stack([src, dst])
@@ -469,7 +471,7 @@ def radius_graph_pbc(
             i, j = _vesin_nonperiodic_pairs(pos64[idx], batch_np[idx], cutoff)
             i_parts.append(idx[i])
             j_parts.append(idx[j])
-            s_parts.append(np.zeros((len(i), 3), np.int64))
+            s_parts.append(np.zeros((len(i), 3), np.int32))
         for g in np.flatnonzero(~nonper).tolist():
             a, b = ptr_l[g], ptr_l[g + 1]
             if counts_l[g] == 0:
@@ -493,40 +495,47 @@ def radius_graph_pbc(
                 ) from exc
             i_parts.append(i.astype(np.int64) + a)
             j_parts.append(j.astype(np.int64) + a)
-            s_parts.append(s.astype(np.int64))
+            s_parts.append(s.astype(np.int32, copy=False))
 
         if not i_parts:
             return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
-        i = np.concatenate(i_parts)
-        j = np.concatenate(j_parts)
-        s = np.concatenate(s_parts)
+        i = torch.from_numpy(np.concatenate(i_parts) if len(i_parts) > 1 else i_parts[0])
+        j = torch.from_numpy(np.concatenate(j_parts) if len(j_parts) > 1 else j_parts[0])
+        s = torch.from_numpy(np.concatenate(s_parts) if len(s_parts) > 1 else s_parts[0]).long()
         # drop the (i, i, 0) pair (vesin never returns it, but be safe)
-        ok = (i != j) | s.any(axis=1)
-        i, j, s = i[ok], j[ok], s[ok]
-        order = _lexsort_edges(i, j, s, n)
-        i, j, s = i[order], j[order], s[order]
+        self_pair = i == j
+        if bool(self_pair.any()):
+            i, j, s = _select(~(self_pair & (s == 0).all(dim=1)), i, j, s)
+        perm = _edge_order(i, j, s, n)
+        i, j, s = i.index_select(0, perm), j.index_select(0, perm), s.index_select(0, perm)
 
-        i_t = torch.from_numpy(i).to(device)
-        j_t = torch.from_numpy(j).to(device)
-        off = torch.from_numpy(s).to(device=device, dtype=dtype)
+        i, j = i.to(device), j.to(device)
+        off = s.to(device=device, dtype=dtype)
         cell_t = cell_g.to(device=device, dtype=dtype)
-        shift = torch.einsum("ek,ekl->el", off, cell_t[batch[i_t]])
-        keep = _keep_within(pos.t().contiguous(), i_t, j_t, cutoff, shift)
+        periodic_graphs = np.flatnonzero(~nonper)
+        if len(periodic_graphs) == 1 and not nonper.any():
+            shift = off @ cell_t[int(periodic_graphs[0])]
+        else:
+            shift = torch.bmm(off.unsqueeze(1), cell_t.index_select(0, batch.index_select(0, i))).squeeze(1)
+        keep = _keep_within(pos.t().contiguous(), i, j, cutoff, shift)
         if not bool(keep.all()):
-            i_t, j_t, off = _select(keep, i_t, j_t, off)
-        return torch.stack([j_t, i_t]), off
+            i, j, off = _select(keep, i, j, off)
+        return torch.stack([j, i]), off
 
 
-def _lexsort_edges(i: np.ndarray, j: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
-    """Order by (i, j, s0, s1, s2) with a single int64 key when it fits."""
-    if len(i) == 0:
-        return np.zeros(0, np.int64)
-    m = int(np.abs(s).max())
+def _edge_order(i: Tensor, j: Tensor, s: Tensor, n: int) -> Tensor:
+    """Permutation ordering edges by (i, j, s0, s1, s2); one int64 key when it fits."""
+    if i.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    m = int(s.abs().max())
     k = 2 * m + 1
     if float(n) * n * k**3 < 2**62:
-        key = (i * n + j) * k**3 + ((s[:, 0] + m) * k + (s[:, 1] + m)) * k + (s[:, 2] + m)
-        return np.argsort(key, kind="stable")
-    return np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, i))
+        code = ((s[:, 0] + m) * k + (s[:, 1] + m)) * k + (s[:, 2] + m)
+        return torch.sort((i * n + j) * k**3 + code).indices
+    perm = torch.arange(i.numel())
+    for key in (s[:, 2], s[:, 1], s[:, 0], j, i):  # least significant first, stable sorts
+        perm = perm.index_select(0, torch.sort(key.index_select(0, perm), stable=True).indices)
+    return perm
 
 
 def build_graph(

@@ -54,6 +54,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=4.0, help="training wall-clock budget")
     parser.add_argument("--test-frames", type=int, default=1000)
+    parser.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs")
+    parser.add_argument("--num-train", type=int, default=950, help="training frames (the other 1000 - n validate, at most 50)")
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,7 +67,8 @@ def main(argv=None):
     frames = load_rmd17(DATA / "rmd17_ethanol_train_01.npz")
     test = load_rmd17(DATA / "rmd17_ethanol_test_01.npz")[: args.test_frames]
     perm = torch.randperm(len(frames), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    train, val = [frames[i] for i in perm[:950]], [frames[i] for i in perm[950:]]
+    train = [frames[i] for i in perm[: args.num_train]]
+    val = [frames[i] for i in perm[max(args.num_train, 950):]]
 
     model = EquiREANN(cutoff=4.0, elements=[1, 6, 8]).float()
     stats = compute_statistics(train, cutoff=model.cutoff)
@@ -76,13 +79,14 @@ def main(argv=None):
     (run_dir / "config.json").write_text(json.dumps({**vars(args), "out": str(args.out), **stats}, indent=2))
 
     budget = 60.0 * args.minutes
-    start = time.perf_counter()
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    log = []
+    model.eval()
+    log = [{"epoch": 0, "time_s": 0.0, **evaluate(model, val)}]
     best = (float("inf"), None)
     epoch = 0
+    start = time.perf_counter()
     with tqdm(total=round(budget), unit="s", desc="training EquiREANN on rMD17 ethanol") as bar:
-        while time.perf_counter() - start < budget:
+        while time.perf_counter() - start < budget and epoch < (args.max_epochs or float("inf")):
             model.train()
             order = torch.randperm(len(train)).tolist()
             for step in range(steps_per_epoch):
@@ -97,6 +101,8 @@ def main(argv=None):
                 optimizer.step()
             epoch += 1
             progress = min(1.0, (time.perf_counter() - start) / budget)
+            if args.max_epochs:
+                progress = max(progress, epoch / args.max_epochs)
             for group in optimizer.param_groups:  # cosine decay over the time budget
                 group["lr"] = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
             model.eval()
@@ -115,7 +121,8 @@ def main(argv=None):
     torch.save({"state_dict": model.state_dict(), "stats": stats}, tmp)
     os.replace(tmp, run_dir / "model.pt")
     (run_dir / "metrics.json").write_text(json.dumps({"test": test_metrics, "epochs": epoch, "log": log}, indent=2))
-    print(f"\nEquiREANN on rMD17 ethanol: {epoch} epochs in {args.minutes:g} min, {len(test)} test frames")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nEquiREANN on rMD17 ethanol: {epoch} epochs in {minutes:.1f} min, {len(test)} test frames")
     print(f"  test energy MAE: {test_metrics['energy_mae_meV']:.1f} meV")
     print(f"  test force MAE:  {test_metrics['forces_mae_meV_per_A']:.1f} meV/Å")
     print(f"  run folder: {run_dir}")

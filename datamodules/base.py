@@ -1,0 +1,262 @@
+"""Common Lightning data module for interatomic-potential datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import lightning as L
+import numpy as np
+import torch
+from ase.data import atomic_numbers, chemical_symbols
+from torch_geometric.loader import DataLoader
+
+from pyg_equireann.statistics import compute_statistics
+
+from . import cache as _cache
+from .structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
+
+#: Project data folder (shipped datasets).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = PROJECT_ROOT / "data"
+
+AtomicEnergiesSpec = Union[None, str, os.PathLike, Mapping[Any, float]]
+
+
+def read_isolated_atoms(path: str | os.PathLike, energy_key: str = "energy") -> Dict[int, float]:
+    """{Z: eV} from the single-atom frames of an ASE-readable file (e.g. ``isolated_atoms.xyz``)."""
+    import ase.io
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"isolated-atom energy file not found: {path}")
+    try:
+        frames = ase.io.read(str(path), index=":")
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read isolated-atom energies: {exc}") from exc
+    e0: Dict[int, float] = {}
+    for k, atoms in enumerate(frames):
+        if len(atoms) != 1:
+            continue
+        energy = lookup(atoms, energy_key, per_atom=False)
+        if energy is None:
+            energy = lookup(atoms, "energy", per_atom=False)
+        if energy is None:
+            raise KeyError(f"{path}: frame {k}: single-atom frame has no energy under key {energy_key!r}")
+        z = int(atoms.numbers[0])
+        e0.setdefault(z, float(energy))
+    if not e0:
+        raise ValueError(f"{path}: no single-atom frames with energies found")
+    return e0
+
+
+def normalize_atomic_energies(spec: Mapping[Any, float]) -> Dict[int, float]:
+    """{Z or symbol or 'Z' string: eV} -> {Z: eV}."""
+    out: Dict[int, float] = {}
+    for key, value in dict(spec).items():
+        if isinstance(key, str) and not key.strip().lstrip("-").isdigit():
+            if key not in atomic_numbers:
+                raise ValueError(f"atomic_energies: unknown element symbol {key!r}")
+            z = atomic_numbers[key]
+        else:
+            z = int(key)
+        out[z] = float(value)
+    return out
+
+
+class PotentialDataModule(L.LightningDataModule):
+    """Base class: splits, statistics, element checks and data loaders.
+
+    Subclasses implement :meth:`_load` returning ``(train, val, {name: test})`` datasets of
+    :class:`~datamodules.structures.StructureDataset` (subsets allowed). After :meth:`setup`:
+    ``train_dataset``, ``val_dataset``, ``test_datasets`` (dict), ``test_names``, ``elements``
+    (sorted Z of the training set) and ``statistics`` (:func:`pyg_equireann.compute_statistics`
+    on the training set only; cached on disk).
+
+    Args:
+        cutoff: neighbour-list cutoff (Å) used for ``edge_index`` and ``avg_num_neighbors``.
+        batch_size: training batch size (structures); ``eval_batch_size`` for validation/test.
+        num_workers: DataLoader workers.
+        seed: seed of the random splits and of the training-loader shuffling.
+        dtype: ``"float32"`` or ``"float64"`` for positions, forces, cells, stress (energies are float64).
+        cache: cache processed graphs and statistics on disk (next to the data).
+        atomic_energies: isolated-atom energies: ``None``/``"fit"`` (least squares on the training
+            set), a path to a file of single-atom frames, or a dict ``{Z or symbol: eV}``.
+        progress: show progress bars when processing long files.
+    """
+
+    energy_key: str = "energy"
+
+    def __init__(
+        self,
+        cutoff: float = 4.0,
+        batch_size: int = 10,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        seed: int = 0,
+        dtype: str = "float32",
+        cache: bool = True,
+        atomic_energies: AtomicEnergiesSpec = None,
+        progress: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        cutoff = float(cutoff)
+        if not np.isfinite(cutoff) or cutoff <= 0:
+            raise ValueError(f"cutoff must be a positive number (Å), got {cutoff}")
+        if int(batch_size) < 1 or int(eval_batch_size) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.cutoff = cutoff
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.dtype = resolve_dtype(dtype)
+        self.cache = bool(cache)
+        self.atomic_energies_spec = atomic_energies
+        self.progress = bool(progress)
+        self.pin_memory = bool(pin_memory)
+
+        self.train_dataset: Optional[StructureDataset] = None
+        self.val_dataset: Optional[StructureDataset] = None
+        self.test_datasets: Dict[str, StructureDataset] = {}
+        self.statistics: Optional[Dict[str, Any]] = None
+        self.elements: List[int] = []
+        self._is_setup = False
+
+    # ------------------------------------------------------------------ to implement
+    def _load(self) -> Tuple[StructureDataset, StructureDataset, Dict[str, StructureDataset]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def test_names(self) -> List[str]:
+        return list(self.test_datasets)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._is_setup:
+            return
+        train, val, tests = self._load()
+        if len(train) == 0:
+            raise ValueError(f"{train.source}: the training set is empty")
+        elements = train.elements()
+        self._check_elements(elements, train, "validation set", val)
+        for name, ds in tests.items():
+            self._check_elements(elements, train, f"test set {name!r}", ds)
+        atomic_energies = self._resolve_atomic_energies(elements, train)
+        self.statistics = self._training_statistics(train, atomic_energies)
+        self.train_dataset, self.val_dataset, self.test_datasets = train, val, dict(tests)
+        self.elements = elements
+        self._is_setup = True
+
+    @staticmethod
+    def _check_elements(elements: List[int], train: StructureDataset, what: str, ds: Optional[StructureDataset]) -> None:
+        if ds is None or len(ds) == 0:
+            return
+        missing = [z for z in ds.elements() if z not in elements]
+        if missing:
+            z = missing[0]
+            names = ", ".join(element_name(m) for m in missing)
+            raise ValueError(
+                f"{what} ({ds.source}) contains element {names} not present in the training set "
+                f"({train.source}; elements {[chemical_symbols[e] for e in elements]}); first in frame "
+                f"{ds.first_frame_with(z)} of {ds.source}. The model cannot predict unseen elements: "
+                f"add structures with {chemical_symbols[z]} to the training data or remove them from the {what}"
+            )
+
+    def _resolve_atomic_energies(self, elements: List[int], train: StructureDataset) -> Optional[Dict[int, float]]:
+        spec = self.atomic_energies_spec
+        if spec is None or (isinstance(spec, str) and spec.lower() in ("fit", "lstsq", "least_squares", "none")):
+            return None
+        if isinstance(spec, (str, os.PathLike)):
+            e0 = read_isolated_atoms(spec, self.energy_key)
+            origin = f"isolated-atom file {spec}"
+        elif isinstance(spec, Mapping):
+            e0 = normalize_atomic_energies(spec)
+            origin = "the atomic_energies dict"
+        else:
+            raise ValueError(f"atomic_energies must be None, 'fit', a file path or a dict {{Z: eV}}, got {spec!r}")
+        missing = [z for z in elements if z not in e0]
+        if missing:
+            raise KeyError(
+                f"{origin} has no isolated-atom energy for {', '.join(element_name(z) for z in missing)}, "
+                f"which occurs in the training set ({train.source})"
+            )
+        return e0
+
+    def _training_statistics(self, train: StructureDataset, atomic_energies: Optional[Dict[int, float]]) -> Dict[str, Any]:
+        indices = train.base_indices().numpy().astype(np.int64)
+        e0_items = None if atomic_energies is None else sorted(atomic_energies.items())
+        key = _cache.make_key(
+            "statistics", train.key, self.cutoff, _cache.make_key(indices.tobytes().hex()), e0_items
+        )
+
+        def compute() -> Dict[str, Any]:
+            return compute_statistics(train, self.cutoff, "energy", "forces", atomic_energies)
+
+        return _cache.cached(train.source, "statistics", key, compute, self.cache)
+
+    # ------------------------------------------------------------------ loaders
+    def _require_setup(self) -> None:
+        if not self._is_setup:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before requesting data loaders")
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = None
+        if shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> List[DataLoader]:
+        self._require_setup()
+        return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_datasets.values()]
+
+    # ------------------------------------------------------------------ info
+    def summary(self) -> str:
+        """One line per split: structures, source; plus statistics."""
+        self._require_setup()
+        lines = [f"{type(self).__name__}: cutoff {self.cutoff} Å, dtype {dtype_name(self.dtype)}, "
+                 f"elements {[chemical_symbols[z] for z in self.elements]}"]
+        lines.append(f"  train {len(self.train_dataset)} from {self.train_dataset.source}")
+        lines.append(f"  val   {len(self.val_dataset)} from {self.val_dataset.source}")
+        for name, ds in self.test_datasets.items():
+            lines.append(f"  test {name!r} {len(ds)} from {ds.source}")
+        s = self.statistics
+        lines.append(
+            f"  E0 {s['atomic_energies']} eV, shift {s['shift']:.6g} eV/atom, scale {s['scale']:.6g} eV/Å, "
+            f"avg_num_neighbors {s['avg_num_neighbors']:.4g}"
+        )
+        return "\n".join(lines)
+
+
+def subset(dataset: StructureDataset, indices) -> StructureDataset:
+    """Subset sharing storage; ``indices`` relative to ``dataset`` (sorted for reproducible order)."""
+    idx = np.sort(np.asarray(indices, dtype=np.int64))
+    return dataset[torch.as_tensor(idx, dtype=torch.long)]
+
+
+def random_subset(dataset: StructureDataset, n: Optional[int], seed: int) -> StructureDataset:
+    """At most ``n`` structures drawn with ``seed`` (all when ``n`` is None or >= len)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 0:
+        raise ValueError(f"number of structures must be >= 0, got {n}")
+    pick = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    return subset(dataset, pick)

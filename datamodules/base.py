@@ -64,6 +64,26 @@ def normalize_atomic_energies(spec: Mapping[Any, float]) -> Dict[int, float]:
     return out
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Random order drawn from (seed, epoch) alone. Lightning calls :meth:`set_epoch` before every
+    epoch, so a run resumed from a checkpoint sees exactly the batches of an uninterrupted run."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class PotentialDataModule(L.LightningDataModule):
     """Base class: splits, statistics, element checks and data loaders.
 
@@ -202,15 +222,10 @@ class PotentialDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must be called before requesting data loaders")
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = None
-        if shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -1,0 +1,41 @@
+"""Command-line entry points: ``equireann-train`` and ``equireann-eval`` (Hydra apps)."""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = str(PROJECT_ROOT / "conf")
+
+
+def _resume_dir(ckpt_path, default):
+    """Run folder of a checkpoint (``<run>/checkpoints/x.ckpt`` → ``<run>``), else ``default``."""
+    if ckpt_path in (None, "", "None", "null"):
+        return default
+    path = Path(str(ckpt_path)).expanduser().resolve()
+    return str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+
+
+def _ckpt_model_cutoff(ckpt_path):
+    import torch
+
+    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    config = checkpoint.get("hyper_parameters", {}).get("model_config") or {}
+    return float(config.get("cutoff", 5.0))
+
+
+def register_resolvers() -> None:
+    resolvers = {
+        "resume_dir": _resume_dir,
+        "project_root": lambda: str(PROJECT_ROOT),
+        "dtype": lambda float64: "float64" if float64 else "float32",
+        "ckpt_cutoff": _ckpt_model_cutoff,
+        # a resumed run logs into a new folder so the first part's metrics.csv is kept
+        "log_version": lambda ckpt_path: "logs" if ckpt_path in (None, "", "None", "null") else
+        "logs_resumed_" + __import__("datetime").datetime.now().strftime("%Y%m%d-%H%M%S"),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()

@@ -1,0 +1,113 @@
+"""``equireann-eval``: evaluate a checkpoint on a data module's test set(s).
+
+Prints a metrics table and writes ``metrics.json``, ``parity.png`` (energy and force parity) and
+``errors.csv`` (one row per structure) into ``<run>/eval/<data>_<time>/``.
+"""
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Dict
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from . import CONF_DIR
+from .plots import parity
+from .train import metrics_table
+
+log = logging.getLogger("equireann-eval")
+
+
+def load_checkpoint(ckpt_path: str, float64: bool = False):
+    """The :class:`~pyg_equireann.lightning.PotentialModule` of a training checkpoint (EMA weights)."""
+    from ..lightning import PotentialModule
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    module = PotentialModule.from_checkpoint(str(path))
+    module.eval()
+    return module.double() if float64 else module
+
+
+def evaluate(module, loader, name: str) -> Dict[str, np.ndarray]:
+    rows = {k: [] for k in ("idx", "natoms", "energy_ref", "energy_pred", "forces_mae", "forces_rmse")}
+    forces_ref, forces_pred = [], []
+    for batch in tqdm(loader, desc=f"evaluating {name}", leave=False):
+        with torch.enable_grad():
+            out = module.predict_batch(batch, create_graph=False)
+        natoms = torch.bincount(batch.batch, minlength=batch.num_graphs)
+        rows["idx"].append(batch.idx.view(-1))
+        rows["natoms"].append(natoms)
+        rows["energy_ref"].append(batch.energy.view(-1))
+        rows["energy_pred"].append(out["energy"].detach())
+        if getattr(batch, "forces", None) is not None:
+            err = (out["forces"].detach() - batch.forces).double()
+            rows["forces_mae"].append(torch.zeros(batch.num_graphs, dtype=torch.float64).index_add_(
+                0, batch.batch, err.abs().sum(1)) / (3 * natoms))
+            rows["forces_rmse"].append((torch.zeros(batch.num_graphs, dtype=torch.float64).index_add_(
+                0, batch.batch, err.square().sum(1)) / (3 * natoms)).sqrt())
+            forces_ref.append(batch.forces.flatten())
+            forces_pred.append(out["forces"].detach().flatten())
+    result = {k: torch.cat(v).double().numpy() if v else None for k, v in rows.items()}
+    result["energy_ref_per_atom"] = result["energy_ref"] / result["natoms"]
+    result["energy_pred_per_atom"] = result["energy_pred"] / result["natoms"]
+    result["forces_ref"] = torch.cat(forces_ref).numpy() if forces_ref else None
+    result["forces_pred"] = torch.cat(forces_pred).numpy() if forces_pred else None
+    return result
+
+
+def summarize(r: Dict[str, np.ndarray]) -> Dict[str, float]:
+    e = (r["energy_pred"] - r["energy_ref"]) * 1e3
+    out = {"energy_mae": float(np.abs(e).mean()), "energy_rmse": float(np.sqrt((e**2).mean())),
+           "energy_per_atom_mae": float(np.abs(e / r["natoms"]).mean()),
+           "energy_per_atom_rmse": float(np.sqrt(((e / r["natoms"]) ** 2).mean()))}
+    if r["forces_ref"] is not None:
+        f = (r["forces_pred"] - r["forces_ref"]) * 1e3
+        out.update({"forces_mae": float(np.abs(f).mean()), "forces_rmse": float(np.sqrt((f**2).mean()))})
+    return out
+
+
+def run(cfg: DictConfig) -> Dict[str, float]:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    module = load_checkpoint(cfg.ckpt_path, cfg.float64)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    results, metrics = {}, {}
+    for name, loader in zip(datamodule.test_names, datamodule.test_dataloader()):
+        results[name] = evaluate(module, loader, name)
+        metrics.update({f"{name}/{k}": v for k, v in summarize(results[name]).items()})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    parity(results, out_dir / "parity.png")
+    with open(out_dir / "errors.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["set", "frame", "natoms", "energy_ref_eV", "energy_pred_eV", "energy_error_meV",
+                         "energy_error_meV_per_atom", "forces_mae_meV_per_A", "forces_rmse_meV_per_A"])
+        for name, r in results.items():
+            for k in range(len(r["idx"])):
+                err = (r["energy_pred"][k] - r["energy_ref"][k]) * 1e3
+                fm = r["forces_mae"][k] * 1e3 if r["forces_mae"] is not None else ""
+                fr = r["forces_rmse"][k] * 1e3 if r["forces_rmse"] is not None else ""
+                writer.writerow([name, int(r["idx"][k]), int(r["natoms"][k]), f"{r['energy_ref'][k]:.8f}",
+                                 f"{r['energy_pred'][k]:.8f}", f"{err:.4f}", f"{err / r['natoms'][k]:.4f}", fm, fr])
+    print(f"{type(module.model).__name__} from {cfg.ckpt_path}")
+    print(metrics_table(metrics))
+    print(f"written: {out_dir / 'metrics.json'}, {out_dir / 'parity.png'}, {out_dir / 'errors.csv'}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""``equireann-train``: train a potential with Lightning, configured by Hydra (``conf/train.yaml``).
+
+Every run writes one folder (``runs/<model>_<data>/<time>/``): ``.hydra/`` (composed and resolved
+config), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
+``learning_curve.png``, ``test_metrics.json`` and ``train.log``.
+"""
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import CONF_DIR
+from .plots import learning_curve
+
+log = logging.getLogger("equireann-train")
+
+
+def prepare_model_config(model_cfg: DictConfig, datamodule) -> Dict[str, Any]:
+    """Resolve ``auto`` entries (``elements``, ``avg_num_neighbors``) from the training data."""
+    config = OmegaConf.to_container(model_cfg, resolve=True)
+    if config.get("elements") == "auto":
+        config["elements"] = list(datamodule.elements)
+    if config.get("avg_num_neighbors") == "auto":
+        config["avg_num_neighbors"] = float(datamodule.statistics["avg_num_neighbors"])
+    return config
+
+
+def metrics_table(metrics: Dict[str, float]) -> str:
+    from ..lightning import UNITS
+
+    lines = ["| metric | value | unit |", "|---|---|---|"]
+    for key, value in metrics.items():
+        unit = next((u for k, u in UNITS.items() if key.endswith(k)), "")
+        lines.append(f"| {key} | {value:.3f} | {unit} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    from ..lightning import PotentialModule
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    log.info("%s", datamodule.summary())
+    model_config = prepare_model_config(cfg.model, datamodule)
+    module = PotentialModule(model=model_config, **OmegaConf.to_container(cfg.module, resolve=True))
+    stats = datamodule.statistics
+    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
+                                       shift=stats["shift"])
+    if cfg.float64:
+        module = module.double()
+    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
+        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
+                         "the data module caches the neighbour list")
+
+    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                     default_root_dir=str(out_dir))
+    params = sum(p.numel() for p in module.parameters())
+    log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    curve = learning_curve(out_dir, out_dir / "learning_curve.png")
+    results: Dict[str, float] = {}
+    if cfg.get("test"):
+        ckpt = "best" if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path else None
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        for entry in tested:
+            results.update({k: float(v) for k, v in entry.items()})
+        if trainer.is_global_zero:
+            (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:
+        print(f"\n{type(module.model).__name__} trained for {trainer.current_epoch} epochs "
+              f"({params:,} parameters)")
+        if results:
+            print(metrics_table(results))
+        print(f"run folder: {out_dir}")
+        if curve:
+            print(f"learning curve: {curve}")
+    metric = cfg.get("optimized_metric")
+    if metric:
+        value = trainer.callback_metrics.get(metric)
+        return float(value) if value is not None else float("inf")
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Lightning module that trains any energy model ``model(z, pos, batch)`` on energies, forces, stress."""
+import random
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .forces import energy_forces_stress
+from .reference import EnergyReference, ReferencedModel
+
+METRIC_KEYS = ("energy_mae", "energy_rmse", "energy_per_atom_mae", "energy_per_atom_rmse",
+               "forces_mae", "forces_rmse")
+UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
+         "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
+         "stress_mae": "meV/Å³", "stress_rmse": "meV/Å³"}
+
+
+def build_model(model: Union[nn.Module, Mapping[str, Any]]) -> nn.Module:
+    """An nn.Module from a module or a Hydra-style config ``{"_target_": ..., ...}``. Models without
+    per-element reference energies (PyG's SchNet, DimeNet++, ViSNet) are wrapped in
+    :class:`~pyg_equireann.reference.ReferencedModel` so every model learns the same targets."""
+    if isinstance(model, Mapping):
+        from hydra.utils import instantiate
+
+        model = instantiate(dict(model))
+    if not isinstance(model, EnergyReference):
+        model = ReferencedModel(model)
+    return model
+
+
+class _ErrorAccumulator:
+    """Sums of absolute and squared errors (float64) for energy, energy per atom, forces and stress."""
+
+    def __init__(self):
+        self.sums: Dict[str, Tensor] = {}
+
+    def update(self, name: str, error: Tensor) -> None:
+        error = error.detach().double().flatten()
+        s = torch.stack([error.abs().sum(), error.square().sum(), torch.tensor(float(error.numel()), dtype=torch.float64, device=error.device)])
+        self.sums[name] = self.sums[name] + s if name in self.sums else s
+
+    def compute(self, reduce) -> Dict[str, float]:
+        out = {}
+        for name, s in self.sums.items():
+            s = reduce(s)
+            if s[2] > 0:
+                out[f"{name}_mae"] = float(s[0] / s[2]) * 1e3
+                out[f"{name}_rmse"] = float((s[1] / s[2]).sqrt()) * 1e3
+        return out
+
+
+class PotentialModule(L.LightningModule):
+    r"""Trains an interatomic potential on energies and forces (and stress), forces always by
+    autograd of the energy, so EquiREANN, REANN and PyG's SchNet, DimeNet++ or ViSNet are trained
+    identically.
+
+    Loss (per batch): :math:`w_E \langle ((E-\hat E)/N)^2\rangle + w_F \langle (F-\hat F)^2\rangle
+    + w_\sigma \langle(\sigma-\hat\sigma)^2\rangle` in (eV/atom)², (eV/Å)², (eV/Å³)².
+    Metrics (per epoch, in meV): energy MAE/RMSE total and per atom, force MAE/RMSE (meV/Å), stress.
+    Validation and test use the EMA weights when the ``EMAWeightAveraging`` callback is on (see the
+    Hydra configs); checkpoints then hold the EMA weights as ``state_dict``.
+
+    Args:
+        model: the energy model, or its Hydra config (``_target_``), which is stored in the
+            checkpoint so that :meth:`load_from_checkpoint` rebuilds it.
+        energy_weight, forces_weight, stress_weight: loss weights.
+        loss_schedule: optional ``{"start_epoch": k, "energy_weight": ..., "forces_weight": ...}``:
+            weights switch at epoch k (e.g. more energy weight late in training, as MACE's stage two).
+        lr, weight_decay, betas, amsgrad: AdamW settings.
+        scheduler: ``"plateau"`` (ReduceLROnPlateau on the validation loss), ``"cosine"`` (to
+            ``min_lr`` over ``trainer.max_epochs``, with ``warmup_epochs`` of linear warm-up) or ``"none"``.
+        plateau_factor, plateau_patience, min_lr: scheduler settings.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Mapping[str, Any]],
+        energy_weight: float = 1.0,
+        forces_weight: float = 100.0,
+        stress_weight: float = 0.0,
+        loss_schedule: Optional[Mapping[str, float]] = None,
+        lr: float = 5e-3,
+        weight_decay: float = 0.0,
+        betas: List[float] = (0.9, 0.999),
+        amsgrad: bool = True,
+        scheduler: str = "plateau",
+        plateau_factor: float = 0.8,
+        plateau_patience: int = 10,
+        warmup_epochs: int = 0,
+        min_lr: float = 1e-5,
+    ):
+        super().__init__()
+        if scheduler not in ("plateau", "cosine", "none"):
+            raise ValueError(f"scheduler must be 'plateau', 'cosine' or 'none', got {scheduler!r}")
+        config = dict(model) if isinstance(model, Mapping) else None
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model_config"] = config
+        self.model = build_model(model)
+        self.test_names: List[str] = []
+        self._acc: Dict[str, _ErrorAccumulator] = {}
+        self._loss_sums: Dict[str, List[float]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str, map_location="cpu") -> "PotentialModule":
+        """Rebuild the module and its model from a training checkpoint (the EMA weights when the
+        EMA callback was on). Raises a clear error for files that are not such checkpoints."""
+        checkpoint = torch.load(str(ckpt_path), map_location=map_location, weights_only=False)
+        config = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
+        if config is None:
+            raise ValueError(f"{ckpt_path} is not a pyg_equireann training checkpoint (no model_config in its hyper_parameters)")
+        return cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, model=config, weights_only=False)
+
+    # ------------------------------------------------------------------ physics
+    def forward(self, batch) -> Dict[str, Tensor]:
+        return self.predict_batch(batch, create_graph=False)
+
+    def predict_batch(self, batch, create_graph: bool) -> Dict[str, Tensor]:
+        """Energy (B,) float64, forces (N, 3) and, for periodic batches with stress, stress (B, 3, 3)."""
+        cell = getattr(batch, "cell", None)
+        stress = self.hparams.stress_weight > 0 or getattr(batch, "stress", None) is not None
+        compute_stress = bool(stress and cell is not None)
+        if hasattr(self.model, "build_graph"):
+            return energy_forces_stress(
+                self.model, batch.z, batch.pos, batch.batch, cell, getattr(batch, "pbc", None),
+                compute_stress=compute_stress, create_graph=create_graph,
+                edge_index=getattr(batch, "edge_index", None), cell_offsets=getattr(batch, "cell_offsets", None),
+            )
+        if cell is not None:
+            raise ValueError(f"{type(self.model.model).__name__} does not support periodic cells")
+        pos = batch.pos.detach().requires_grad_(True)
+        energy = self.model(batch.z, pos, batch.batch)
+        forces = -torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)[0]
+        return {"energy": energy, "forces": forces}
+
+    def _weights(self):
+        w = {"energy": self.hparams.energy_weight, "forces": self.hparams.forces_weight,
+             "stress": self.hparams.stress_weight}
+        schedule = self.hparams.loss_schedule
+        if schedule and self.current_epoch >= int(schedule["start_epoch"]):
+            w.update({k.replace("_weight", ""): v for k, v in schedule.items() if k.endswith("_weight")})
+        return w
+
+    def _loss_and_errors(self, batch, out) -> Dict[str, Tensor]:
+        num_atoms = torch.bincount(batch.batch, minlength=out["energy"].shape[0]).to(torch.float64)
+        energy_error = out["energy"] - batch.energy.view(-1)
+        errors = {"energy": energy_error, "energy_per_atom": energy_error / num_atoms}
+        if getattr(batch, "forces", None) is not None:
+            errors["forces"] = out["forces"] - batch.forces
+        if "stress" in out and getattr(batch, "stress", None) is not None:
+            errors["stress"] = out["stress"] - batch.stress.view(-1, 3, 3)
+        w = self._weights()
+        loss = w["energy"] * errors["energy_per_atom"].square().mean()
+        if "forces" in errors:
+            loss = loss + w["forces"] * errors["forces"].square().mean()
+        if "stress" in errors and w["stress"] > 0:
+            loss = loss + w["stress"] * errors["stress"].square().mean()
+        return loss, errors
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx):
+        out = self.predict_batch(batch, create_graph=True)
+        loss, errors = self._loss_and_errors(batch, out)
+        n = int(batch.num_graphs)
+        self.log("train/loss", loss.float(), on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log("train/forces_mae", 1e3 * errors["forces"].detach().abs().mean().float() if "forces" in errors
+                 else torch.tensor(float("nan")), on_step=False, on_epoch=True, batch_size=n)
+        return loss.to(next(self.model.parameters()).dtype)
+
+    def _evaluate(self, batch, split: str):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("forces need autograd in validation/test: create the Trainer with inference_mode=False")
+        with torch.enable_grad():
+            out = self.predict_batch(batch, create_graph=False)
+        loss, errors = self._loss_and_errors(batch, out)
+        acc = self._acc.setdefault(split, _ErrorAccumulator())
+        for name, error in errors.items():
+            acc.update(name, error)
+        sums = self._loss_sums.setdefault(split, [0.0, 0.0])
+        sums[0] += float(loss) * int(batch.num_graphs)
+        sums[1] += int(batch.num_graphs)
+        return out, errors
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        name = self.test_names[dataloader_idx] if dataloader_idx < len(self.test_names) else f"test{dataloader_idx}"
+        self._evaluate(batch, "test" if name == "test" else f"test/{name}")
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+        return t.cpu()
+
+    def _log_split(self, split: str) -> None:
+        acc = self._acc.pop(split, None)
+        loss_sums = self._loss_sums.pop(split, None)
+        if acc is None:
+            return
+        for key, value in acc.compute(self._reduce).items():
+            self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=(split == "val" and key == "forces_mae"))
+        total = self._reduce(torch.tensor(loss_sums, dtype=torch.float64))
+        self.log(f"{split}/loss", float(total[0] / total[1]), sync_dist=False)
+
+    def on_validation_epoch_end(self):
+        self._log_split("val")
+
+    def on_test_start(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        self.test_names = list(getattr(dm, "test_names", []) or [])
+
+    def on_test_epoch_end(self):
+        for split in [s for s in list(self._acc) if s == "test" or s.startswith("test/")]:
+            self._log_split(split)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
+                                      betas=tuple(hp.betas), amsgrad=hp.amsgrad)
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}}
+        max_epochs = max(int(self.trainer.max_epochs or 1), 1) if self.trainer is not None else 100
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(max_epochs - hp.warmup_epochs, 1), eta_min=hp.min_lr)
+        if hp.warmup_epochs > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=hp.warmup_epochs)
+            cosine = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[hp.warmup_epochs])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Plain tensors and tuples only, so that torch.load(weights_only=True) accepts the file.
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            name, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            random.setstate(states["python"])

@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 train: $(STAMP)
-	$(PY) -m pyg_equireann.quick_train
+	$(VENV)/bin/equireann-train experiment=quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_models.py

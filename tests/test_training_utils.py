@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 from torch_geometric.data import Data
@@ -57,17 +55,3 @@ def test_float32_model_sums_energies_in_float64():
     readout = model.compute(z, coords[0].float())["atomic_energies"] - model.atomic_energies[z]
     expected = 2 * -1029.987654321 + -2041.5 + 6 * -13.123456789
     assert float(energy - readout.sum()) == pytest.approx(expected, abs=1e-9)
-
-
-def test_quick_train_learns(tmp_path):
-    from pyg_equireann import quick_train
-
-    torch.set_default_dtype(torch.float32)  # as a user runs it (the autouse fixture restores float64)
-    quick_train.main(["--minutes", "5", "--max-epochs", "5", "--num-train", "200", "--test-frames", "50", "--out", str(tmp_path)])
-    run = next(tmp_path.iterdir())
-    metrics = json.loads((run / "metrics.json").read_text())
-    log = metrics["log"]
-    assert (run / "model.pt").exists() and (run / "config.json").exists()
-    assert len(log) == 6
-    assert log[-1]["forces_mae_meV_per_A"] < log[0]["forces_mae_meV_per_A"]
-    assert metrics["test"]["forces_mae_meV_per_A"] < 0.8 * log[0]["forces_mae_meV_per_A"]

@@ -194,18 +194,33 @@ class PotentialModule(L.LightningModule):
             t = self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
         return t.cpu()
 
-    def _log_split(self, split: str) -> None:
+    def _log_split(self, split: str) -> Optional[float]:
         acc = self._acc.pop(split, None)
         loss_sums = self._loss_sums.pop(split, None)
         if acc is None:
-            return
+            return None
         for key, value in acc.compute(self._reduce).items():
             self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=(split == "val" and key == "forces_mae"))
         total = self._reduce(torch.tensor(loss_sums, dtype=torch.float64))
-        self.log(f"{split}/loss", float(total[0] / total[1]), sync_dist=False)
+        loss = float(total[0] / total[1])
+        self.log(f"{split}/loss", loss, sync_dist=False)
+        return loss
 
     def on_validation_epoch_end(self):
-        self._log_split("val")
+        loss = self._log_split("val")
+        trainer = self._trainer
+        if loss is None or trainer is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        # Step ReduceLROnPlateau here, before ModelCheckpoint saves at on_validation_end: Lightning steps it
+        # after the checkpoint and skips that step when resuming, so a resumed run would lose one step.
+        for config in trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau:
+                config.scheduler.step(loss)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return  # stepped in on_validation_epoch_end
+        super().lr_scheduler_step(scheduler, metric)
 
     def on_test_start(self):
         dm = getattr(self.trainer, "datamodule", None)

@@ -50,8 +50,10 @@ def test_float32_model_sums_energies_in_float64():
     model.set_energy_statistics({1: -13.123456789, 6: -1029.987654321, 8: -2041.5}, scale=1.0, shift=0.0)
     assert model.atomic_energies.dtype == torch.float64
     z, coords, _, _ = load_rmd17("ethanol", slice(0, 1))
-    energy = model(z, coords[0].float())
+    with torch.no_grad():
+        energy = model(z, coords[0].float())
     assert energy.dtype == torch.float64
-    readout = model.compute(z, coords[0].float())["atomic_energies"] - model.atomic_energies[z]
+    with torch.no_grad():
+        readout = model.compute(z, coords[0].float())["atomic_energies"] - model.atomic_energies[z]
     expected = 2 * -1029.987654321 + -2041.5 + 6 * -13.123456789
     assert float(energy - readout.sum()) == pytest.approx(expected, abs=1e-9)

@@ -333,15 +333,18 @@ def test_optuna_sweep_without_training(tmp_path):
 
 
 def test_typo_overrides_give_hydra_errors(tmp_path):
-    """A misspelt key or group is reported by Hydra in one message, without a Python traceback."""
-    cases = {"model.num_chanels=3": "num_chanels", "modl=reann": "modl"}
+    """A misspelt key or group is reported by Hydra in one message, a missing data file by ours (naming
+    the file and folder), each without a Python traceback."""
+    cases = {"model.num_chanels=3": "num_chanels", "modl=reann": "modl",
+             "data.molecule=benzene": "rmd17_benzene_train_01.npz"}
     procs = {arg: subprocess.Popen([str(BIN / "equireann-train"), arg, *TINY, f"hydra.run.dir={tmp_path}/run"],
                                    cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True) for arg in cases}
     for arg, bad_key in cases.items():
         _, stderr = procs[arg].communicate(timeout=120)
         assert procs[arg].returncode != 0
-        assert bad_key in stderr and "Could not override" in stderr, stderr
+        assert bad_key in stderr, stderr
+        assert "Could not override" in stderr or "error: rMD17 files for 'benzene'" in stderr, stderr
         assert "Traceback" not in stderr, stderr
         assert "HYDRA_FULL_ERROR=1" in stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

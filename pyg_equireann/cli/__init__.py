@@ -1,4 +1,7 @@
 """Command-line entry points: ``equireann-train`` and ``equireann-eval`` (Hydra apps)."""
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -39,3 +42,17 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input (missing file, key or value) ends the command with its message and exit code 2
+    instead of a traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback."""
+    try:
+        yield
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from . import CONF_DIR
+from . import CONF_DIR, user_errors
 from .plots import parity
 from .train import metrics_table
 
@@ -106,7 +106,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":

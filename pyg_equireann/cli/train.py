@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR
+from . import CONF_DIR, user_errors
 from .plots import learning_curve
 
 log = logging.getLogger("equireann-train")
@@ -99,7 +99,8 @@ def run(cfg: DictConfig) -> Optional[float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    return run(cfg)
+    with user_errors():
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from torch import Tensor, nn
 from .forces import energy_forces_stress
 from .reference import EnergyReference, ReferencedModel
 
-METRIC_KEYS = ("energy_mae", "energy_rmse", "energy_per_atom_mae", "energy_per_atom_rmse",
-               "forces_mae", "forces_rmse")
 UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
          "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
          "stress_mae": "meV/Å³", "stress_rmse": "meV/Å³"}

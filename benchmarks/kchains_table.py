@@ -6,26 +6,9 @@ Random weights (non-zero last layers), float64, cutoff 1.75 Å with 1.0 Å bonds
 """
 import argparse
 
-import torch
-
 from pyg_equireann import REANN, EquiREANN
+from pyg_equireann.kchains import model_factory as factory
 from pyg_equireann.kchains import separation_table
-
-
-def randomize(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            p.add_(noise / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.1 * noise)
-    return model
-
-
-def factory(cls, seed=0, **kwargs):
-    def make(num_iterations):
-        torch.manual_seed(seed)
-        return randomize(cls(cutoff=1.75, num_iterations=num_iterations, **kwargs).double(), seed)
-    return make
 
 
 def main():

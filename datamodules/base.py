@@ -212,7 +212,7 @@ class PotentialDataModule(L.LightningDataModule):
         )
 
         def compute() -> Dict[str, Any]:
-            return compute_statistics(train, self.cutoff, "energy", "forces", atomic_energies)
+            return compute_statistics(train, self.cutoff, "energy", "forces", atomic_energies, precomputed_edges=True)
 
         return _cache.cached(train.source, "statistics", key, compute, self.cache)
 

@@ -51,6 +51,18 @@ def smallest_separating_iterations(make_model: Callable[[int], torch.nn.Module],
     return -1
 
 
+def model_factory(cls, seed: int = 0, cutoff: float = 1.75, **kwargs) -> Callable[[int], torch.nn.Module]:
+    """``num_iterations -> model``: float64 ``cls(cutoff=cutoff, num_iterations=T, **kwargs)`` with
+    seeded random weights (including the output layers) for the separation experiments."""
+    from .utils import perturb_parameters
+
+    def make(num_iterations: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return perturb_parameters(cls(cutoff=cutoff, num_iterations=num_iterations, **kwargs).double(), seed)
+
+    return make
+
+
 def separation_table(make_models: Dict[str, Callable[[int], torch.nn.Module]], ks=range(2, 9),
                      max_iterations: int = 8) -> str:
     """Markdown table of the smallest separating iteration count per model and k."""

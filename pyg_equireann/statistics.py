@@ -14,6 +14,7 @@ def compute_statistics(
     energy_key: str = "energy",
     forces_key: Optional[str] = "forces",
     atomic_energies: Optional[Dict[int, float]] = None,
+    precomputed_edges: bool = False,
 ) -> Dict[str, object]:
     """Per-element reference energies, energy scale and shift, and average neighbour count.
 
@@ -22,6 +23,8 @@ def compute_statistics(
             optionally forces (N, 3) eV/Å under ``forces_key`` and ``cell`` (3, 3) / ``pbc`` (3,).
         cutoff: neighbour cutoff (Å) for the average neighbour count.
         atomic_energies: known isolated-atom energies {Z: eV}; fitted by least squares when None.
+        precomputed_edges: count neighbours from each structure's ``edge_index`` (built with this
+            ``cutoff``, as the data modules do) instead of building the neighbour list again.
 
     Returns:
         dict with ``atomic_energies`` {Z: eV}, ``shift`` (mean per-atom residual energy, eV),
@@ -42,8 +45,10 @@ def compute_statistics(
             f = getattr(data, forces_key).double()
             forces_sq += float(f.square().sum())
             num_force += f.numel()
-        cell = getattr(data, "cell", None)
-        edge_index, _ = build_graph(data.pos, cutoff, None, cell, getattr(data, "pbc", None))
+        edge_index = getattr(data, "edge_index", None) if precomputed_edges else None
+        if edge_index is None:
+            cell = getattr(data, "cell", None)
+            edge_index, _ = build_graph(data.pos, cutoff, None, cell, getattr(data, "pbc", None))
         num_edges += edge_index.shape[1]
     if not energies:
         raise ValueError("compute_statistics got no structures")

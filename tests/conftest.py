@@ -1,4 +1,3 @@
-import math
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +5,7 @@ import pytest
 import torch
 
 from pyg_equireann import EquiREANN, REANN
+from pyg_equireann.utils import perturb_parameters
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -20,17 +20,8 @@ def _float64():
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
-    """Give every zero-initialised output layer random weights and perturb all parameters, so that
-    no output is trivially constant (spec §8: zero last layers hide bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            if p.dim() >= 2:
-                p.add_(scale * noise / math.sqrt(p.shape[-1]))
-            else:
-                p.add_(0.1 * scale * noise)
-    return model
+    """Random non-zero weights everywhere, including the zero-initialised output layers."""
+    return perturb_parameters(model, seed, scale)
 
 
 def make_model(cls=EquiREANN, seed=0, **kwargs):

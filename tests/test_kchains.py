@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from pyg_equireann import EquiREANN, REANN
-from pyg_equireann.kchains import kchain_pair, separates, smallest_separating_iterations
-
-from .conftest import randomize
+from pyg_equireann.kchains import kchain_pair, model_factory, separates, smallest_separating_iterations
 
 CUTOFF = 1.75  # bonded neighbours (1.0 Å) only; nearest non-bonded pair 1.79 Å
 
 
 def factory(cls, seed=0, **kwargs):
-    def make(num_iterations):
-        torch.manual_seed(seed)
-        return randomize(cls(cutoff=CUTOFF, num_iterations=num_iterations, **kwargs).double(), seed)
-    return make
+    return model_factory(cls, seed, CUTOFF, **kwargs)
 
 
 def test_kchain_geometry_differs_only_beyond_the_cutoff():

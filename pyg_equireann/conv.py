@@ -25,7 +25,7 @@ class EquiREANNConv(MessagePassing):
 
     Args:
         contraction: the :class:`OrbitalContraction` of this iteration (may be shared).
-        message_mlp: :math:`M_t`, a module ``(density (N, C), atom_species (N,)) → (N, K)``, or None
+        message_mlp: :math:`M_t`, a module ``(density (N, C), element_index (N,)) → (N, K)``, or None
             for iteration 0.
         equivariant_passing: pass :math:`\Psi_j` on.
 
@@ -54,7 +54,7 @@ class EquiREANNConv(MessagePassing):
         center_weight: Optional[Tensor] = None,
         node_orbitals: Optional[Tensor] = None,
         node_density: Optional[Tensor] = None,
-        atom_species: Optional[Tensor] = None,
+        element_index: Optional[Tensor] = None,
         inv_avg_num_neighbors: float = 1.0,
         num_nodes: Optional[int] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -62,7 +62,7 @@ class EquiREANNConv(MessagePassing):
         if num_nodes is None:
             num_nodes = node_orbitals.shape[0] if node_orbitals is not None else int(edge_index.max()) + 1
         if self.message_mlp is not None and node_density is not None:
-            update = self.message_mlp(node_density, atom_species)
+            update = self.message_mlp(node_density, element_index)
             edge_coefficients = edge_coefficients + update.index_select(0, edge_index[0])
         passed = node_orbitals if self.equivariant_passing else None
         aggregated = self.propagate(

@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         if trainer.is_global_zero:
             (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:
-        print(f"\n{type(module.model).__name__} trained for {trainer.current_epoch} epochs "
+        print(f"\n{type(getattr(module.model, 'model', module.model)).__name__} trained for {trainer.current_epoch} epochs "
               f"({params:,} parameters)")
         if results:
             print(metrics_table(results))

@@ -1,7 +1,6 @@
 """One EquiREANN message-passing iteration as a PyG ``MessagePassing`` layer."""
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 

@@ -1,5 +1,4 @@
 """Species embeddings: per-edge orbital coefficients and Gaussian parameters, per-atom centre weights."""
-import math
 from typing import Sequence, Tuple
 
 import torch

@@ -256,7 +256,6 @@ def _pairs_dense(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr:
     Only graphs in ``small`` are padded (to their largest size); no gathers are needed, which
     makes this faster when the graphs have similar sizes. Returns (j, i) sorted by i then j.
     """
-    device = pos.device
     graph_ids = small.nonzero().squeeze(1)
     n_max = int(counts[graph_ids].max())
     rank = torch.cumsum(small.long(), 0) - 1  # position of each handled graph in the padding

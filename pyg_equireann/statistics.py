@@ -2,7 +2,6 @@
 from typing import Dict, Iterable, Optional
 
 import torch
-from torch import Tensor
 
 from .elements import MAX_Z
 from .neighbors import build_graph

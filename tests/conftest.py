@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyg_equireann import EquiREANN, REANN
+from pyg_equireann import EquiREANN
 from pyg_equireann.utils import perturb_parameters
 
 DATA = Path(__file__).resolve().parents[1] / "data"

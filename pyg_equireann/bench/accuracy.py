@@ -78,7 +78,8 @@ def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: 
                                 enable_model_summary=False, inference_mode=False)
             metrics = trainer.test(module, dataloaders=loaders, verbose=False)[0]
             minutes = float(path.stem[1:-3])
-            points.append({"minutes": minutes, **{k.replace("test/", ""): float(v) for k, v in metrics.items()}})
+            # keys are "<test set>/<metric>" ("test0/…" for a bare loader): keep the metric name
+            points.append({"minutes": minutes, **{k.split("/", 1)[-1]: float(v) for k, v in metrics.items()}})
     return points
 
 

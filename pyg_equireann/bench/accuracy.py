@@ -22,18 +22,21 @@ def train_command(model_overrides: Sequence[str], dataset_overrides: Sequence[st
 
 
 def _run(cmd: List[str], run_dir: Path, threads: int) -> Dict[str, Any]:
+    """Train (unless the run folder already holds a finished run: a bench can be re-run to finish or
+    to rebuild its report) and collect the run's summary and test metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    result: Dict[str, Any] = {"returncode": proc.returncode, "wall_seconds": time.perf_counter() - start,
-                              "run_dir": str(run_dir)}
+    result: Dict[str, Any] = {"returncode": 0, "run_dir": str(run_dir)}
+    if not (run_dir / "test_metrics.json").exists():
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        start = time.perf_counter()
+        with open(run_dir / "stdout.log", "w") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        result.update(returncode=proc.returncode, wall_seconds=time.perf_counter() - start)
     for name in ("train_summary.json", "test_metrics.json"):
         path = run_dir / name
         if path.exists():
             result.update(json.loads(path.read_text()))
-    if proc.returncode != 0:
+    if result["returncode"] != 0:
         tail = (run_dir / "stdout.log").read_text().strip().splitlines()[-5:]
         result["error"] = " | ".join(tail)
     return result
@@ -78,8 +81,8 @@ def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: 
                                 enable_model_summary=False, inference_mode=False)
             metrics = trainer.test(module, dataloaders=loaders, verbose=False)[0]
             minutes = float(path.stem[1:-3])
-            # keys are "<test set>/<metric>" ("test0/…" for a bare loader): keep the metric name
-            points.append({"minutes": minutes, **{k.split("/", 1)[-1]: float(v) for k, v in metrics.items()}})
+            # keys are "test/<test set>/<metric>" ("test/test0/…" for a bare loader): keep the metric name
+            points.append({"minutes": minutes, **{k.rsplit("/", 1)[-1]: float(v) for k, v in metrics.items()}})
     return points
 
 

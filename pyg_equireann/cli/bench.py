@@ -7,7 +7,9 @@
 
 Outputs in the run folder (``bench_runs/<mode>/<time>/``): ``speed.md``, ``speed.csv``, ``speed.png``,
 ``accuracy.md``, ``accuracy.csv``, ``learning_curves_<dataset>.png``, ``report.md`` (all tables) and
-the training run folders (``accuracy/<dataset>/<model>/``).
+the training run folders (``accuracy/<dataset>/<model>/``). Running again with
+``hydra.run.dir=<that folder>`` finishes an interrupted accuracy bench (finished runs are not retrained)
+or rebuilds its report.
 """
 import json
 import logging

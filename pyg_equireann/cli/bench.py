@@ -32,7 +32,13 @@ def _machine() -> str:
 
     import psutil
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 

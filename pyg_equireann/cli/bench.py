@@ -50,6 +50,21 @@ def _select(available: Dict[str, Any], names: List[str], what: str) -> Dict[str,
     return {n: available[n] for n in names}
 
 
+def _load_group_config(path: Path) -> DictConfig:
+    """A config-group file with its defaults list (other files of the same group) merged in, as
+    Hydra composes it (``_self_`` last unless listed)."""
+    cfg = OmegaConf.load(path)
+    defaults = list(cfg.pop("defaults", []))
+    if not defaults:
+        return cfg
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        merged = OmegaConf.merge(merged, cfg if entry == "_self_" else _load_group_config(path.parent / f"{entry}.yaml"))
+    return merged
+
+
 def model_configs(names: List[str], overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Model configs from ``conf/model/<name>.yaml`` with per-model overrides."""
     configs = {}
@@ -58,7 +73,7 @@ def model_configs(names: List[str], overrides: Dict[str, Any]) -> Dict[str, Dict
         if not path.exists():
             available = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise ValueError(f"unknown model {name!r}: no {path}; available: {available}")
-        cfg = OmegaConf.load(path)
+        cfg = _load_group_config(path)
         if name in (overrides or {}):
             cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides[name]))
         configs[name] = OmegaConf.to_container(cfg, resolve=True)

@@ -122,8 +122,8 @@ def _peak_memory_worker(config, elements, avg_num_neighbors, system, dtype, devi
         torch.set_num_threads(1)
         model = build_bench_model(config, elements, avg_num_neighbors).to(device, dtype)
         system = _cast(system, dtype, torch.device(device))
-        energy_and_forces(model, system)  # allocator warm, lazy initialisation done
-        before = psutil.Process().memory_info().rss
+        before = psutil.Process().memory_info().rss  # model and inputs built, nothing evaluated yet
+        energy_and_forces(model, system)  # lazy initialisation done
         _reset_peak_rss()
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -140,8 +140,9 @@ def peak_memory(config: Mapping[str, Any], elements: Sequence[int], avg_num_neig
                 system: Mapping[str, Any], dtype: torch.dtype, device: str = "cpu",
                 timeout: float = 600.0) -> Dict[str, Optional[float]]:
     """Peak resident memory of a fresh process that builds the model and runs energy+forces twice
-    (``rss_mb``: whole process incl. torch; ``rss_increase_mb``: peak minus the resident size before the
-    second call) and, on GPU, ``torch.cuda.max_memory_allocated``. Each measurement runs in its own
+    (``rss_mb``: peak of the whole process during the second call, incl. torch itself;
+    ``rss_increase_mb``: that peak minus the resident size before the first call, i.e. what evaluating
+    the system costs) and, on GPU, ``torch.cuda.max_memory_allocated``. Each measurement runs in its own
     spawned process, because a process's peak RSS never goes down."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -163,6 +163,10 @@ class EquiREANN(EnergyReference):
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
 
+    def known_elements(self) -> Optional[List[int]]:
+        """The ``elements`` the model was built for (None: any element)."""
+        return self.elements
+
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
         """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None."""

@@ -10,8 +10,6 @@ renames with ``os.replace``, which is atomic on POSIX and Windows file systems.
 """
 import math
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -80,8 +78,7 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, 
         raise ValueError(f"{path}: checkpoint file is empty (0 bytes); use another checkpoint of the run")
     try:
         checkpoint = torch.load(str(path), map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, ImportError, AttributeError,
-            pickle.UnpicklingError) as exc:
+    except Exception as exc:  # RuntimeError, EOFError, UnpicklingError, ... from a damaged file
         raise ValueError(
             f"{path}: cannot read the checkpoint ({size} bytes): the file is truncated or corrupt "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Use another checkpoint "

@@ -50,10 +50,14 @@ def check_geometry(
             "image shifts contain NaN or inf"
         )
     image = edge_shift is not None and bool(edge_shift[e].abs().sum() > 0)
-    other = _atom_name(j, batch)
+    several = batch is not None and batch.numel() > 0 and int(batch[-1]) > 0
+    first = int((batch == batch[i]).nonzero()[0, 0]) if several else 0
+    other = f"atom {j - first}"
     if image:
         other = "a periodic image of " + ("itself" if i == j else other)
+    pair = f"atom {i - first} and {other}"
+    suffix = f" of structure {int(batch[i])} (atoms {i} and {j} of the batch)" if several else ""
     raise ValueError(
-        f"{_atom_name(i, batch)} and {other} are {d:.3g} Å apart (closer than {min_distance} Å): "
+        f"{pair}{suffix} are {d:.3g} Å apart (closer than {min_distance} Å): "
         "overlapping atoms have no defined forces. Remove duplicated atoms or check the positions and cell"
     )

@@ -51,7 +51,7 @@ def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer) -> Path:
 
     now = datetime.datetime.now()
     resumed = cfg.get("ckpt_path") not in (None, "", "None", "null")
-    info = {"time": now.isoformat(timespec="seconds"), "seed": cfg.get("seed"),
+    info = {"time": now.isoformat(timespec="seconds"), "seed": cfg.get("seed"), "float64": cfg.get("float64"),
             "resumed_from": str(cfg.ckpt_path) if resumed else None, "config": "config_resolved.yaml",
             "trainer": {"deterministic": cfg.trainer.get("deterministic"), "precision": str(trainer.precision),
                         "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size},

@@ -374,41 +374,43 @@ def _latest_epoch(path: Path):
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-    """``equireann-train`` (float64, deterministic, 5 epochs of 8 steps) is killed with SIGKILL during
-    epoch 2 or 3, after last.ckpt of an earlier epoch exists; ``ckpt_path=.../last.ckpt`` continues it, and
-    the final validation and test metrics equal those of an uninterrupted run, bit for bit."""
+    """An ``equireann-train`` process (float64, deterministic, 5 epochs of 8 steps) is killed with
+    SIGKILL during epoch 2 or 3, after last.ckpt of an earlier epoch exists; ``ckpt_path=.../last.ckpt``
+    continues it, and the final validation and test metrics equal those of an uninterrupted run bit for
+    bit. The uninterrupted and resumed runs run in this process (same code path, no start-up cost)."""
+    import threading
+
+    torch.set_default_dtype(torch.float32)  # as in a fresh process (conftest sets float64)
     common = [*TINY, "data.num_train=40", "model.num_channels=8", "float64=true", "trainer.deterministic=true",
               "data.batch_size=5", "module.plateau_patience=0", "callbacks.ema.decay=0.9", "trainer.max_epochs=5"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-
-    def start(run_dir, *extra):
-        return subprocess.Popen([str(BIN / "equireann-train"), *common, *extra, f"hydra.run.dir={run_dir}"],
-                                cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-
-    uninterrupted = start(full)
-    victim = start(killed)
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and victim.poll() is None:
-        epoch = _latest_epoch(last) if last.exists() else None
-        if epoch is not None and epoch >= 1:
-            time.sleep(0.3)  # into the next epoch (about 1 s each)
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed: " + victim.stderr.read()[-2000:]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim = subprocess.Popen([str(BIN / "equireann-train"), *common, f"hydra.run.dir={killed}"], cwd=tmp_path,
+                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def kill_after_epoch_1():
+        deadline = time.time() + 240
+        while time.time() < deadline and victim.poll() is None:
+            epoch = _latest_epoch(last) if last.exists() else None
+            if epoch is not None and epoch >= 1:
+                time.sleep(0.3)  # into the next epoch (about 1 s each)
+                break
+            time.sleep(0.02)
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+    killer = threading.Thread(target=kill_after_epoch_1)
+    killer.start()
+    hydra_app([*common, f"hydra.run.dir={full}"], train_run)  # meanwhile: the uninterrupted run
+    killer.join()
+    stderr = victim.stderr.read()
     victim.stderr.close()
-    assert victim.returncode == -signal.SIGKILL
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it was killed: " + stderr[-2000:]
     killed_at = torch.load(last, weights_only=False)["epoch"]  # readable: written atomically
     assert 1 <= killed_at <= 3 and not (killed / "test_metrics.json").exists()
 
-    resume = cli("equireann-train", *common, f"ckpt_path={last}", cwd=tmp_path, timeout=300)
-    assert resume.returncode == 0, resume.stderr[-4000:]
-    _, stderr = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, stderr[-4000:]
-
+    hydra_app([*common, f"ckpt_path={last}"], train_run)  # resumes in the killed run's folder
     (resumed_csv,) = killed.glob("logs_resumed_*/metrics.csv")
     resumed = read_csv(resumed_csv)
     assert min(int(r["epoch"]) for r in resumed if r["val/loss"]) == killed_at + 1

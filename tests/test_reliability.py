@@ -7,26 +7,23 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
 
 import ase.io
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import Hartree
 from omegaconf import OmegaConf
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 import datamodules
 from datamodules import XYZDataModule
 from pyg_equireann import REANN, EquiREANN, energy_forces_stress
-from pyg_equireann.checkpoint import AtomicCheckpointIO, atomic_torch_save, read_checkpoint
+from pyg_equireann.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from pyg_equireann.cli.evaluate import check_elements
 from pyg_equireann.cli.train import prepare_model_config
 from pyg_equireann.cli.train import run as train_run

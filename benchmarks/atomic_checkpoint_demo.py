@@ -42,6 +42,9 @@ def trial(io, path: Path, tmpdir: str, kills: int) -> int:
         receiver, sender = context.Pipe(duplex=False)
         proc = context.Process(target=_save_forever, args=(io, path, tmpdir, sender), daemon=True)
         proc.start()
+        sender.close()  # recv raises EOFError if the writer dies
+        if not receiver.poll(300):
+            raise RuntimeError("the writer did not finish a save within 300 s")
         receiver.recv()
         time.sleep(0.02 + 0.013 * n)
         os.kill(proc.pid, signal.SIGKILL)

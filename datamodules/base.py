@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -11,7 +12,8 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from torch_geometric.loader import DataLoader
 
-from pyg_equireann.statistics import compute_statistics
+from pyg_equireann.elements import MAX_Z
+from pyg_equireann.statistics import check_energy_units, compute_statistics
 
 from . import cache as _cache
 from .structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
@@ -165,6 +167,8 @@ class PotentialDataModule(L.LightningDataModule):
             self._check_elements(elements, train, f"test set {name!r}", ds)
         atomic_energies = self._resolve_atomic_energies(elements, train)
         self.statistics = self._training_statistics(train, atomic_energies)
+        for message in self._unit_warnings(train, atomic_energies is not None):
+            warnings.warn(message, UserWarning, stacklevel=2)
         self.train_dataset, self.val_dataset, self.test_datasets = train, val, dict(tests)
         self.elements = elements
         self._is_setup = True
@@ -215,6 +219,16 @@ class PotentialDataModule(L.LightningDataModule):
             return compute_statistics(train, self.cutoff, "energy", "forces", atomic_energies, precomputed_edges=True)
 
         return _cache.cached(train.source, "statistics", key, compute, self.cache)
+
+    def _unit_warnings(self, train: StructureDataset, atomic_energies_given: bool) -> List[str]:
+        """:func:`~pyg_equireann.statistics.check_energy_units` on the training set (from the collated storage)."""
+        data, base = train._data, train.base_indices()
+        graph = train.atom_graph()
+        counts = torch.zeros(train.slices["z"].numel() - 1, MAX_Z + 1, dtype=torch.float64)
+        counts.index_put_((graph, data.z.long()), torch.ones(graph.numel(), dtype=torch.float64), accumulate=True)
+        forces_rms = float(self.statistics["scale"]) if train.has("forces") else None
+        return check_energy_units(data.energy.view(-1)[base], counts[base], self.statistics["atomic_energies"],
+                                  forces_rms, atomic_energies_given, train.source, train.frame_indices().tolist())
 
     # ------------------------------------------------------------------ loaders
     def _require_setup(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 #: Bump when the processed format or processing code changes (invalidates all caches).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_DIRNAME = ".pyg_equireann_cache"
 #: Files up to this size are hashed by content in addition to size and mtime.
 CONTENT_HASH_MAX_BYTES = 256 * 1024 * 1024

@@ -279,7 +279,7 @@ class MD17DataModule(PotentialDataModule):
         ]
         if not data_list:
             raise ValueError(f"{source}: no frames selected")
-        attach_edges(data_list, self.cutoff, desc=f"graphs {path.name}", progress=self.progress)
+        attach_edges(data_list, self.cutoff, desc=f"graphs {path.name}", progress=self.progress, source=source)
         meta = {"has_forces": True, "num_frames": int(n_frames), "units": "converted from kcal/mol to eV"}
         return StructureDataset.from_data_list(data_list, source, key, meta).to_state()
 

@@ -27,6 +27,7 @@ from torch_geometric.data.collate import collate
 from tqdm.auto import tqdm
 
 from pyg_equireann.neighbors import build_graph
+from pyg_equireann.validation import MIN_DISTANCE
 
 #: Molecules per batched neighbour-list call while processing.
 GRAPH_CHUNK = 512
@@ -123,12 +124,30 @@ def harmonize_cells(data_list: Sequence[Data]) -> None:
             d.pbc = torch.zeros((1, 3), dtype=torch.bool)
 
 
-def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs", progress: bool = True) -> None:
+def _check_overlaps(chunk: Sequence[Data], edge_index: Tensor, lengths: Tensor, graph: Tensor, source: str) -> None:
+    """ValueError naming file, frame and atoms if an edge (local atom indices) is shorter than MIN_DISTANCE."""
+    bad = lengths < MIN_DISTANCE
+    if not bool(bad.any()):
+        return
+    e = int(bad.nonzero()[0, 0])
+    d = chunk[int(graph[e])]
+    j, i = int(edge_index[0, e]), int(edge_index[1, e])
+    other = f"atom {j}" if "cell_offsets" not in d or not bool(d.cell_offsets[e].abs().sum() > 0) else \
+        f"a periodic image of {'itself' if i == j else f'atom {j}'}"
+    raise ValueError(
+        f"{source}: frame {int(d.idx)}: atom {i} ({chemical_symbols[int(d.z[i])]}) and {other} are "
+        f"{float(lengths[e]):.3g} Å apart (closer than {MIN_DISTANCE} Å): duplicated or overlapping atoms"
+    )
+
+
+def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs", progress: bool = True,
+                 source: str = "") -> None:
     """Set ``edge_index`` (and ``cell_offsets`` where a cell is stored) on every structure, in place.
 
     The result equals ``build_graph(d.pos, cutoff, None, d.cell, d.pbc)`` per structure; molecules
     are processed in batches (one neighbour-list call per :data:`GRAPH_CHUNK` structures) because
-    that is several times faster.
+    that is several times faster. Atoms closer than
+    :data:`~pyg_equireann.validation.MIN_DISTANCE` raise a ValueError naming ``source``, frame and atoms.
     """
     n = len(data_list)
     bar = tqdm(total=n, desc=desc, unit="struct", disable=not progress or n < PROGRESS_MIN_FRAMES, leave=False)
@@ -142,6 +161,8 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         pos = torch.cat([d.pos for d in chunk])
         batch = torch.repeat_interleave(torch.arange(len(chunk)), counts)
         edge_index, _ = build_graph(pos, cutoff, batch, None, None)
+        lengths = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1)
+        _check_overlaps(chunk, edge_index - ptr[batch[edge_index[1]]], lengths, batch[edge_index[1]], source)
         # edges are sorted by centre (row 1), hence by graph
         bounds = torch.searchsorted(edge_index[1].contiguous(), ptr).tolist()
         for g, d in enumerate(chunk):
@@ -154,6 +175,8 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         edge_index, offsets = build_graph(d.pos, cutoff, None, d.cell, d.pbc)
         d.edge_index = edge_index
         d.cell_offsets = offsets
+        lengths = (d.pos[edge_index[0]] - d.pos[edge_index[1]] + offsets.to(d.pos.dtype) @ d.cell[0]).norm(dim=1)
+        _check_overlaps([d], edge_index, lengths, torch.zeros_like(lengths, dtype=torch.long), source)
         bar.update(1)
     bar.close()
 
@@ -240,11 +263,16 @@ class StructureDataset(InMemoryDataset):
 # --------------------------------------------------------------------------- ASE Atoms
 
 
-def available_keys(atoms) -> str:
+def available_keys(atoms, key: Optional[str] = None) -> str:
+    """The keys stored in ``atoms`` (and the closest one to a misspelt ``key``) for error messages."""
+    import difflib
+
     info = sorted(atoms.info)
     arrays = sorted(k for k in atoms.arrays if k not in ("numbers", "positions"))
     results = sorted(getattr(atoms.calc, "results", {}) or {}) if atoms.calc is not None else []
-    return f"info keys {info}, per-atom arrays {arrays}, calculator results {results}"
+    text = f"info keys {info}, per-atom arrays {arrays}, calculator results {results}"
+    close = difflib.get_close_matches(key, info + arrays + results, n=1, cutoff=0.6) if key else []
+    return text + (f". Did you mean {close[0]!r}?" if close else "")
 
 
 def lookup(atoms, key: str, per_atom: bool) -> Any:
@@ -293,7 +321,9 @@ def atoms_to_data(
 
     energy = lookup(atoms, energy_key, per_atom=False)
     if energy is None:
-        raise KeyError(f"{source}: frame {frame}: no energy under key {energy_key!r}; available: {available_keys(atoms)}")
+        raise KeyError(
+            f"{source}: frame {frame}: no energy under key {energy_key!r}; available: {available_keys(atoms, energy_key)}"
+        )
     try:
         energy = float(np.asarray(energy, dtype=np.float64).reshape(()))
     except (TypeError, ValueError) as exc:

@@ -125,7 +125,7 @@ class XYZDataModule(PotentialDataModule):
             k = with_forces.index(False)
             raise KeyError(
                 f"{source}: frame {k}: no forces under key {self.forces_key!r} although other frames have them; "
-                f"available: {available_keys(frames[k])}"
+                f"available: {available_keys(frames[k], self.forces_key)}"
             )
         meta["has_forces"] = bool(all(with_forces))
         meta["per_atom_keys"] = sorted(k for k in frames[0].arrays if k not in ("numbers", "positions"))
@@ -139,7 +139,7 @@ class XYZDataModule(PotentialDataModule):
             )
         meta["has_stress"] = bool(all(with_stress))
         harmonize_cells(data_list)
-        attach_edges(data_list, self.cutoff, desc=f"graphs {path.name}", progress=self.progress)
+        attach_edges(data_list, self.cutoff, desc=f"graphs {path.name}", progress=self.progress, source=source)
         return StructureDataset.from_data_list(data_list, source, key, meta).to_state()
 
 
@@ -158,10 +158,15 @@ class XYZDataModule(PotentialDataModule):
     def _load(self) -> Tuple[StructureDataset, StructureDataset, Dict[str, StructureDataset]]:
         full = self._dataset(self.train_file)
         if self.forces_key is not None and not full.meta.get("has_forces", False):
+            import difflib
+
+            keys = list(full.meta.get("per_atom_keys") or []) + list(full.meta.get("calc_keys") or [])
+            close = difflib.get_close_matches(self.forces_key, keys, n=1, cutoff=0.6)
             raise KeyError(
                 f"{full.source}: training file has no forces under key {self.forces_key!r}; per-atom arrays "
                 f"{full.meta.get('per_atom_keys')}, calculator results {full.meta.get('calc_keys')}. "
-                "Set forces_key to the right key, or forces_key=None to train on energies only"
+                + (f"Did you mean forces_key={close[0]!r}? " if close else "")
+                + "Set forces_key to the right key, or forces_key=None to train on energies only"
             )
         n = len(full)
         perm = np.random.default_rng(self.seed).permutation(n)

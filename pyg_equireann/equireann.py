@@ -13,6 +13,7 @@ from .harmonics import AngularBasis
 from .mlp import MLP, ElementMLPs
 from .neighbors import build_graph
 from .reference import EnergyReference
+from .validation import MIN_DISTANCE, check_geometry
 
 
 def _graph_kwargs(batch) -> Dict[str, Tensor]:
@@ -93,7 +94,12 @@ class EquiREANN(EnergyReference):
         embedding_hidden, message_hidden, readout_hidden: hidden widths of the MLPs.
         layer_norm: LayerNorm inside the message and readout MLPs.
         neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"`` or ``"vesin"`` (non-periodic).
+
+    Inputs are checked on every call: unknown elements, non-finite positions and atoms closer than
+    :attr:`min_distance` (Å; 0 disables the distance check) raise a ValueError naming the atom.
     """
+
+    min_distance: float = MIN_DISTANCE
 
     def __init__(
         self,
@@ -192,6 +198,10 @@ class EquiREANN(EnergyReference):
                 self.density_scale[t] = rms
         return self.density_scale.clone()
 
+    def known_elements(self) -> Optional[List[int]]:
+        """The ``elements`` the model was built for (None: any element)."""
+        return self.elements
+
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
         """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None."""
@@ -261,6 +271,7 @@ class EquiREANN(EnergyReference):
         if edge_shift is not None:
             edge_vectors = edge_vectors + edge_shift
         edge_lengths = torch.linalg.vector_norm(edge_vectors, dim=-1)
+        check_geometry(pos, edge_index, edge_lengths, batch, edge_shift, self.min_distance)
 
         species, atom_species = species_index(z)
         coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index, pos.dtype)

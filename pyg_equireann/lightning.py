@@ -101,13 +101,17 @@ class PotentialModule(L.LightningModule):
         self._loss_sums: Dict[str, List[float]] = {}
 
     @classmethod
-    def from_checkpoint(cls, ckpt_path: str, map_location="cpu") -> "PotentialModule":
+    def from_checkpoint(cls, ckpt_path: str, map_location="cpu",
+                        model_config: Optional[Mapping[str, Any]] = None) -> "PotentialModule":
         """Rebuild the module and its model from a training checkpoint (the EMA weights when the
-        EMA callback was on). Raises a clear error for files that are not such checkpoints."""
-        checkpoint = torch.load(str(ckpt_path), map_location=map_location, weights_only=False)
-        config = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
-        if config is None:
-            raise ValueError(f"{ckpt_path} is not a pyg_equireann training checkpoint (no model_config in its hyper_parameters)")
+        EMA callback was on). Missing, truncated, corrupt or foreign files raise FileNotFoundError or
+        ValueError naming the file; with ``model_config``, so does a checkpoint of another model."""
+        from .checkpoint import check_model_config, read_checkpoint
+
+        checkpoint = read_checkpoint(ckpt_path, map_location)
+        if model_config is not None:
+            check_model_config(ckpt_path, checkpoint, model_config)
+        config = checkpoint["hyper_parameters"]["model_config"]
         return cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, model=config, weights_only=False)
 
     # ------------------------------------------------------------------ physics
@@ -157,10 +161,43 @@ class PotentialModule(L.LightningModule):
             loss = loss + w["stress"] * errors["stress"].square().mean()
         return loss, errors
 
+    @staticmethod
+    def _frame(batch, graph: int) -> str:
+        idx = getattr(batch, "idx", None)
+        return f"frame {int(idx.view(-1)[graph])}" if idx is not None else f"structure {graph} of the batch"
+
+    def check_finite(self, batch, out: Dict[str, Tensor], loss: Tensor) -> None:
+        """Nothing when ``loss`` is finite, else an error naming the frame, atom and quantity: ValueError
+        for non-finite inputs or targets, FloatingPointError for non-finite predictions (diverged training)."""
+        if bool(torch.isfinite(loss)):
+            return
+        ptr = getattr(batch, "ptr", None)
+        for kind, source in (("input", batch), ("target", batch), ("predicted", out)):
+            names = ("pos", "cell") if kind == "input" else ("energy", "forces", "stress")
+            for name in names:
+                value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+                if value is None or bool(torch.isfinite(value).all()):
+                    continue
+                bad = (~torch.isfinite(value.detach())).reshape(value.shape[0], -1).any(1).nonzero()[0, 0]
+                row = int(bad)
+                if name in ("pos", "forces") and ptr is not None:
+                    graph = int(torch.searchsorted(ptr, torch.tensor(row), right=True)) - 1
+                    where = f"{self._frame(batch, graph)}, atom {row - int(ptr[graph])}"
+                else:
+                    where = self._frame(batch, row)
+                if kind == "predicted":
+                    raise FloatingPointError(
+                        f"predicted {name} is NaN or inf for {where}: training diverged (lower module.lr or "
+                        "trainer.gradient_clip_val, or train in float64)")
+                label = "position" if name == "pos" else name
+                raise ValueError(f"{kind} {label} of {where} is NaN or inf")
+        raise FloatingPointError("the loss is NaN or inf although energies and forces are finite (loss weights?)")
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         out = self.predict_batch(batch, create_graph=True)
         loss, errors = self._loss_and_errors(batch, out)
+        self.check_finite(batch, out, loss)
         n = int(batch.num_graphs)
         self.log("train/loss", loss.float(), on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
         self.log("train/forces_mae", 1e3 * errors["forces"].detach().abs().mean().float() if "forces" in errors
@@ -173,6 +210,7 @@ class PotentialModule(L.LightningModule):
         with torch.enable_grad():
             out = self.predict_batch(batch, create_graph=False)
         loss, errors = self._loss_and_errors(batch, out)
+        self.check_finite(batch, out, loss)
         acc = self._acc.setdefault(split, _ErrorAccumulator())
         for name, error in errors.items():
             acc.update(name, error)

@@ -1,10 +1,10 @@
 """Per-element reference energies, energy scale and shift: shared by EquiREANN and model wrappers."""
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .elements import MAX_Z
+from .elements import MAX_Z, check_atomic_numbers
 
 
 class EnergyReference(nn.Module):
@@ -50,6 +50,12 @@ class EnergyReference(nn.Module):
         if avg_num_neighbors is not None:
             self.avg_num_neighbors.fill_(float(avg_num_neighbors))
 
+    def known_elements(self) -> Optional[List[int]]:
+        """Atomic numbers the model can predict: those with a reference energy E0 (None before
+        :meth:`set_energy_statistics`, when every E0 is zero)."""
+        known = (self.atomic_energies != 0).nonzero().flatten()
+        return [int(z) for z in known] if known.numel() else None
+
     def total_energy(self, z: Tensor, raw_atomic: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
         """Atomic energies E0[Z_i] + s·ε_i + b (N,) and their per-graph sums (B,), in float64."""
         atomic = self.atomic_energies[z] + (self.energy_scale * raw_atomic + self.energy_shift).double()
@@ -71,6 +77,12 @@ class ReferencedModel(EnergyReference):
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Tensor:
         if batch is None:
             batch = torch.zeros(len(z), dtype=torch.long, device=z.device)
+        # elements without a reference energy were not in the training data (unless no E0 is set at all)
+        set_e0 = self.atomic_energies != 0
+        check_atomic_numbers(z.long(), set_e0 if bool(set_e0.any()) else None)
+        if not bool(torch.isfinite(pos).all()):
+            i = int((~torch.isfinite(pos).all(1)).nonzero()[0, 0])
+            raise ValueError(f"atom {i} has a non-finite position (NaN or inf): {pos[i].detach().tolist()}")
         if cell is not None and (pbc is None or bool(torch.as_tensor(pbc).any())):
             if not getattr(self.model, "supports_pbc", False):
                 raise ValueError(f"{type(self.model).__name__} does not support periodic cells")

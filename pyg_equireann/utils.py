@@ -1,4 +1,6 @@
 """Small helpers shared by tests, benchmarks and examples."""
+from typing import Dict, Optional
+
 import torch
 from torch import nn
 
@@ -13,3 +15,65 @@ def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 1.0) -> n
             noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             p.add_(scale * noise / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.1 * scale * noise)
     return model
+
+
+#: Distributions whose versions :func:`environment_info` records.
+PACKAGES = ("pyg_equireann", "torch", "torch_geometric", "lightning", "hydra-core", "omegaconf", "ase", "numpy",
+            "vesin", "scipy", "torch-cluster", "torch-scatter")
+
+
+def git_state(folder) -> Optional[Dict[str, object]]:
+    """``{"commit", "dirty", "root"}`` of the git work tree whose top level is ``folder``; None without
+    git, outside a repository, or when ``folder`` is inside some other repository (e.g. an installed
+    copy in a virtual environment that lives in the user's project)."""
+    import subprocess
+    from pathlib import Path
+
+    def git(*args):
+        r = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        root = git("rev-parse", "--show-toplevel")
+        if root is None or Path(root).resolve() != Path(folder).resolve():
+            return None
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit is None:
+        return None
+    return {"commit": commit, "dirty": bool(status), "root": root}
+
+
+def environment_info() -> Dict[str, object]:
+    """What a run needs to be reproduced: package versions, Python, platform, torch settings and the
+    git commit of the pyg_equireann source (when it is a git checkout)."""
+    import platform
+    import sys
+    from importlib import metadata
+    from pathlib import Path
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": platform.node(),
+        "packages": versions,
+        "git": git_state(Path(__file__).resolve().parents[1]),
+        "torch": {
+            "num_threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "default_dtype": str(torch.get_default_dtype()),
+            "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+        },
+        "command": list(sys.argv),
+        "cwd": str(Path.cwd()),
+    }

@@ -310,7 +310,8 @@ def test_xyz_e0_from_isolated_atoms_file_and_dict(tmp_path):
         atoms.append(a)
     ase.io.write(iso, atoms, format="extxyz")
     dm = XYZDataModule(f, atomic_energies=iso, progress=False, cache=False)
-    dm.setup()
+    with pytest.warns(UserWarning, match="isolated-atom energies"):  # EMT energies with all-electron-like E0
+        dm.setup()
     assert dm.statistics["atomic_energies"] == e0
     dm = XYZDataModule(f, atomic_energies={"H": -1.0, "C": -2.0, 8: -3.0}, progress=False, cache=False)
     dm.setup()

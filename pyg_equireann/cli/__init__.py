@@ -19,10 +19,9 @@ def _resume_dir(ckpt_path, default):
 
 
 def _ckpt_model_cutoff(ckpt_path):
-    import torch
+    from ..checkpoint import read_checkpoint
 
-    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    config = checkpoint.get("hyper_parameters", {}).get("model_config") or {}
+    config = read_checkpoint(ckpt_path)["hyper_parameters"]["model_config"]
     return float(config.get("cutoff", 5.0))
 
 

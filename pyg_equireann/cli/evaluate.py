@@ -36,6 +36,25 @@ def load_checkpoint(ckpt_path: str, float64: bool = False):
     return module.double() if float64 else module
 
 
+def check_elements(module, datamodule, ckpt_path) -> None:
+    """ValueError naming the test file, frame and element if a test set holds an element the model
+    was not trained on."""
+    from ase.data import chemical_symbols
+
+    known = module.model.known_elements() if hasattr(module.model, "known_elements") else None
+    if known is None:
+        return
+    for name, ds in datamodule.test_datasets.items():
+        unknown = [z for z in ds.elements() if z not in known]
+        if unknown:
+            z = unknown[0]
+            raise ValueError(
+                f"test set {name!r} ({ds.source}) contains {', '.join(chemical_symbols[u] for u in unknown)} "
+                f"(first {chemical_symbols[z]}, Z={z}, in frame {ds.first_frame_with(z)}), which the model of "
+                f"{ckpt_path} was not trained on; it knows {[chemical_symbols[k] for k in known]}"
+            )
+
+
 def evaluate(module, loader, name: str) -> Dict[str, np.ndarray]:
     rows = {k: [] for k in ("idx", "natoms", "energy_ref", "energy_pred", "forces_mae", "forces_rmse")}
     forces_ref, forces_pred = [], []
@@ -81,6 +100,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     module = load_checkpoint(cfg.ckpt_path, cfg.float64)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
+    check_elements(module, datamodule, cfg.ckpt_path)
     results, metrics = {}, {}
     for name, loader in zip(datamodule.test_names, datamodule.test_dataloader()):
         results[name] = evaluate(module, loader, name)

@@ -3,8 +3,11 @@
 Every run writes one folder (``runs/<model>_<data>/<time>/``): ``.hydra/`` (composed and resolved
 config), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
 ``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time),
-``test_metrics.json`` and ``train.log``.
+``test_metrics.json``, ``train.log`` and ``run_info.json`` (package versions, git
+commit, platform, torch settings; ``run_info_resumed_<time>.json`` for each resumption). Checkpoints are
+written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`).
 """
+import datetime
 import json
 import logging
 import time
@@ -45,7 +48,26 @@ def metrics_table(metrics: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer) -> Path:
+    """``run_info.json`` (``run_info_resumed_<time>.json`` when resuming): environment, seed, trainer flags."""
+    from ..utils import environment_info
+
+    now = datetime.datetime.now()
+    resumed = cfg.get("ckpt_path") not in (None, "", "None", "null")
+    info = {"time": now.isoformat(timespec="seconds"), "seed": cfg.get("seed"), "float64": cfg.get("float64"),
+            "resumed_from": str(cfg.ckpt_path) if resumed else None, "config": "config_resolved.yaml",
+            "trainer": {"deterministic": cfg.trainer.get("deterministic"), "precision": str(trainer.precision),
+                        "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size},
+            **environment_info()}
+    path = out_dir / (f"run_info_resumed_{now:%Y%m%d-%H%M%S}.json" if resumed else "run_info.json")
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
 def run(cfg: DictConfig) -> Optional[float]:
+    from lightning.fabric.plugins import CheckpointIO
+
+    from ..checkpoint import AtomicCheckpointIO, check_model_config, read_checkpoint
     from ..lightning import PotentialModule
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -58,6 +80,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     datamodule.setup("fit")
     log.info("%s", datamodule.summary())
     model_config = prepare_model_config(cfg.model, datamodule)
+    if cfg.get("ckpt_path"):  # a clear error for an unreadable checkpoint or one of another model
+        check_model_config(cfg.ckpt_path, read_checkpoint(cfg.ckpt_path), model_config)
     module = PotentialModule(model=model_config, **OmegaConf.to_container(cfg.module, resolve=True))
     stats = datamodule.statistics
     module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
@@ -77,8 +101,13 @@ def run(cfg: DictConfig) -> Optional[float]:
     budget = cfg.get("budget") or {}
     if budget.get("minutes"):
         callbacks.append(TrainingBudget(**OmegaConf.to_container(budget, resolve=True)))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+    plugins: List = [instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
                                      default_root_dir=str(out_dir))
+    if trainer.is_global_zero:
+        write_run_info(out_dir, cfg, trainer)
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
     fit_start = time.perf_counter()

@@ -90,9 +90,11 @@ def plot(rows: np.ndarray, num_atoms: int, path: Path, title: str) -> None:
 
     t = rows[:, 0] / 1000.0
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for col, label in ((1, "kinetic"), (2, "potential"), (3, "total")):
-        axes[0].plot(t, rows[:, col] - rows[0, 3], label=label, lw=0.8)
-    axes[0].set_ylabel("E − E_total(0) (eV)")
+    offset = rows[0, 2]  # potential energies relative to the first frame's
+    axes[0].plot(t, rows[:, 1], label="kinetic", lw=0.6)
+    axes[0].plot(t, rows[:, 2] - offset, label="potential − E_pot(0)", lw=0.6)
+    axes[0].plot(t, rows[:, 3] - offset, label="total − E_pot(0)", lw=1.0, color="k")
+    axes[0].set_ylabel("energy (eV)")
     axes[0].legend(loc="upper right")
     axes[0].set_title(title)
     axes[1].plot(t, 1e3 * (rows[:, 3] - rows[0, 3]) / num_atoms, lw=0.8, color="k")

@@ -129,8 +129,9 @@ class DeployedPotential(nn.Module):
     * ``pos`` (N, 3) Å; ``atomic_numbers`` (N,) int; ``edge_index`` (2, E) int64 with row 0 the
       neighbour j and row 1 the centre i; ``edge_shift`` (E, 3) Cartesian image shifts (Å) so that
       :math:`r_{ij} = x_j - x_i + S_{ij}` (None: no shifts); ``batch`` (N,) sorted graph index.
-    * Every pair within the cutoff must be present in both directions; pairs beyond the cutoff may
-      be included (they contribute exactly zero), so a list built with a skin can be reused.
+    * Every pair within the cutoff must be present in both directions; pairs at or beyond the cutoff
+      may be included (they contribute exactly zero and are dropped first), so a list built with a
+      skin can be reused.
     * Returns ``energy`` (B,) float64 eV, ``atomic_energies`` (N,) float64, ``forces`` (N, 3) eV/Å,
       ``edge_gradient`` (E, 3) :math:`\partial E/\partial r_{ij}` and with ``compute_virial``
       ``virial`` (B, 3, 3) eV, :math:`W = -\sum_{ij} r_{ij} \otimes \partial E/\partial r_{ij}`
@@ -221,14 +222,21 @@ class DeployedPotential(nn.Module):
         if batch is None:
             batch = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
         num_graphs = int(batch.max()) + 1 if num_atoms > 0 else 1
-        neighbor, center = edge_index[0], edge_index[1]
-
-        vectors = pos.detach().index_select(0, neighbor) - pos.detach().index_select(0, center)
+        num_edges = edge_index.shape[1]
+        vectors = pos.detach().index_select(0, edge_index[0]) - pos.detach().index_select(0, edge_index[1])
         if edge_shift is not None:
-            if edge_shift.shape[0] != edge_index.shape[1]:
+            if edge_shift.shape[0] != num_edges:
                 raise ValueError("edge_shift has " + str(edge_shift.shape[0]) + " rows but there are "
-                                 + str(edge_index.shape[1]) + " edges")
+                                 + str(num_edges) + " edges")
             vectors = vectors + edge_shift.to(dtype)
+        # pairs at or beyond the cutoff contribute exactly zero (f = 0): drop them (lists built with a skin)
+        within = vectors.square().sum(-1) < self.cutoff * self.cutoff
+        kept: Optional[Tensor] = None
+        if not bool(within.all()):
+            kept = within.nonzero().squeeze(1)
+            edge_index = edge_index.index_select(1, kept)
+            vectors = vectors.index_select(0, kept)
+        neighbor, center = edge_index[0], edge_index[1]
         vectors.requires_grad_(True)
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
 
@@ -259,7 +267,11 @@ class DeployedPotential(nn.Module):
         if grad is None:
             grad = torch.zeros_like(vectors)
         forces = torch.zeros_like(pos).index_add_(0, center, grad).index_add_(0, neighbor, -grad)
-        out = {"energy": energy.detach(), "atomic_energies": atomic.detach(), "forces": forces, "edge_gradient": grad}
+        edge_gradient = grad
+        if kept is not None:
+            edge_gradient = torch.zeros(num_edges, 3, dtype=dtype, device=pos.device).index_copy_(0, kept, grad)
+        out = {"energy": energy.detach(), "atomic_energies": atomic.detach(), "forces": forces,
+               "edge_gradient": edge_gradient}
         if compute_virial:
             per_edge = -(vectors.detach().unsqueeze(2) * grad.unsqueeze(1)).flatten(1)  # (E, 9)
             virial = torch.zeros(num_graphs, 9, dtype=dtype, device=pos.device)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyg_equireann import REANN, EquiREANN, energy_forces_stress
+from pyg_equireann import REANN, EquiREANN, energy_forces_stress, radius_graph_pbc
 from pyg_equireann.cli.export import export, read_metadata
 from pyg_equireann.deploy import DeployedPotential, deploy
 from pyg_equireann.lightning import PotentialModule
@@ -153,6 +153,13 @@ def test_deployed_matches_model(name):
     assert rel(-got["virial"][0] / torch.det(cell).abs(), ref["stress"][0]) < 1e-10
     own = scripted.compute(pos, z, cell)
     assert rel(own["forces"], ref["forces"]) < 1e-10
+    # a list with a 1 Å skin: the extra pairs are dropped, their edge gradients are zero
+    skin_index, skin_offsets = radius_graph_pbc(pos, model.cutoff + 1.0, None, cell)
+    skinned = scripted(pos, z, skin_index, skin_offsets @ cell, None, True)
+    assert skin_index.shape[1] > edge_index.shape[1]
+    assert rel(skinned["forces"], ref["forces"]) < 1e-10 and rel(skinned["virial"], got["virial"]) < 1e-10
+    far = torch.linalg.vector_norm(pos[skin_index[0]] - pos[skin_index[1]] + skin_offsets @ cell, dim=1) >= model.cutoff
+    assert far.any() and (skinned["edge_gradient"][far] == 0).all()
     # per-atom energies sum to the total; edge gradients give the forces
     assert torch.allclose(got["atomic_energies"].sum(), got["energy"][0], rtol=1e-14)
     # a batch: the molecule and the periodic cell (cell offsets of the molecule are zero)

@@ -58,7 +58,7 @@ def run_md(atoms: Atoms, calc, ensemble: str = "nve", steps: int = 1000, timeste
         dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     elif ensemble == "langevin":
         dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs,
-                       rng=rng)
+                       fixcm=False, rng=rng)
     else:
         raise ValueError(f"ensemble must be nve or langevin, got {ensemble!r}")
     rows = []
@@ -76,6 +76,8 @@ def drift(rows: np.ndarray, num_atoms: int) -> dict:
     """Total-energy drift per atom: slope of a linear fit × run length, largest |E(t) − E(0)|, and the
     standard deviation of E(t) around the fit (meV/atom)."""
     t, total = rows[:, 0], rows[:, 3]
+    if len(t) < 3:
+        raise ValueError(f"only {len(t)} recorded frames: run more steps than 2 × --interval")
     slope, intercept = np.polyfit(t, total, 1)
     return {"drift_meV_per_atom": 1e3 * slope * (t[-1] - t[0]) / num_atoms,
             "max_deviation_meV_per_atom": 1e3 * np.abs(total - total[0]).max() / num_atoms,

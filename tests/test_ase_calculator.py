@@ -174,3 +174,20 @@ def test_short_nve_conserves_energy():
     broken = nve_energy_error(ScaledForces(ETHANOL_MODEL, factor=1.05))
     assert good < 5e-4, good
     assert broken > 3 * good and broken > 1e-3, (good, broken)
+
+
+@pytest.mark.parametrize("system, ensemble", [("ethanol", "langevin"), ("cu", "nve")])
+def test_md_example_runs(system, ensemble):
+    """``examples/run_md.py`` with the shipped models: Langevin on ethanol, NVE on a 32-atom Cu box."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "run_md.py"
+    spec = importlib.util.spec_from_file_location("run_md", path)
+    run_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_md)
+    result = run_md.main(["--system", system, "--ensemble", ensemble, "--repeat", "2", "--steps", "40",
+                          "--interval", "5", "--timestep", "1.0"])
+    assert result["steps"] == 40 and result["atoms"] == (9 if system == "ethanol" else 32)
+    assert 50.0 < result["mean_temperature_K"] < 900.0
+    if ensemble == "nve":
+        assert abs(result["max_deviation_meV_per_atom"]) < 1.0

@@ -185,9 +185,9 @@ def test_md_example_runs(system, ensemble):
     spec = importlib.util.spec_from_file_location("run_md", path)
     run_md = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_md)
-    result = run_md.main(["--system", system, "--ensemble", ensemble, "--repeat", "2", "--steps", "40",
+    result = run_md.main(["--system", system, "--ensemble", ensemble, "--repeat", "2", "--steps", "20",
                           "--interval", "5", "--timestep", "1.0"])
-    assert result["steps"] == 40 and result["atoms"] == (9 if system == "ethanol" else 32)
+    assert result["steps"] == 20 and result["atoms"] == (9 if system == "ethanol" else 32)
     assert 50.0 < result["mean_temperature_K"] < 900.0
     if ensemble == "nve":
         assert abs(result["max_deviation_meV_per_atom"]) < 1.0

@@ -1,0 +1,193 @@
+"""The ASE calculator: against direct model calls, stress against finite strain, neighbour-list reuse,
+dtype/loading options, and energy conservation of a short NVE run with the shipped ethanol model."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.md.verlet import VelocityVerlet
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from pyg_equireann import EquiREANN, energy_forces_stress
+from pyg_equireann.ase import EquiREANNCalculator, load_potential
+from pyg_equireann.deploy import deploy
+
+from .conftest import DATA, make_model
+
+ETHANOL_MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "ethanol_equireann.pt"
+
+
+def cu_al_box(seed=0):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 1))
+    atoms.numbers[[0, 5]] = 13
+    atoms.set_cell(atoms.cell[:] @ np.array([[1.0, 0.02, 0.0], [0.0, 0.98, 0.03], [0.01, 0.0, 1.02]]), scale_atoms=True)
+    atoms.rattle(0.1, seed=seed)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_model(EquiREANN, cutoff=4.0, elements=(13, 29), avg_num_neighbors=4.0)
+    m.set_energy_statistics({13: -1.5, 29: -3.5}, scale=300.0, shift=0.02)  # stresses of ~1e-3 eV/Å³
+    return m
+
+
+def test_calculator_matches_model(model):
+    atoms = cu_al_box()
+    atoms.calc = EquiREANNCalculator(model)
+    ref = energy_forces_stress(model, torch.tensor(atoms.numbers), torch.tensor(atoms.positions),
+                               cell=torch.tensor(atoms.cell.array), compute_stress=True)
+    assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"].detach()), rel=1e-12)
+    assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"].numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"][0].numpy()), atol=1e-12)
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+    # the model was copied: converting it later does not touch the calculator
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_stress_matches_finite_strain(model):
+    atoms = cu_al_box(1)
+    atoms.calc = EquiREANNCalculator(model, skin=0.0)
+    stress = atoms.get_stress(voigt=False)
+    assert np.abs(stress).max() > 1e-3
+    h, volume, cell = 1e-5, atoms.get_volume(), atoms.cell.array.copy()
+    fd = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                eps = np.zeros((3, 3))
+                eps[a, b] += sign * h / 2
+                eps[b, a] += sign * h / 2
+                strained = atoms.copy()
+                strained.calc = atoms.calc
+                strained.set_cell(cell @ (np.eye(3) + eps), scale_atoms=True)
+                energies.append(strained.get_potential_energy())
+            fd[a, b] = (energies[0] - energies[1]) / (2 * h) / volume
+    np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-6 * np.abs(fd).max())
+
+
+def test_neighbor_list_reuse_equals_rebuild(model):
+    """With a skin the list is built once for small moves (also when pairs cross the cutoff) and gives
+    the forces of a list rebuilt at every step; a large move, a new cell or new numbers rebuild it."""
+    atoms = cu_al_box(2)
+    reuse = EquiREANNCalculator(model, skin=1.0)
+    fresh = EquiREANNCalculator(model, skin=0.0)
+    rng = np.random.default_rng(0)
+    base = atoms.get_positions()
+    # a pair that starts outside the 4 Å cutoff and moves inside it
+    a = 0
+    distances = atoms.get_distances(a, range(len(atoms)), mic=True)
+    b = int(np.argmin(np.where(distances > 4.0, distances, np.inf)))
+    direction = atoms.get_distance(a, b, mic=True, vector=True)
+    start = np.linalg.norm(direction)
+    assert 4.0 < start < 4.4
+    steps = [(k / 4) * 0.45 for k in range(5)]
+    for k, frac in enumerate(steps):
+        moved = atoms.copy()
+        moved.positions = base + rng.normal(0, 0.02, base.shape)
+        moved.positions[a] += direction / start * frac  # up to 0.45 Å < skin/2 = 0.5 Å
+        if k == len(steps) - 1:
+            assert moved.get_distance(a, b, mic=True) < 4.0
+        results = []
+        for calc in (reuse, fresh):
+            moved.calc = calc
+            results.append((moved.get_potential_energy(), moved.get_forces(), moved.get_stress()))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-13)
+        np.testing.assert_allclose(results[0][1], results[1][1], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(results[0][2], results[1][2], rtol=0, atol=1e-13)
+    assert reuse.num_neighbor_builds == 1 and fresh.num_neighbor_builds == len(steps)
+    far = atoms.copy()
+    far.positions[3] += [0.6, 0.0, 0.0]
+    far.calc = reuse
+    far.get_forces()
+    assert reuse.num_neighbor_builds == 2
+    far.set_cell(far.cell[:] * 1.01, scale_atoms=True)
+    far.get_forces()
+    assert reuse.num_neighbor_builds == 3
+    far.numbers[1] = 13
+    far.get_forces()
+    assert reuse.num_neighbor_builds == 4
+
+
+def test_molecule_float32_and_errors(model):
+    ethanol = np.load(DATA / "rmd17" / "rmd17_ethanol_train_01.npz")
+    mol = Atoms(numbers=ethanol["nuclear_charges"], positions=ethanol["coords"][0])
+    mol.calc = EquiREANNCalculator(ETHANOL_MODEL)
+    with pytest.raises(PropertyNotImplementedError, match="periodic"):
+        mol.get_stress()
+    e64, f64 = mol.get_potential_energy(), mol.get_forces()
+    mol.calc = EquiREANNCalculator(ETHANOL_MODEL, dtype="float32")
+    assert mol.calc.dtype == torch.float32
+    assert mol.get_potential_energy() == pytest.approx(e64, abs=1e-3)  # float64 reference energies kept
+    np.testing.assert_allclose(mol.get_forces(), f64, atol=1e-3)
+    exported = torch.jit.load(str(ETHANOL_MODEL))
+    direct = exported.compute(torch.tensor(mol.positions), torch.tensor(mol.numbers))
+    assert e64 == pytest.approx(float(direct["energy"][0]), rel=1e-12)
+    with pytest.raises(FileNotFoundError):
+        EquiREANNCalculator("no_such_model.pt")
+    with pytest.raises(ValueError, match="dtype"):
+        EquiREANNCalculator(model, dtype="float16")
+    atoms = cu_al_box()
+    atoms.calc = EquiREANNCalculator(ETHANOL_MODEL)
+    with pytest.raises(Exception, match="not trained on"):
+        atoms.get_potential_energy()
+    assert load_potential(deploy(model)).cutoff == 4.0
+
+
+class ScaledForces(EquiREANNCalculator):
+    """A deliberately broken calculator: forces scaled by a constant (no longer −∇E)."""
+
+    def __init__(self, *args, factor=1.05, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = factor
+
+    def calculate(self, *args, **kwargs):
+        super().calculate(*args, **kwargs)
+        self.results["forces"] = self.results["forces"] * self.factor
+
+
+def nve_energy_error(calc, steps=300, dt=0.5):
+    """Largest |E_total(t) − E_total(0)| per atom (eV) of an NVE run of ethanol from a 300 K start."""
+    ethanol = np.load(DATA / "rmd17" / "rmd17_ethanol_train_01.npz")
+    atoms = Atoms(numbers=ethanol["nuclear_charges"], positions=ethanol["coords"][0])
+    rng = np.random.default_rng(0)
+    masses = atoms.get_masses()[:, None]
+    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * 300.0))
+    atoms.calc = calc
+    dyn = VelocityVerlet(atoms, timestep=dt * units.fs)
+    totals = []
+    dyn.attach(lambda: totals.append(atoms.get_total_energy()), interval=1)
+    dyn.run(steps)
+    totals = np.array(totals)
+    return np.abs(totals - totals[0]).max() / len(atoms)
+
+
+def test_short_nve_conserves_energy():
+    """150 fs of NVE ethanol (0.5 fs steps, float64, the shipped rMD17 model): the total energy stays
+    within 0.5 meV/atom; forces scaled by 5 % break conservation by more than 3× that."""
+    good = nve_energy_error(EquiREANNCalculator(ETHANOL_MODEL))
+    broken = nve_energy_error(ScaledForces(ETHANOL_MODEL, factor=1.05))
+    assert good < 5e-4, good
+    assert broken > 3 * good and broken > 1e-3, (good, broken)
+
+
+@pytest.mark.parametrize("system, ensemble", [("ethanol", "langevin"), ("cu", "nve")])
+def test_md_example_runs(system, ensemble):
+    """``examples/run_md.py`` with the shipped models: Langevin on ethanol, NVE on a 32-atom Cu box."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "run_md.py"
+    spec = importlib.util.spec_from_file_location("run_md", path)
+    run_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_md)
+    result = run_md.main(["--system", system, "--ensemble", ensemble, "--repeat", "2", "--steps", "20",
+                          "--interval", "5", "--timestep", "1.0"])
+    assert result["steps"] == 20 and result["atoms"] == (9 if system == "ethanol" else 32)
+    assert 50.0 < result["mean_temperature_K"] < 900.0
+    if ensemble == "nve":
+        assert abs(result["max_deviation_meV_per_atom"]) < 1.0

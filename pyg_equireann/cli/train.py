@@ -42,9 +42,32 @@ def metrics_table(metrics: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> Optional[float]:
+def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False):
+    """A :class:`~pyg_equireann.lightning.PotentialModule` for ``model_cfg`` with loss/optimiser settings
+    ``module_cfg`` and the energy statistics (E0, scale, shift) of the data module's training set."""
     from ..lightning import PotentialModule
 
+    model_config = prepare_model_config(model_cfg, datamodule)
+    module = PotentialModule(model=model_config, **OmegaConf.to_container(module_cfg, resolve=True))
+    stats = datamodule.statistics
+    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
+                                       shift=stats["shift"])
+    if float64:
+        module = module.double()
+    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
+        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
+                         "the data module caches the neighbour list")
+    return module
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
+    """The Lightning trainer of ``cfg.trainer`` with the loggers and callbacks of ``cfg``, writing to ``out_dir``."""
+    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir))
+
+
+def run(cfg: DictConfig) -> Optional[float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
@@ -54,21 +77,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     log.info("%s", datamodule.summary())
-    model_config = prepare_model_config(cfg.model, datamodule)
-    module = PotentialModule(model=model_config, **OmegaConf.to_container(cfg.module, resolve=True))
-    stats = datamodule.statistics
-    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
-                                       shift=stats["shift"])
-    if cfg.float64:
-        module = module.double()
-    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
-        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
-                         "the data module caches the neighbour list")
-
-    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(out_dir))
+    module = build_module(cfg.model, cfg.module, datamodule, cfg.float64)
+    trainer = build_trainer(cfg, out_dir)
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

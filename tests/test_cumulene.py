@@ -1,0 +1,121 @@
+"""Cumulene twist benchmark: shipped data module, locality of the 3 Å graphs, rigid-twist invariance
+of the invariant variants, and a short training where orbital passing learns the twist."""
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from datamodules import cumulene_datamodule
+from pyg_equireann import REANN, EquiREANN
+from pyg_equireann.cumulene import frame_info, rigid_twist, twist_curves, twist_mae
+
+from .conftest import DATA, make_model
+
+CUMULENE = DATA / "cumulene"
+SIZES = {"train": 1560, "val": 312, "test": 624, "scan": 95}
+
+
+@pytest.fixture(scope="module")
+def cumulene():
+    dm = cumulene_datamodule(cutoff=3.0, cache=False, progress=False, dtype="float64")
+    dm.setup()
+    return dm
+
+
+def test_datamodule_splits(cumulene):
+    dm = cumulene
+    assert dm.test_names == ["test", "scan"] and dm.elements == [1, 6]
+    sizes = {"train": len(dm.train_dataset), "val": len(dm.val_dataset),
+             **{k: len(v) for k, v in dm.test_datasets.items()}}
+    assert sizes == SIZES
+    assert dm.statistics["atomic_energies"] == {1: -10.70721, 6: -48.79808}
+    # every split has every chain length (C_nH_4: n = atoms − 4) in the documented amounts
+    for name, ds in [("train", dm.train_dataset), ("val", dm.val_dataset), ("test", dm.test_datasets["test"])]:
+        natoms = np.array([d.num_nodes for d in ds])
+        lengths, counts = np.unique(natoms - 4, return_counts=True)
+        assert lengths.tolist() == [3, 4, 5, 6, 7, 8]
+        assert (counts == SIZES[name] // 6).all(), name
+    # the MD splits come from disjoint trajectories
+    traj = {name: set(frame_info(CUMULENE / f"cumulene_{name}.xyz", ("traj_id",))["traj_id"].tolist())
+            for name in ("train", "val", "test")}
+    assert not traj["train"] & traj["val"] and not traj["train"] & traj["test"] and not traj["val"] & traj["test"]
+    # energies and forces are the file's (eV, eV/Å), in file order
+    frames = ase.io.read(CUMULENE / "cumulene_test.xyz", index="0:3")
+    for k, atoms in enumerate(frames):
+        d = dm.test_datasets["test"][k]
+        assert int(d.idx) == k
+        assert float(d.energy) == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        assert torch.allclose(d.forces, torch.as_tensor(atoms.get_forces()), atol=1e-9)
+    scan = frame_info(CUMULENE / "cumulene_scan.xyz")
+    assert sorted(set(scan["n_carbon"].tolist())) == [4, 5, 6, 7, 8]
+    assert np.allclose(np.sort(scan["twist"][scan["n_carbon"] == 6]), np.arange(0, 91, 5))
+
+
+def test_datamodule_subsets_are_seeded():
+    a = cumulene_datamodule(num_train=50, num_val=20, cache=False, progress=False, seed=3)
+    b = cumulene_datamodule(num_train=50, num_val=20, cache=False, progress=False, seed=3)
+    c = cumulene_datamodule(num_train=50, num_val=20, cache=False, progress=False, seed=4)
+    for dm in (a, b, c):
+        dm.setup()
+    ids = [dm.train_dataset.base_indices().tolist() for dm in (a, b, c)]
+    assert len(ids[0]) == 50 and len(set(ids[0])) == 50 and len(a.val_dataset) == 20
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_scan_graphs_are_local(cumulene):
+    """With the benchmark's 3 Å cutoff no atom of a scan chain has H atoms of both ends as neighbours,
+    and the terminal carbons are never neighbours: the twist is invisible to every single neighbourhood."""
+    for d in cumulene.test_datasets["scan"]:
+        n = d.num_nodes - 4
+        j, i = d.edge_index
+        far = [(a, b) for a, b in zip(j.tolist(), i.tolist()) if {a, b} == {0, n - 1}]
+        assert not far
+        for atom in range(d.num_nodes):
+            neighbours = set(j[i == atom].tolist()) | {atom}
+            assert not ({n, n + 1} & neighbours and {n + 2, n + 3} & neighbours), (n, atom)
+
+
+def _rigid_energies(model, n: int, angles):
+    atoms = next(a for a in ase.io.read(CUMULENE / "cumulene_scan.xyz", index=":")
+                 if a.info["n_carbon"] == n and a.info["twist"] == 0.0)
+    z = torch.as_tensor(atoms.numbers)
+    with torch.no_grad():
+        return np.array([float(model(z, torch.as_tensor(s.positions))) for s in rigid_twist(atoms, angles)])
+
+
+def test_rigid_twist_geometry():
+    atoms = ase.io.read(CUMULENE / "cumulene_scan.xyz", index="0")
+    twisted = rigid_twist(atoms, [0.0, 37.0, 90.0])
+    d0 = atoms.get_all_distances()
+    for s, angle in zip(twisted, [0.0, 37.0, 90.0]):
+        d = s.get_all_distances()
+        n = len(atoms) - 4
+        assert np.allclose(d[: n + 2, : n + 2], d0[: n + 2, : n + 2])  # all but the moved H pair
+        assert np.allclose(d[n + 2 :, n + 2 :], d0[n + 2 :, n + 2 :])
+        assert np.allclose(d[n - 1, n + 2 :], d0[n - 1, n + 2 :])  # still bonded the same way
+        assert s.get_dihedral(n, 0, n - 1, n + 2) % 180 == pytest.approx((angle + atoms.get_dihedral(n, 0, n - 1, n + 2)) % 180, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [4, 6, 8])
+def test_rigid_twist_invariant_models_flat(n):
+    """Random weights, 3 Å cutoff, 4 iterations: invariant messages give the same energy for every
+    rigid twist; orbital passing does not once the iterations span the chain."""
+    angles = [0.0, 30.0, 60.0, 90.0]
+    for model in (make_model(cutoff=3.0, num_iterations=4, equivariant_passing=False),
+                  make_model(REANN, cutoff=3.0, num_iterations=4, elements=[1, 6])):
+        e = _rigid_energies(model, n, angles)
+        assert np.ptp(e) <= 1e-10 * np.abs(e).max()
+    e = _rigid_energies(make_model(cutoff=3.0, num_iterations=4), n, angles)
+    assert np.ptp(e) > 1e-8 * np.abs(e).max()
+
+
+def test_twist_curves_and_mae():
+    n_carbon = np.array([5, 4, 4, 5, 4])
+    twist = np.array([10.0, 10.0, 0.0, 0.0, 20.0])
+    ref = np.array([1.0, 1.5, 1.0, 0.0, 2.0])
+    pred = ref + np.array([0.0, 0.002, 0.001, 0.0, 0.0])  # eV
+    curves = twist_curves(pred, ref, n_carbon, twist)
+    assert list(curves) == [4, 5]
+    assert curves[4]["twist"].tolist() == [0.0, 10.0, 20.0]
+    assert np.allclose(curves[4]["ref"], [0.0, 500.0, 1000.0]) and np.allclose(curves[4]["pred"], [0.0, 501.0, 999.0])
+    assert twist_mae(curves) == pytest.approx({4: 2.0 / 3.0, 5: 0.0})

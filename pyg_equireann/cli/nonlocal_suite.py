@@ -13,7 +13,7 @@ short cutoff, data, loss, optimiser and budget (epochs and a wall-clock cap), ea
   with invariant messages must be exactly flat.
 
 ``equireann-nonlocal run=[mace] hydra.run.dir=<existing run folder>`` adds a model to a finished
-run and rewrites the report.
+run and rewrites the report; ``run=[]`` only rewrites the report.
 """
 import csv
 import json
@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> Path:
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    names = list(cfg.run) if cfg.get("run") else list(cfg.models)
+    names = list(cfg.models) if cfg.get("run") is None else list(cfg.run)
     for name in names:
         _model_cfg(cfg, name)
     L.seed_everything(cfg.seed, workers=True)

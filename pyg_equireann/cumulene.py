@@ -76,7 +76,8 @@ def rigid_twist(atoms, angles_deg: Sequence[float]):
 def plot_twist_curves(curves: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], out_png: Path,
                       cutoff: Optional[float] = None, cc_dist: Optional[Mapping[int, float]] = None,
                       title: Optional[str] = None) -> Path:
-    """One subplot per chain length: reference twist curve (black) and every model's prediction.
+    """One subplot per chain length: reference twist curve (black; left out where ``ref`` is NaN) and
+    every model's prediction.
 
     ``curves``: {model name: :func:`twist_curves` output}; ``cc_dist``: terminal C···C per n (Å),
     shown in the subplot titles together with ``cutoff``.
@@ -92,7 +93,8 @@ def plot_twist_curves(curves: Mapping[str, Mapping[int, Mapping[str, np.ndarray]
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, n in zip(axes.flat, lengths):
         ref = next(c[n] for c in curves.values() if n in c)
-        ax.plot(ref["twist"], ref["ref"], "k-", lw=2.2, label="GFN2-xTB")
+        if np.isfinite(ref["ref"]).any():
+            ax.plot(ref["twist"], ref["ref"], "k-", lw=2.2, label="GFN2-xTB")
         for name, c in curves.items():
             if n in c:
                 ax.plot(c[n]["twist"], c[n]["pred"], "o-", ms=3, lw=1.2, label=name)

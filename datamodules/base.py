@@ -243,6 +243,15 @@ class PotentialDataModule(L.LightningDataModule):
         self._require_setup()
         return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_datasets.values()]
 
+    def calibration_batch(self, max_structures: int = 100):
+        """The first ``max_structures`` training structures as one batch (deterministic, no RNG used),
+        e.g. for :meth:`pyg_equireann.EquiREANN.calibrate_density_scale`."""
+        from torch_geometric.data import Batch
+
+        self._require_setup()
+        n = min(max_structures, len(self.train_dataset))
+        return Batch.from_data_list([self.train_dataset[i] for i in range(n)])
+
     # ------------------------------------------------------------------ info
     def summary(self) -> str:
         """One line per split: structures, source; plus statistics."""

@@ -15,6 +15,19 @@ from .neighbors import build_graph
 from .reference import EnergyReference
 
 
+def _graph_kwargs(batch) -> Dict[str, Tensor]:
+    """``edge_index``/``edge_shift`` of a data batch with a cached neighbour list (else empty)."""
+    edge_index = getattr(batch, "edge_index", None)
+    if edge_index is None:
+        return {}
+    offsets = getattr(batch, "cell_offsets", None)
+    if offsets is None:
+        return {"edge_index": edge_index}
+    cells = batch.cell.view(-1, 3, 3).to(batch.pos.dtype)
+    shift = torch.einsum("ei,eij->ej", offsets.to(batch.pos.dtype), cells[batch.batch[edge_index[1]]])
+    return {"edge_index": edge_index, "edge_shift": shift}
+
+
 class _SharedMLP(nn.Module):
     """An MLP that ignores the element index (one network for every element)."""
 
@@ -128,6 +141,8 @@ class EquiREANN(EnergyReference):
             slots[self.elements] = torch.arange(len(self.elements))
         self.register_buffer("element_slot", slots, persistent=False)
         self.avg_num_neighbors.fill_(float(avg_num_neighbors or 1.0))
+        # ρ⁽ᵗ⁾ is divided by density_scale[t] (1 until calibrate_density_scale sets it from data)
+        self.register_buffer("density_scale", torch.ones(num_iterations + 1))
 
         self.cutoff_fn = CosineCutoff(cutoff)
         self.angular = AngularBasis(max_l, angular)
@@ -156,6 +171,26 @@ class EquiREANN(EnergyReference):
                 )
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
+
+    @torch.no_grad()
+    def calibrate_density_scale(self, batches) -> Tensor:
+        """Set ``density_scale[t]`` to the root-mean-square of ρ⁽ᵗ⁾ over ``batches`` (objects with
+        ``z``, ``pos``, ``batch`` and optionally ``cell``, ``pbc``, ``edge_index``, ``cell_offsets``), so
+        that the message and readout networks start with O(1) inputs. A fixed constant per
+        iteration: invariance, smoothness and the cutoff behaviour are unchanged. Returns the scales."""
+        batches = list(batches)
+        self.density_scale.fill_(1.0)
+        for t in range(self.num_iterations + 1):
+            total, count = 0.0, 0
+            for b in batches:
+                densities = self.compute(b.z, b.pos, b.batch, getattr(b, "cell", None), getattr(b, "pbc", None),
+                                         **_graph_kwargs(b))["densities"]
+                total += float(densities[t].double().square().sum())
+                count += densities[t].numel()
+            rms = (total / max(count, 1)) ** 0.5
+            if rms > 0:
+                self.density_scale[t] = rms
+        return self.density_scale.clone()
 
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
@@ -241,11 +276,12 @@ class EquiREANN(EnergyReference):
 
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []
-        for conv in self.convs:
+        for t, conv in enumerate(self.convs):
             node_orbitals, density, coefficients = conv(
                 edge_index, edge_orbitals, edge_cutoff, coefficients, center_weight,
                 node_orbitals, density, element_index, inv_n, num_atoms,
             )
+            density = density / self.density_scale[t]
             orbitals_list.append(node_orbitals)
             density_list.append(density)
             coefficient_list.append(coefficients)

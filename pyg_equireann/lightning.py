@@ -125,10 +125,11 @@ class PotentialModule(L.LightningModule):
                 compute_stress=compute_stress, create_graph=create_graph,
                 edge_index=getattr(batch, "edge_index", None), cell_offsets=getattr(batch, "cell_offsets", None),
             )
-        if cell is not None:
-            raise ValueError(f"{type(self.model.model).__name__} does not support periodic cells")
+        if compute_stress:
+            raise ValueError(f"stress is computed for models with a cached graph (EquiREANN, REANN), "
+                             f"not for {type(getattr(self.model, 'model', self.model)).__name__}")
         pos = batch.pos.detach().requires_grad_(True)
-        energy = self.model(batch.z, pos, batch.batch)
+        energy = self.model(batch.z, pos, batch.batch, cell=cell, pbc=getattr(batch, "pbc", None))
         forces = -torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)[0]
         return {"energy": energy, "forces": forces}
 

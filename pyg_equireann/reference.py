@@ -67,10 +67,16 @@ class ReferencedModel(EnergyReference):
         self.model = model
         self.cutoff = getattr(model, "cutoff", None)
 
-    def forward(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+    def forward(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None,
+                cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Tensor:
         if batch is None:
             batch = torch.zeros(len(z), dtype=torch.long, device=z.device)
-        raw = self.model(z, pos, batch).view(-1)
+        if cell is not None and (pbc is None or bool(torch.as_tensor(pbc).any())):
+            if not getattr(self.model, "supports_pbc", False):
+                raise ValueError(f"{type(self.model).__name__} does not support periodic cells")
+            raw = self.model(z, pos, batch, cell=cell, pbc=pbc).view(-1)
+        else:
+            raw = self.model(z, pos, batch).view(-1)
         num_graphs = raw.shape[0]
         counts = torch.bincount(batch, minlength=num_graphs).double()
         e0 = torch.zeros(num_graphs, dtype=torch.float64, device=z.device).index_add_(0, batch, self.atomic_energies[z])

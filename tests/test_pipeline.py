@@ -44,6 +44,7 @@ SMALL = {
                   "model.basis_emb_size=4", "model.out_emb_channels=16", "model.num_spherical=3",
                   "model.num_radial=3"],
     "visnet": ["model.hidden_channels=16", "model.num_layers=2", "model.num_rbf=8"],
+    "mace": ["model.hidden_irreps=8x0e+8x1o", "model.radial_mlp=[8,8]", "model.correlation=2"],
 }
 MODEL_TARGETS = {
     "equireann": "pyg_equireann.EquiREANN",
@@ -52,6 +53,7 @@ MODEL_TARGETS = {
     "schnet": "torch_geometric.nn.models.SchNet",
     "dimenetpp": "pyg_equireann.pyg_compat.DimeNetPlusPlusPotential",
     "visnet": "pyg_equireann.pyg_compat.ViSNetPotential",
+    "mace": "pyg_equireann.mace_compat.MACEPotential",
 }
 
 

@@ -63,8 +63,9 @@ def train_one(cfg: DictConfig, name: str, datamodule, out_dir: Path) -> Dict:
     for logger_cfg in (sub.get("logger") or {}).values():
         logger_cfg.save_dir = str(out_dir)
     L.seed_everything(cfg.seed, workers=True)
-    module = build_module(_model_cfg(sub, name), sub.module, datamodule, cfg.float64)
-    trainer = build_trainer(sub, out_dir)
+    module = build_module(_model_cfg(sub, name), sub.module, datamodule, cfg.float64,
+                          cfg.get("calibrate_densities", True))
+    trainer, _ = build_trainer(sub, out_dir)
     params = sum(p.numel() for p in module.parameters())
     log.info("%s: %s parameters", label(name), f"{params:,}")
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -2,10 +2,12 @@
 
 Every run writes one folder (``runs/<model>_<data>/<time>/``): ``.hydra/`` (composed and resolved
 config), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
-``learning_curve.png``, ``test_metrics.json`` and ``train.log``.
+``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time),
+``test_metrics.json`` and ``train.log``.
 """
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..callbacks import TrainingBudget
 from . import CONF_DIR, user_errors
 from .plots import learning_curve
 
@@ -42,9 +45,11 @@ def metrics_table(metrics: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False):
+def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,
+                 calibrate_densities: bool = True):
     """A :class:`~pyg_equireann.lightning.PotentialModule` for ``model_cfg`` with loss/optimiser settings
-    ``module_cfg`` and the energy statistics (E0, scale, shift) of the data module's training set."""
+    ``module_cfg``, the energy statistics (E0, scale, shift) of the data module's training set and, for
+    EquiREANN/REANN with ``calibrate_densities``, densities scaled to unit RMS on the first training structures."""
     from ..lightning import PotentialModule
 
     model_config = prepare_model_config(model_cfg, datamodule)
@@ -54,17 +59,27 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
                                        shift=stats["shift"])
     if float64:
         module = module.double()
+    if calibrate_densities and hasattr(module.model, "calibrate_density_scale"):
+        scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
+        log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
+                 ", ".join(f"{s:.3g}" for s in scales.tolist()))
     if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
         raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
                          "the data module caches the neighbour list")
     return module
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
-    """The Lightning trainer of ``cfg.trainer`` with the loggers and callbacks of ``cfg``, writing to ``out_dir``."""
+def build_trainer(cfg: DictConfig, out_dir: Path):
+    """The Lightning trainer of ``cfg.trainer`` with the loggers and callbacks of ``cfg`` (plus a
+    :class:`~pyg_equireann.callbacks.TrainingBudget` when ``cfg.budget.minutes`` is set), writing to
+    ``out_dir``; returns ``(trainer, callbacks)``."""
     loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir))
+    budget = cfg.get("budget") or {}
+    if budget.get("minutes"):
+        callbacks.append(TrainingBudget(**OmegaConf.to_container(budget, resolve=True)))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out_dir))
+    return trainer, callbacks
 
 
 def run(cfg: DictConfig) -> Optional[float]:
@@ -77,11 +92,21 @@ def run(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     log.info("%s", datamodule.summary())
-    module = build_module(cfg.model, cfg.module, datamodule, cfg.float64)
-    trainer = build_trainer(cfg, out_dir)
+    module = build_module(cfg.model, cfg.module, datamodule, cfg.float64, cfg.get("calibrate_densities", True))
+    trainer, callbacks = build_trainer(cfg, out_dir)
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
+    fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
+               "epochs": trainer.current_epoch, "steps": trainer.global_step,
+               "fit_wall_seconds": time.perf_counter() - fit_start}
+    timer = next((c for c in callbacks if isinstance(c, TrainingBudget)), None)
+    if timer is not None:
+        summary.update({"budget_minutes": timer.seconds / 60, "budget_clock": timer.clock,
+                        "training_minutes": timer.elapsed / 60})
+    if trainer.is_global_zero:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
     curve = learning_curve(out_dir, out_dir / "learning_curve.png")
     results: Dict[str, float] = {}

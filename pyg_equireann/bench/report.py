@@ -1,0 +1,149 @@
+"""Markdown, CSV and PNG reports of the speed and accuracy benchmarks."""
+import csv
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    keys: List[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in keys})
+    return path
+
+
+def speed_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equireann") -> str:
+    """One table per (system, dtype): time per structure and per atom, ratio to the reference model,
+    parameters and peak memory."""
+    out = []
+    groups: Dict[tuple, List[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["system"], row["dtype"]), []).append(row)
+    for (system, dtype), group in groups.items():
+        atoms, structures = group[0]["atoms"], group[0]["structures"]
+        out.append(f"**{system}** ({structures} structure{'s' if structures > 1 else ''}, {atoms:,} atoms), {dtype}, "
+                   "energy + forces incl. neighbour list")
+        out.append("")
+        out.append(f"| model | parameters | ms / structure | µs / atom | time ÷ {reference} | peak RSS (MB) | peak RSS increase (MB) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for row in group:
+            if row["status"] != "ok":
+                out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {row['status']}: {row.get('note', '')} | | | | |")
+                continue
+            ratio = row.get("ratio_to_reference")
+            out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {_fmt(row['ms_per_structure'])} | "
+                       f"{_fmt(row['us_per_atom'])} | {'–' if ratio is None else f'{ratio:.2f}'} | "
+                       f"{_fmt(row.get('rss_mb'))} | {_fmt(row.get('rss_increase_mb'))} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def speed_plot(rows: Sequence[Mapping[str, Any]], path: Path, dtype: str = "float32") -> Optional[Path]:
+    """Log-log plot of time per structure against atoms per structure, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: Dict[str, List[tuple]] = {}
+    for row in rows:
+        if row["dtype"] == dtype and row["status"] == "ok":
+            series.setdefault(row["model"], []).append((row["atoms"] / row["structures"], row["ms_per_structure"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for model, points in series.items():
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=model)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("atoms per structure")
+    ax.set_ylabel("energy + forces: ms per structure")
+    ax.set_title(f"speed ({dtype})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+ACCURACY_COLUMNS = ("energy_mae", "energy_rmse", "forces_mae", "forces_rmse")
+
+
+def accuracy_rows(runs: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Flatten run results: one row per (dataset, model, test set)."""
+    rows = []
+    for run in runs:
+        base = {"dataset": run["dataset"], "model": run["model"], "parameters": run.get("parameters"),
+                "epochs": run.get("epochs"), "training_minutes": run.get("training_minutes"),
+                "budget_clock": run.get("budget_clock"), "error": run.get("error", "")}
+        test_sets = sorted({k.split("/")[1] if k.count("/") == 2 else "test" for k in run if k.startswith("test/")})
+        if not test_sets:
+            rows.append({**base, "test_set": "–"})
+        for name in test_sets:
+            prefix = "test/" if name == "test" else f"test/{name}/"
+            rows.append({**base, "test_set": name, **{c: run.get(prefix + c) for c in ACCURACY_COLUMNS}})
+    return rows
+
+
+def accuracy_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    out = ["| dataset | test set | model | parameters | epochs | training min | E MAE (meV) | E RMSE (meV) | "
+           "F MAE (meV/Å) | F RMSE (meV/Å) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("error"):
+            out.append(f"| {row['dataset']} | – | {row['model']} | failed: {row['error'][:120]} | | | | | | |")
+            continue
+        out.append(f"| {row['dataset']} | {row['test_set']} | {row['model']} | {_fmt(row['parameters'])} | "
+                   f"{_fmt(row['epochs'])} | {_fmt(row['training_minutes'])} | " +
+                   " | ".join(_fmt(row.get(c)) for c in ACCURACY_COLUMNS) + " |")
+    return "\n".join(out)
+
+
+def learning_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str,
+                        metric: str = "forces_mae") -> Optional[Path]:
+    """Test metric against training time, all models of one dataset on one plot (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    drawn = False
+    for model, points in curves.items():
+        points = [p for p in points if metric in p]
+        if points:
+            ax.plot([p["minutes"] for p in points], [p[metric] for p in points], marker="o", label=model)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel({"forces_mae": "test force MAE (meV/Å)", "energy_mae": "test energy MAE (meV)"}.get(metric, metric))
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

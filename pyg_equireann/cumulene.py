@@ -73,6 +73,23 @@ def rigid_twist(atoms, angles_deg: Sequence[float]):
     return out
 
 
+def rigid_scan(frames) -> list:
+    """The twist scan ``frames`` (ase Atoms with info ``n_carbon``, ``twist`` and energies) rebuilt
+    from each chain length's φ = 0 frame by :func:`rigid_twist` to every scanned angle, labelled with
+    the scan energy of that angle (``info["energy"]``). Only the far CH2 orientation changes between
+    frames of one length, so only a model that passes orientations can fit these energies."""
+    zero = {int(a.info["n_carbon"]): a for a in frames if float(a.info["twist"]) == 0.0}
+    out = []
+    for atoms in frames:
+        n = int(atoms.info["n_carbon"])
+        if n not in zero:
+            raise ValueError(f"the scan has no twist = 0 frame for n_carbon = {n}")
+        new = rigid_twist(zero[n], [float(atoms.info["twist"])])[0]
+        new.info = {"n_carbon": n, "twist": float(atoms.info["twist"]), "energy": atoms.get_potential_energy()}
+        out.append(new)
+    return out
+
+
 def plot_twist_curves(curves: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], out_png: Path,
                       cutoff: Optional[float] = None, cc_dist: Optional[Mapping[int, float]] = None,
                       title: Optional[str] = None) -> Path:

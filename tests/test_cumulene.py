@@ -7,7 +7,7 @@ import torch
 
 from datamodules import cumulene_datamodule
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.cumulene import frame_info, rigid_twist, twist_curves, twist_mae
+from pyg_equireann.cumulene import frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
 
 from .conftest import DATA, make_model
 
@@ -122,22 +122,18 @@ def test_twist_curves_and_mae():
 
 
 def _rigid_scan_slice(n: int):
-    """The clean scan of chain length n with the geometry of the twist = 0 chain rotated rigidly to
-    each scanned twist (labelled with the scan's energies): only the far CH2's orientation changes,
-    so the twist energy is invisible to any single 3 Å neighbourhood."""
+    """The clean scan of chain length n rebuilt by rigid twists of its φ = 0 chain, labelled with the
+    scan energies (:func:`pyg_equireann.cumulene.rigid_scan`): only the far CH2 orientation changes."""
     from datamodules.structures import atoms_to_data, attach_edges
 
     scan = [a for a in ase.io.read(CUMULENE / "cumulene_scan.xyz", index=":") if a.info["n_carbon"] == n]
-    scan.sort(key=lambda a: a.info["twist"])
-    structures = rigid_twist(scan[0], [a.info["twist"] for a in scan])
-    for s, a in zip(structures, scan):
-        s.info["energy"] = a.get_potential_energy()
+    structures = rigid_scan(scan)
     data = [atoms_to_data(s, k, "rigid scan", torch.float64, "energy", None, None) for k, s in enumerate(structures)]
     attach_edges(data, 3.0, progress=False)
-    return data, np.array([a.info["twist"] for a in scan])
+    return data, np.array([s.info["twist"] for s in structures])
 
 
-def _train_twist(data, twist, passing: bool, seed: int, steps: int = 150) -> float:
+def _train_twist(data, twist, passing: bool, seed: int, steps: int = 250) -> float:
     """Twist-resolved MAE (meV) after ``steps`` full-batch Adam steps on the energies of ``data``."""
     from torch_geometric.data import Batch
 
@@ -150,7 +146,7 @@ def _train_twist(data, twist, passing: bool, seed: int, steps: int = 150) -> flo
     reference = sum(e0[z] for z in data[0].z.tolist())
     model.set_energy_statistics(atomic_energies=e0, scale=1.0,
                                 shift=float(energy.mean() - reference) / data[0].num_nodes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
     for _ in range(steps):
         loss = (model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index) - energy).square().mean()
         optimizer.zero_grad()

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import CONF_DIR, user_errors
 from .evaluate import evaluate, load_checkpoint
 from .plots import learning_curve
-from .train import build_module, build_trainer
+from .train import build_module, build_trainer, prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 
@@ -227,6 +227,10 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
             theirs = summaries[other]["twist_mae_nonlocal_meV"]
             md.append(f"- EquiREANN / {label(other)} twist MAE ratio: {ours / theirs:.3f} "
                       f"({ours:.1f} vs {theirs:.1f} meV)")
+    skipped_file = run_dir / "skipped.json"
+    if skipped_file.is_file():
+        md += ["", "Not run: " + "; ".join(f"{label(k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()
+                                           if k not in names)]
     md += ["", "![twist curves](twist_curves.png)", "", "![rigid twist](rigid_twist.png)", ""]
     (run_dir / "report.md").write_text("\n".join(md))
     return run_dir / "report.md"
@@ -244,8 +248,18 @@ def run(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     log.info("%s", datamodule.summary())
+    skipped = {}
     for name in names:
-        train_one(cfg, name, datamodule, run_dir / name)
+        try:
+            instantiate(prepare_model_config(cfg.models[name], datamodule))
+        except ImportError as err:  # an optional extra (MACE) that is not installed
+            log.warning("skipping %s: %s", label(name), err)
+            skipped[name] = str(err).splitlines()[0]
+    if skipped:
+        (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
+    for name in names:
+        if name not in skipped:
+            train_one(cfg, name, datamodule, run_dir / name)
     report = write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"],
                           datamodule.test_files["scan"])
     print(report.read_text())

@@ -161,14 +161,15 @@ def _train_twist(data, twist, passing: bool, seed: int, steps: int = 250) -> flo
 def test_rigid_twist_training_needs_orbital_passing():
     """A short training on a small cumulene slice (the n = 4 scan, rebuilt by rigid twists so that
     only the far CH2 orientation changes; C···C 3.9 Å > 3 Å cutoff): EquiREANN learns the twist curve,
-    the passing-off ablation trained identically stays exactly flat. Seeds 0-2 gave ratios
-    0.xx-0.xx (docs/nonlocal.md); the bound leaves room for other seeds and platforms."""
+    the passing-off ablation trained identically stays exactly flat. Twist MAE ratios EquiREANN /
+    passing off for seeds 0, 1, 2: 0.23, 0.11, 0.18 (docs/nonlocal.md); the bound 0.4 leaves room
+    for other seeds and platforms."""
     data, twist = _rigid_scan_slice(4)
     flat = float(np.mean(np.abs([float(d.energy) - float(data[0].energy) for d in data]))) * 1e3
     off = _train_twist(data, twist, passing=False, seed=0)
     on = _train_twist(data, twist, passing=True, seed=0)
     assert off == pytest.approx(flat, rel=1e-6)  # 706 meV: invariant messages cannot see the twist
-    assert on < 0.5 * off, (on, off)
+    assert on < 0.4 * off, (on, off)
 
 
 def test_nonlocal_cli_end_to_end(tmp_path):

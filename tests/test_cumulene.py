@@ -181,7 +181,7 @@ def test_nonlocal_cli_end_to_end(tmp_path):
     overrides = ["nonlocal=quick", "run=[equireann,equireann_nopassing,schnet]", "num_iterations=2",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
                  "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", "models.equireann.num_channels=8",
+                 "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",
                  "models.equireann_nopassing.num_channels=8", "models.schnet.hidden_channels=16",
                  "models.schnet.num_filters=16", "rigid_twist_angles=[0,45,90]", f"hydra.run.dir={tmp_path}"]
     hydra_app(overrides, run, config_name="nonlocal")

@@ -178,7 +178,7 @@ def test_nonlocal_cli_end_to_end(tmp_path):
 
     from .test_pipeline import hydra_app
 
-    overrides = ["nonlocal=quick", "run=[equireann,equireann_nopassing,schnet]", "num_iterations=2",
+    overrides = ["nonlocal=quick", "run=[equireann,equireann_nopassing,schnet]", "num_iterations=2", "float64=true",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
                  "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",

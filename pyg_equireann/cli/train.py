@@ -19,9 +19,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import TrainingBudget
+from ..checkpoint import AtomicCheckpointIO
 from . import CONF_DIR, user_errors
 from .plots import learning_curve
 
@@ -64,11 +66,49 @@ def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer) -> Path:
     return path
 
 
-def run(cfg: DictConfig) -> Optional[float]:
-    from lightning.fabric.plugins import CheckpointIO
-
-    from ..checkpoint import AtomicCheckpointIO, check_model_config, read_checkpoint
+def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,
+                 calibrate_densities: bool = True):
+    """A :class:`~pyg_equireann.lightning.PotentialModule` for ``model_cfg`` with loss/optimiser settings
+    ``module_cfg``, the energy statistics (E0, scale, shift) of the data module's training set and, for
+    EquiREANN/REANN with ``calibrate_densities``, densities scaled to unit RMS on the first training structures."""
     from ..lightning import PotentialModule
+
+    model_config = prepare_model_config(model_cfg, datamodule)
+    module = PotentialModule(model=model_config, **OmegaConf.to_container(module_cfg, resolve=True))
+    stats = datamodule.statistics
+    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
+                                       shift=stats["shift"])
+    if float64:
+        module = module.double()
+    if calibrate_densities and hasattr(module.model, "calibrate_density_scale"):
+        scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
+        log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
+                 ", ".join(f"{s:.3g}" for s in scales.tolist()))
+    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
+        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
+                         "the data module caches the neighbour list")
+    return module
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path):
+    """The Lightning trainer of ``cfg.trainer`` with the loggers and callbacks of ``cfg`` (plus a
+    :class:`~pyg_equireann.callbacks.TrainingBudget` when ``cfg.budget.minutes`` is set), writing to
+    ``out_dir``; returns ``(trainer, callbacks)``."""
+    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    budget = cfg.get("budget") or {}
+    if budget.get("minutes"):
+        callbacks.append(TrainingBudget(**OmegaConf.to_container(budget, resolve=True)))
+    plugins: List = [instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
+                          default_root_dir=str(out_dir))
+    return trainer, callbacks
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    from ..checkpoint import check_model_config, read_checkpoint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -79,33 +119,10 @@ def run(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     log.info("%s", datamodule.summary())
-    model_config = prepare_model_config(cfg.model, datamodule)
     if cfg.get("ckpt_path"):  # a clear error for an unreadable checkpoint or one of another model
-        check_model_config(cfg.ckpt_path, read_checkpoint(cfg.ckpt_path), model_config)
-    module = PotentialModule(model=model_config, **OmegaConf.to_container(cfg.module, resolve=True))
-    stats = datamodule.statistics
-    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
-                                       shift=stats["shift"])
-    if cfg.float64:
-        module = module.double()
-    if cfg.get("calibrate_densities", True) and hasattr(module.model, "calibrate_density_scale"):
-        scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
-        log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
-                 ", ".join(f"{s:.3g}" for s in scales.tolist()))
-    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
-        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
-                         "the data module caches the neighbour list")
-
-    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    budget = cfg.get("budget") or {}
-    if budget.get("minutes"):
-        callbacks.append(TrainingBudget(**OmegaConf.to_container(budget, resolve=True)))
-    plugins: List = [instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
-    if not any(isinstance(p, CheckpointIO) for p in plugins):
-        plugins.append(AtomicCheckpointIO())
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
-                                     default_root_dir=str(out_dir))
+        check_model_config(cfg.ckpt_path, read_checkpoint(cfg.ckpt_path), prepare_model_config(cfg.model, datamodule))
+    module = build_module(cfg.model, cfg.module, datamodule, cfg.float64, cfg.get("calibrate_densities", True))
+    trainer, callbacks = build_trainer(cfg, out_dir)
     if trainer.is_global_zero:
         write_run_info(out_dir, cfg, trainer)
     params = sum(p.numel() for p in module.parameters())

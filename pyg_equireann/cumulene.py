@@ -1,0 +1,136 @@
+"""Cumulene twist analysis: twist-resolved errors, rigid-twist geometries and twist-curve plots.
+
+A cumulene C_nH_4 (``data/cumulene``) has the atom order C_0..C_(n-1), two H on C_0, two H on
+C_(n-1). Its energy depends on the twist φ between the two terminal H–C–H planes through the
+conjugated chain, also when the chain ends are farther apart than a model's cutoff.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def frame_info(path: str | os.PathLike, keys: Sequence[str] = ("n_carbon", "twist", "cc_dist")) -> Dict[str, np.ndarray]:
+    """Per-frame ``atoms.info`` values of an extxyz file as arrays (one entry per frame, file order)."""
+    import ase.io
+
+    frames = ase.io.read(str(path), index=":")
+    out = {}
+    for key in keys:
+        missing = [k for k, a in enumerate(frames) if key not in a.info]
+        if missing:
+            raise KeyError(f"{path}: frame {missing[0]} has no info key {key!r}")
+        out[key] = np.array([a.info[key] for a in frames])
+    return out
+
+
+def twist_curves(energy_pred: np.ndarray, energy_ref: np.ndarray, n_carbon: np.ndarray,
+                 twist: np.ndarray) -> Dict[int, Dict[str, np.ndarray]]:
+    """For each chain length n: the twist angles (degrees, sorted) and the reference and predicted
+    twist energies ΔE(φ) = E(φ) − E(φ_min) in meV, where φ_min is the smallest angle of the scan
+    (0° in the shipped scan). Energies in eV, one entry per scan frame."""
+    energy_pred, energy_ref = np.asarray(energy_pred, np.float64), np.asarray(energy_ref, np.float64)
+    curves = {}
+    for n in sorted(set(int(v) for v in n_carbon)):
+        k = np.flatnonzero(n_carbon == n)
+        k = k[np.argsort(twist[k], kind="stable")]
+        curves[n] = {"twist": np.asarray(twist[k], np.float64),
+                     "ref": (energy_ref[k] - energy_ref[k[0]]) * 1e3,
+                     "pred": (energy_pred[k] - energy_pred[k[0]]) * 1e3}
+    return curves
+
+
+def twist_mae(curves: Mapping[int, Mapping[str, np.ndarray]]) -> Dict[int, float]:
+    """Twist-resolved energy MAE (meV) per chain length: mean |ΔE_pred(φ) − ΔE_ref(φ)| over the scan."""
+    return {n: float(np.abs(c["pred"] - c["ref"]).mean()) for n, c in curves.items()}
+
+
+def rigid_twist(atoms, angles_deg: Sequence[float]):
+    """Copies of a cumulene ``atoms`` with the last CH2 group (the last two atoms) rotated rigidly by
+    each angle (degrees) about the axis through the two terminal carbons; nothing else moves.
+
+    Every interatomic distance within reach of a short cutoff stays the same, so a model whose
+    messages are invariant and whose cutoff does not span the chain must give a flat curve.
+    """
+    n = len(atoms) - 4
+    pos = atoms.get_positions()
+    origin, axis = pos[n - 1], pos[n - 1] - pos[0]
+    axis = axis / np.linalg.norm(axis)
+    out = []
+    for angle in np.radians(np.asarray(angles_deg, np.float64)):
+        c, s = np.cos(angle), np.sin(angle)
+        v = pos[-2:] - origin
+        rotated = v * c + np.cross(axis, v) * s + np.outer(v @ axis, axis) * (1 - c)  # Rodrigues
+        new = atoms.copy()
+        new.calc = None
+        p = pos.copy()
+        p[-2:] = origin + rotated
+        new.set_positions(p)
+        out.append(new)
+    return out
+
+
+def rigid_scan(frames) -> list:
+    """The twist scan ``frames`` (ase Atoms with info ``n_carbon``, ``twist`` and energies) rebuilt
+    from each chain length's φ = 0 frame by :func:`rigid_twist` to every scanned angle, labelled with
+    the scan energy of that angle (``info["energy"]``). Only the far CH2 orientation changes between
+    frames of one length, so only a model that passes orientations can fit these energies."""
+    zero = {int(a.info["n_carbon"]): a for a in frames if float(a.info["twist"]) == 0.0}
+    out = []
+    for atoms in frames:
+        n = int(atoms.info["n_carbon"])
+        if n not in zero:
+            raise ValueError(f"the scan has no twist = 0 frame for n_carbon = {n}")
+        new = rigid_twist(zero[n], [float(atoms.info["twist"])])[0]
+        new.info = {"n_carbon": n, "twist": float(atoms.info["twist"]), "energy": atoms.get_potential_energy()}
+        out.append(new)
+    return out
+
+
+def plot_twist_curves(curves: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], out_png: Path,
+                      cutoff: Optional[float] = None, cc_dist: Optional[Mapping[int, float]] = None,
+                      title: Optional[str] = None) -> Path:
+    """One subplot per chain length: reference twist curve (black; left out where ``ref`` is NaN) and
+    every model's prediction.
+
+    ``curves``: {model name: :func:`twist_curves` output}; ``cc_dist``: terminal C···C per n (Å),
+    shown in the subplot titles together with ``cutoff``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({n for c in curves.values() for n in c})
+    cols = min(len(lengths), 3)
+    rows = (len(lengths) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, n in zip(axes.flat, lengths):
+        ref = next(c[n] for c in curves.values() if n in c)
+        if np.isfinite(ref["ref"]).any():
+            ax.plot(ref["twist"], ref["ref"], "k-", lw=2.2, label="GFN2-xTB")
+        for name, c in curves.items():
+            if n in c:
+                ax.plot(c[n]["twist"], c[n]["pred"], "o-", ms=3, lw=1.2, label=name)
+        label = f"n = {n} (C$_{{{n}}}$H$_4$)"
+        if cc_dist is not None and n in cc_dist:
+            label += f", C···C {cc_dist[n]:.1f} Å"
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("twist (degrees)")
+        ax.set_ylabel("E(twist) − E(0) (meV)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(lengths):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    heading = title or "cumulene twist curves"
+    if cutoff is not None:
+        heading += f" (cutoff {cutoff:g} Å)"
+    fig.suptitle(heading)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

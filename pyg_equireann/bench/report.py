@@ -56,6 +56,23 @@ def speed_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equirean
     return "\n".join(out)
 
 
+def _save_loglog(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Log-log axes, labels, grid and legend; save to ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def speed_plot(rows: Sequence[Mapping[str, Any]], path: Path, dtype: str = "float32") -> Optional[Path]:
     """Log-log plot of time per structure against atoms per structure, one line per model."""
     import matplotlib
@@ -73,17 +90,7 @@ def speed_plot(rows: Sequence[Mapping[str, Any]], path: Path, dtype: str = "floa
     for model, points in series.items():
         points.sort()
         ax.plot(*zip(*points), marker="o", label=model)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("atoms per structure")
-    ax.set_ylabel("energy + forces: ms per structure")
-    ax.set_title(f"speed ({dtype})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_loglog(fig, ax, path, f"speed ({dtype})", "atoms per structure", "energy + forces: ms per structure")
 
 
 ACCURACY_COLUMNS = ("energy_mae", "energy_rmse", "forces_mae", "forces_rmse")
@@ -136,14 +143,5 @@ def learning_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], pat
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training time (min)")
-    ax.set_ylabel({"forces_mae": "test force MAE (meV/Å)", "energy_mae": "test energy MAE (meV)"}.get(metric, metric))
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ylabel = {"forces_mae": "test force MAE (meV/Å)", "energy_mae": "test energy MAE (meV)"}.get(metric, metric)
+    return _save_loglog(fig, ax, path, title, "training time (min)", ylabel)

@@ -1,6 +1,7 @@
 """One EquiREANN message-passing iteration as a PyG ``MessagePassing`` layer."""
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
@@ -22,11 +23,22 @@ class EquiREANNConv(MessagePassing):
     as in iteration 0) the message is the invariant part only. :math:`\bar n` is the optional average
     neighbour count (a constant, so equivariance is kept); 1 when not set.
 
+    With ``learnable_passing=True`` (an extension, not in the paper) the passed orbital is first
+    multiplied by a weight :math:`\lambda^{(t)}_{l,k}` per degree and radial channel, shared by the
+    2l+1 components of a degree (so equivariance is kept) and initialised to 1 (the paper's model).
+    A negative weight lets the sign of a passed orientation alternate from hop to hop, which is how
+    the twist energy of a cumulene alternates with the parity of the chain (docs/nonlocal.md).
+
     Args:
         contraction: the :class:`OrbitalContraction` of this iteration (may be shared).
         message_mlp: :math:`M_t`, a module ``(density (N, C), element_index (N,)) → (N, K)``, or None
             for iteration 0.
         equivariant_passing: pass :math:`\Psi_j` on.
+        degrees: (A,) degree of each angular channel; needed with ``learnable_passing``.
+        num_radial: K; needed with ``learnable_passing``.
+        learnable_passing: learn :math:`\lambda^{(t)}_{l,k}` (shape (L+1, K)) instead of fixing it to 1.
+        passing_init: ``"ones"`` (λ = 1, the paper's model at initialisation) or ``"alternating"``
+            (λ = +1, −1, +1, … over k: half of the channels flip sign at every hop).
 
     Shapes: edge_index (2, E) with row 0 the neighbour j and row 1 the centre i; edge_orbitals O
     (E, A, K); edge_cutoff f (E,); edge_coefficients c (E, K); node_orbitals Ψ (N, A, K);
@@ -38,11 +50,26 @@ class EquiREANNConv(MessagePassing):
         contraction: OrbitalContraction,
         message_mlp: Optional[nn.Module] = None,
         equivariant_passing: bool = True,
+        degrees: Optional[Tensor] = None,
+        num_radial: Optional[int] = None,
+        learnable_passing: bool = False,
+        passing_init: str = "ones",
     ):
         super().__init__(aggr="add", flow="source_to_target", node_dim=0)
         self.contraction = contraction
         self.message_mlp = message_mlp
         self.equivariant_passing = equivariant_passing
+        self.passing_weight: Optional[nn.Parameter] = None
+        if learnable_passing and equivariant_passing and message_mlp is not None:
+            if degrees is None or num_radial is None:
+                raise ValueError("learnable_passing needs `degrees` and `num_radial`")
+            self.register_buffer("degrees", degrees.clone(), persistent=False)
+            weight = torch.ones(int(degrees.max()) + 1, num_radial)
+            if passing_init == "alternating":
+                weight[:, 1::2] = -1.0
+            elif passing_init != "ones":
+                raise ValueError(f"passing_init must be 'ones' or 'alternating', got {passing_init!r}")
+            self.passing_weight = nn.Parameter(weight)
 
     def forward(
         self,
@@ -64,6 +91,8 @@ class EquiREANNConv(MessagePassing):
             update = self.message_mlp(node_density, element_index)
             edge_coefficients = edge_coefficients + update.index_select(0, edge_index[0])
         passed = node_orbitals if self.equivariant_passing else None
+        if passed is not None and self.passing_weight is not None:
+            passed = passed * self.passing_weight.index_select(0, self.degrees)  # λ_{l(a),k}, (A, K)
         aggregated = self.propagate(
             edge_index,
             orbital=edge_orbitals,
@@ -84,4 +113,4 @@ class EquiREANNConv(MessagePassing):
         return message
 
     def extra_repr(self) -> str:
-        return f"equivariant_passing={self.equivariant_passing}"
+        return f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.passing_weight is not None}"

@@ -104,6 +104,10 @@ class _Iteration(nn.Module):
         self.contraction = conv.contraction
         self.message_mlp = None if conv.message_mlp is None else _scriptable_mlp(conv.message_mlp)
         self.passing = bool(conv.equivariant_passing)
+        weight = getattr(conv, "passing_weight", None)
+        # learned passing weights λ_{l(a),k} expanded to (A, K); None: the paper's fixed 1
+        self.register_buffer("passing_weight",
+                             None if weight is None else weight.detach().index_select(0, conv.degrees).clone())
 
     def forward(self, edge_index: Tensor, edge_orbitals: Tensor, edge_cutoff: Tensor, coefficients: Tensor,
                 center_weight: Optional[Tensor], node_orbitals: Optional[Tensor], density: Optional[Tensor],
@@ -113,7 +117,11 @@ class _Iteration(nn.Module):
             coefficients = coefficients + self.message_mlp(density, element_index).index_select(0, neighbor)
         message = coefficients.unsqueeze(1) * edge_orbitals
         if self.passing and node_orbitals is not None:
-            message = message + edge_cutoff.view(-1, 1, 1) * node_orbitals.index_select(0, neighbor)
+            passed = node_orbitals
+            weight = self.passing_weight
+            if weight is not None:
+                passed = passed * weight
+            message = message + edge_cutoff.view(-1, 1, 1) * passed.index_select(0, neighbor)
         shape = [num_atoms, edge_orbitals.shape[1], edge_orbitals.shape[2]]
         aggregated = torch.zeros(shape, dtype=message.dtype, device=message.device).index_add_(0, center, message)
         if inv_n != 1.0:

@@ -82,6 +82,10 @@ class EquiREANN(EnergyReference):
         num_iterations: number of message-passing iterations T.
         equivariant_passing: pass the neighbours' orbitals on (False gives the zero-parameter
             invariant ablation with identical parameters and initial weights).
+        learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
+            radial channel (an extension of the paper: :class:`EquiREANNConv`).
+        passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
+            ``"alternating"`` (+1, −1, … over the radial channels).
         avg_num_neighbors: if given, aggregated orbitals are divided by it.
         elements: atomic numbers the model accepts (all if None); other elements raise an error.
         angular: ``"spherical"`` or ``"cartesian"`` (REANN's tensor powers of the raw edge vector).
@@ -109,6 +113,8 @@ class EquiREANN(EnergyReference):
         num_channels: int = 36,
         num_iterations: int = 2,
         equivariant_passing: bool = True,
+        learnable_passing: bool = False,
+        passing_init: str = "ones",
         avg_num_neighbors: Optional[float] = None,
         elements: Optional[Sequence[int]] = None,
         angular: str = "spherical",
@@ -138,6 +144,7 @@ class EquiREANN(EnergyReference):
         self.num_channels = int(num_channels)
         self.num_iterations = int(num_iterations)
         self.equivariant_passing = bool(equivariant_passing)
+        self.learnable_passing = bool(learnable_passing)
         self.neighbor_backend = neighbor_backend
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
 
@@ -174,6 +181,10 @@ class EquiREANN(EnergyReference):
                     contractions[0 if shared_contraction else t],
                     make_mlp(num_channels, message_hidden, num_radial, per_element_messages) if t > 0 else None,
                     equivariant_passing,
+                    degrees=degrees,
+                    num_radial=num_radial,
+                    learnable_passing=learnable_passing,
+                    passing_init=passing_init,
                 )
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
@@ -313,5 +324,5 @@ class EquiREANN(EnergyReference):
         return (
             f"cutoff={self.cutoff}, max_l={self.max_l}, num_radial={self.num_radial}, "
             f"num_channels={self.num_channels}, num_iterations={self.num_iterations}, "
-            f"equivariant_passing={self.equivariant_passing}"
+            f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.learnable_passing}"
         )

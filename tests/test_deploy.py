@@ -132,6 +132,7 @@ def test_exported_model_needs_only_torch(cu_run, exported, tmp_path):
 MODELS = {
     "equireann": lambda: make_model(EquiREANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
     "equireann_all_elements": lambda: make_model(EquiREANN, max_l=3, num_iterations=3),
+    "learned_passing": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=3, learnable_passing=True),
     "nopassing": lambda: make_model(EquiREANN, elements=(1, 6, 8), equivariant_passing=False),
     "reann": lambda: make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
 }

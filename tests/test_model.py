@@ -10,6 +10,8 @@ from .conftest import load_rmd17, make_model, random_rotation, small_periodic_sy
 
 MODELS = {
     "equireann": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3),
+    "learned_passing": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, learnable_passing=True,
+                                                 passing_init="alternating"),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "reann": lambda seed=0: make_model(REANN, seed, num_iterations=2, elements=(1, 6, 8)),
     "cartesian_passing": lambda seed=0: make_model(

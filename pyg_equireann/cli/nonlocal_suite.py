@@ -37,7 +37,7 @@ from .train import build_module, build_trainer, prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 
-LABELS = {"equireann": "EquiREANN", "equireann_nopassing": "EquiREANN, passing off", "reann": "REANN",
+LABELS = {"equireann": "EquiREANN", "equireann_learned": "EquiREANN, learned passing", "equireann_nopassing": "EquiREANN, passing off", "reann": "REANN",
           "schnet": "SchNet", "mace": "MACE"}
 
 

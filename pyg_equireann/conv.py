@@ -39,6 +39,7 @@ class EquiREANNConv(MessagePassing):
         learnable_passing: learn :math:`\lambda^{(t)}_{l,k}` (shape (L+1, K)) instead of fixing it to 1.
         passing_init: ``"ones"`` (λ = 1, the paper's model at initialisation) or ``"alternating"``
             (λ = +1, −1, +1, … over k: half of the channels flip sign at every hop).
+        passing_gain: initial magnitude of the learned λ (1: the paper's weight).
 
     Shapes: edge_index (2, E) with row 0 the neighbour j and row 1 the centre i; edge_orbitals O
     (E, A, K); edge_cutoff f (E,); edge_coefficients c (E, K); node_orbitals Ψ (N, A, K);
@@ -54,6 +55,7 @@ class EquiREANNConv(MessagePassing):
         num_radial: Optional[int] = None,
         learnable_passing: bool = False,
         passing_init: str = "ones",
+        passing_gain: float = 1.0,
     ):
         super().__init__(aggr="add", flow="source_to_target", node_dim=0)
         self.contraction = contraction
@@ -69,7 +71,7 @@ class EquiREANNConv(MessagePassing):
                 weight[:, 1::2] = -1.0
             elif passing_init != "ones":
                 raise ValueError(f"passing_init must be 'ones' or 'alternating', got {passing_init!r}")
-            self.passing_weight = nn.Parameter(weight)
+            self.passing_weight = nn.Parameter(weight * passing_gain)
 
     def forward(
         self,

@@ -85,7 +85,7 @@ class EquiREANN(EnergyReference):
         learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
             radial channel (an extension of the paper: :class:`EquiREANNConv`).
         passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
-            ``"alternating"`` (+1, −1, … over the radial channels).
+            ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
         avg_num_neighbors: if given, aggregated orbitals are divided by it.
         elements: atomic numbers the model accepts (all if None); other elements raise an error.
         angular: ``"spherical"`` or ``"cartesian"`` (REANN's tensor powers of the raw edge vector).
@@ -115,6 +115,7 @@ class EquiREANN(EnergyReference):
         equivariant_passing: bool = True,
         learnable_passing: bool = False,
         passing_init: str = "ones",
+        passing_gain: float = 1.0,
         avg_num_neighbors: Optional[float] = None,
         elements: Optional[Sequence[int]] = None,
         angular: str = "spherical",
@@ -185,6 +186,7 @@ class EquiREANN(EnergyReference):
                     num_radial=num_radial,
                     learnable_passing=learnable_passing,
                     passing_init=passing_init,
+                    passing_gain=passing_gain,
                 )
             )
         self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)

@@ -256,6 +256,33 @@ def test_passing_has_no_parameters():
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+def test_learned_passing_weights():
+    """λ = 1 reproduces the paper's model with the same seed (T·(L+1)·K extra parameters); λ multiplies
+    the passed orbital per degree and radial channel: with λ = −1 the passed part changes sign, so Ψ⁽¹⁾
+    equals the local part minus the passed one."""
+    z, pos = aspirin()
+    torch.manual_seed(0)
+    paper = EquiREANN(num_iterations=2, max_l=3).double()
+    torch.manual_seed(0)
+    learned = EquiREANN(num_iterations=2, max_l=3, learnable_passing=True).double()
+    extra = sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in paper.parameters())
+    assert extra == 2 * 4 * 8
+    assert learned(z, pos).item() == pytest.approx(paper(z, pos).item(), rel=1e-13)
+    alternating = EquiREANN(num_iterations=1, learnable_passing=True, passing_init="alternating", passing_gain=2.0)
+    assert alternating.convs[1].passing_weight[0].tolist() == [2.0, -2.0] * 4
+    with pytest.raises(ValueError, match="passing_init"):
+        EquiREANN(learnable_passing=True, passing_init="random")
+
+    model = make_model(EquiREANN, num_iterations=1, learnable_passing=True)
+    psi = {}
+    for value in (1.0, 0.0, -1.0):
+        with torch.no_grad():
+            model.convs[1].passing_weight.fill_(value)
+        psi[value] = model.compute(z, pos)["node_orbitals"][1]
+    assert rel(psi[-1.0], 2 * psi[0.0] - psi[1.0]) < 1e-12
+    assert rel(psi[1.0], psi[0.0]) > 1e-2
+
+
 def reference_forward(model: EquiREANN, z, pos, passing: bool):
     """Independent dense re-implementation of spec §1.10 from the model's own parameters."""
     n = len(z)

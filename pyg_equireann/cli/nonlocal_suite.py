@@ -220,13 +220,15 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                 "The twist = 0 chain with only the last CH2 rotated (bond lengths and angles fixed). With no "
                 "atom seeing both ends, a model with invariant messages must give 0 here; on the relaxed scan "
                 "it can still vary through the bond lengths, which change with the twist.")
-    if "equireann" in names and nonlocal_lengths:
+    ours = [n for n in ("equireann", "equireann_learned") if n in names]
+    if ours and nonlocal_lengths:
         md += ["", "## Targets (chains with C···C > cutoff)", ""]
-        ours = summaries["equireann"]["twist_mae_nonlocal_meV"]
-        for other in [n for n in names if n != "equireann"]:
-            theirs = summaries[other]["twist_mae_nonlocal_meV"]
-            md.append(f"- EquiREANN / {label(other)} twist MAE ratio: {ours / theirs:.3f} "
-                      f"({ours:.1f} vs {theirs:.1f} meV)")
+        for mine in ours:
+            value = summaries[mine]["twist_mae_nonlocal_meV"]
+            for other in [n for n in names if n not in ours]:
+                theirs = summaries[other]["twist_mae_nonlocal_meV"]
+                md.append(f"- {label(mine)} / {label(other)} twist MAE ratio: {value / theirs:.3f} "
+                          f"({value:.1f} vs {theirs:.1f} meV)")
     skipped_file = run_dir / "skipped.json"
     if skipped_file.is_file():
         md += ["", "Not run: " + "; ".join(f"{label(k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()

@@ -1,7 +1,7 @@
 """``equireann-nonlocal``: the cumulene twist benchmark (configured by ``conf/nonlocal.yaml``).
 
 Trains every model of ``cfg.models`` (those named in ``cfg.run``) on the cumulene data with the same
-short cutoff, data, loss, optimiser and budget (epochs and a wall-clock cap), each with the code of
+short cutoff, data, loss, optimiser and budget (equal CPU time per model), each with the code of
 ``equireann-train``, then evaluates the best (EMA) checkpoint. The run folder
 (``runs/nonlocal/<time>/``) gets one subfolder per model (checkpoints, logs, ``predictions.npz``,
 ``summary.json``) and the report over all model subfolders present:

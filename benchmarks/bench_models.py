@@ -1,4 +1,4 @@
-"""Energy+forces speed of EquiREANN, its passing-off ablation, REANN and PyG's SchNet, side by side.
+"""Energy+forces speed of EquiREANN, its passing-off and learned-passing variants, REANN and PyG's SchNet, side by side.
 
 Usage: python benchmarks/bench_models.py [--batch 32] [--repeats 30] [--dtype float32] [--threads 2]
 
@@ -41,6 +41,7 @@ def build_models():
     return {
         "EquiREANN": EquiREANN(),
         "EquiREANN (passing off)": EquiREANN(equivariant_passing=False),
+        "EquiREANN (learned passing)": EquiREANN(learnable_passing=True, passing_init="alternating"),
         "REANN": REANN(),
         "SchNet (128×6, rc 5)": SchNet(hidden_channels=128, num_interactions=6, cutoff=5.0,
                                        interaction_graph=RadiusInteractionGraph(5.0)),
@@ -85,7 +86,9 @@ def main():
     off = statistics.median(times["EquiREANN (passing off)"])
     schnet = statistics.median(times["SchNet (128×6, rc 5)"])
     print()
+    learned = statistics.median(times["EquiREANN (learned passing)"])
     print(f"passing on / passing off = {ref / off:.3f} (target ≤ 1.10)")
+    print(f"learned passing / passing on = {learned / ref:.3f}")
     print(f"SchNet / EquiREANN = {schnet / ref:.2f} (target ≥ 5.5)")
 
 

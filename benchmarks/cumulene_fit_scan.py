@@ -36,14 +36,16 @@ VARIANTS = {
 
 
 def fit(frames, variant: dict, args) -> dict:
-    data = [atoms_to_data(a, k, "scan", torch.float32, "energy", None, None) for k, a in enumerate(frames)]
+    # float64: the fitted energies drift to large offsets (the loss ignores the per-length mean),
+    # and in float32 their round-off (~1 meV steps) would show up as a fake twist curve
+    data = [atoms_to_data(a, k, "scan", torch.float64, "energy", None, None) for k, a in enumerate(frames)]
     attach_edges(data, args.cutoff, progress=False)
     batch = Batch.from_data_list(data)
     energy = batch.energy.view(-1)
     n_carbon = np.array([a.info["n_carbon"] for a in frames])
     twist = np.array([a.info["twist"] for a in frames])
     torch.manual_seed(args.seed)
-    model = EquiREANN(cutoff=args.cutoff, num_iterations=args.iterations, elements=[1, 6], **variant)
+    model = EquiREANN(cutoff=args.cutoff, num_iterations=args.iterations, elements=[1, 6], **variant).double()
     model.set_energy_statistics(atomic_energies=CUMULENE_E0)
     # only the variation within each chain length counts (the per-length offset is composition)
     groups = [torch.as_tensor(n_carbon == n) for n in sorted(set(n_carbon.tolist()))]

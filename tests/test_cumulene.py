@@ -182,24 +182,26 @@ def test_nonlocal_cli_end_to_end(tmp_path):
 
     from .test_pipeline import hydra_app
 
-    overrides = ["nonlocal=quick", "run=[equireann,equireann_nopassing,schnet]", "num_iterations=2", "float64=true",
+    overrides = ["nonlocal=quick", "run=[equireann,equireann_learned,equireann_nopassing,schnet]", "num_iterations=2",
+                 "float64=true",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
                  "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",
-                 "models.equireann_nopassing.num_channels=8", "models.schnet.hidden_channels=16",
+                 "models.equireann_learned.num_channels=8", "models.equireann_nopassing.num_channels=8", "models.schnet.hidden_channels=16",
                  "models.schnet.num_filters=16", "rigid_twist_angles=[0,45,90]", f"hydra.run.dir={tmp_path}"]
     hydra_app(overrides, run, config_name="nonlocal")
-    for name in ("equireann", "equireann_nopassing", "schnet"):
+    for name in ("equireann", "equireann_learned", "equireann_nopassing", "schnet"):
         assert (tmp_path / name / "checkpoints" / "best.ckpt").is_file()
         p = np.load(tmp_path / name / "predictions.npz")
         assert len(p["test/idx"]) == 40 and np.isfinite(p["test/energy_pred"]).all()
         assert sorted(k for k in p.files if k.startswith("rigid/")) == [f"rigid/{n}" for n in range(4, 9)]
-        if name != "equireann":  # invariant messages: the rigid twist is exactly flat
+        if name in ("equireann_nopassing", "schnet"):  # invariant messages: the rigid twist is exactly flat
             assert all(np.ptp(p[f"rigid/{n}"]) < 1e-5 for n in range(4, 9))  # eV; float32 round-off
     report = (tmp_path / "report.md").read_text()
     assert "EquiREANN / EquiREANN, passing off twist MAE ratio" in report
+    assert "EquiREANN, learned passing / SchNet twist MAE ratio" in report
     rows = list(__import__("csv").DictReader(open(tmp_path / "per_length.csv")))
-    assert {r["model"] for r in rows} == {"equireann", "equireann_nopassing", "schnet"}
+    assert {r["model"] for r in rows} == {"equireann", "equireann_learned", "equireann_nopassing", "schnet"}
     assert all(np.isfinite(float(r["energy_mae_meV"])) for r in rows)
     assert (tmp_path / "twist_curves.png").stat().st_size > 0 and (tmp_path / "rigid_twist.png").is_file()
     # run=[] trains nothing and rewrites the same report from the model folders

@@ -25,7 +25,8 @@ class EquiREANNConv(MessagePassing):
 
     With ``learnable_passing=True`` (an extension, not in the paper) the passed orbital is first
     multiplied by a weight :math:`\lambda^{(t)}_{l,k}` per degree and radial channel, shared by the
-    2l+1 components of a degree (so equivariance is kept) and initialised to 1 (the paper's model).
+    2l+1 components of a degree (so equivariance is kept), initialised to 1 (the paper's model) or
+    to +1, −1, +1, … over k (``passing_init="alternating"``).
     A negative weight lets the sign of a passed orientation alternate from hop to hop, which is how
     the twist energy of a cumulene alternates with the parity of the chain (docs/nonlocal.md).
 

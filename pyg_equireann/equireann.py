@@ -82,10 +82,6 @@ class EquiREANN(EnergyReference):
         num_iterations: number of message-passing iterations T.
         equivariant_passing: pass the neighbours' orbitals on (False gives the zero-parameter
             invariant ablation with identical parameters and initial weights).
-        learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
-            radial channel (an extension of the paper: :class:`EquiREANNConv`).
-        passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
-            ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
         avg_num_neighbors: if given, aggregated orbitals are divided by it.
         elements: atomic numbers the model accepts (all if None); other elements raise an error.
         angular: ``"spherical"`` or ``"cartesian"`` (REANN's tensor powers of the raw edge vector).
@@ -98,6 +94,11 @@ class EquiREANN(EnergyReference):
         embedding_hidden, message_hidden, readout_hidden: hidden widths of the MLPs.
         layer_norm: LayerNorm inside the message and readout MLPs.
         neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"`` or ``"vesin"`` (non-periodic).
+        learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
+            radial channel (an extension of the paper: :class:`EquiREANNConv`).
+        passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
+            ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
+        passing_gain: initial magnitude of the learned passing weights.
 
     Inputs are checked on every call: unknown elements, non-finite positions and atoms closer than
     :attr:`min_distance` (Å; 0 disables the distance check) raise a ValueError naming the atom.
@@ -113,9 +114,6 @@ class EquiREANN(EnergyReference):
         num_channels: int = 36,
         num_iterations: int = 2,
         equivariant_passing: bool = True,
-        learnable_passing: bool = False,
-        passing_init: str = "ones",
-        passing_gain: float = 1.0,
         avg_num_neighbors: Optional[float] = None,
         elements: Optional[Sequence[int]] = None,
         angular: str = "spherical",
@@ -129,6 +127,9 @@ class EquiREANN(EnergyReference):
         readout_hidden: Sequence[int] = (64, 64),
         layer_norm: bool = False,
         neighbor_backend: str = "auto",
+        learnable_passing: bool = False,
+        passing_init: str = "ones",
+        passing_gain: float = 1.0,
     ):
         super().__init__()
         if num_iterations < 0:
@@ -137,6 +138,10 @@ class EquiREANN(EnergyReference):
             raise ValueError(f"species_embedding must be 'pair' or 'neighbor', got {species_embedding!r}")
         if (per_element_readout or per_element_messages) and elements is None:
             raise ValueError("per-element readout or message networks need `elements` (a list of atomic numbers)")
+        if learnable_passing and not equivariant_passing:
+            raise ValueError("learnable_passing=True needs equivariant_passing=True (there is nothing to weight)")
+        if passing_init not in ("ones", "alternating"):
+            raise ValueError(f"passing_init must be 'ones' or 'alternating', got {passing_init!r}")
         if avg_num_neighbors is not None and not avg_num_neighbors > 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
         self.cutoff = float(cutoff)

@@ -272,6 +272,8 @@ def test_learned_passing_weights():
     assert alternating.convs[1].passing_weight[0].tolist() == [2.0, -2.0] * 4
     with pytest.raises(ValueError, match="passing_init"):
         EquiREANN(learnable_passing=True, passing_init="random")
+    with pytest.raises(ValueError, match="needs equivariant_passing"):
+        EquiREANN(learnable_passing=True, equivariant_passing=False)
 
     model = make_model(EquiREANN, num_iterations=1, learnable_passing=True)
     psi = {}

@@ -37,8 +37,8 @@ from .train import build_module, build_trainer, prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 
-LABELS = {"equireann": "EquiREANN", "equireann_learned": "EquiREANN, learned passing", "equireann_nopassing": "EquiREANN, passing off", "reann": "REANN",
-          "schnet": "SchNet", "mace": "MACE"}
+LABELS = {"equireann": "EquiREANN", "equireann_learned": "EquiREANN, learned passing",
+          "equireann_nopassing": "EquiREANN, passing off", "reann": "REANN", "schnet": "SchNet", "mace": "MACE"}
 
 
 def label(name: str) -> str:

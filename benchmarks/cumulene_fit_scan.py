@@ -23,7 +23,7 @@ from torch_geometric.data import Batch
 from datamodules.presets import CUMULENE_E0
 from datamodules.structures import atoms_to_data, attach_edges
 from pyg_equireann import EquiREANN
-from pyg_equireann.cumulene import rigid_scan, twist_curves, twist_mae
+from pyg_equireann.cumulene import fit_twist, rigid_scan, twist_curves, twist_mae
 
 SCAN = Path(__file__).resolve().parents[1] / "data" / "cumulene" / "cumulene_scan.xyz"
 
@@ -48,17 +48,7 @@ def fit(frames, variant: dict, args) -> dict:
     model = EquiREANN(cutoff=args.cutoff, num_iterations=args.iterations, elements=[1, 6], **variant).double()
     model.set_energy_statistics(atomic_energies=CUMULENE_E0)
     # only the variation within each chain length counts (the per-length offset is composition)
-    groups = [torch.as_tensor(n_carbon == n) for n in sorted(set(n_carbon.tolist()))]
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
-    for _ in range(args.steps):
-        error = model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index) - energy
-        loss = sum((error[g] - error[g].mean()).square().mean() for g in groups)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        pred = model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index).numpy()
-    return twist_mae(twist_curves(pred, energy.numpy(), n_carbon, twist))
+    return fit_twist(model, batch, energy, n_carbon, twist, args.steps, per_length=True)
 
 
 def main():

@@ -9,7 +9,7 @@ import torch
 
 from datamodules import cumulene_datamodule
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.cumulene import frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
+from pyg_equireann.cumulene import fit_twist, frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
 
 from .conftest import DATA, make_model
 
@@ -151,15 +151,7 @@ def _train_twist(data, twist, passing: bool, seed: int, steps: int = 250, num_it
     reference = torch.tensor([sum(e0[z] for z in d.z.tolist()) for d in data], dtype=energy.dtype)
     model.set_energy_statistics(atomic_energies=e0, scale=1.0,
                                 shift=float((energy - reference).sum() / batch.num_nodes))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
-    for _ in range(steps):
-        loss = (model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index) - energy).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        pred = model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index).numpy()
-    return twist_mae(twist_curves(pred, energy.numpy(), n, twist))
+    return fit_twist(model, batch, energy, n, twist, steps)
 
 
 def test_rigid_twist_training_needs_orbital_passing():

@@ -8,8 +8,12 @@ target in place, so a kill during the copy leaves a truncated ``last.ckpt``, and
 checkpoint-sized files in ``/tmp``. :class:`AtomicCheckpointIO` writes next to the target, fsyncs and
 renames with ``os.replace``, which is atomic on POSIX and Windows file systems.
 """
+import inspect
 import math
 import os
+import pickle
+import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -67,9 +71,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, text[len("file://"):] if text.startswith("file://") else text)
 
 
+def _load_error(path: Path, size: int, exc: Exception) -> ValueError:
+    """The ValueError for a file that ``torch.load(weights_only=True)`` refused or could not read."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return ValueError(
+            f"{path} contains pickled Python objects that are not allowed{what}: loading them could run code; "
+            "pyg_equireann only loads checkpoints with weights_only=True (tensors and plain Python values, "
+            "which is all that equireann-train writes)"
+        )
+    return ValueError(
+        f"{path}: cannot read the checkpoint ({size} bytes): the file is truncated or corrupt "
+        f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}). Use another checkpoint "
+        "of the run (checkpoints/best.ckpt or last.ckpt)"
+    )
+
+
 def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, Any]:
-    """A pyg_equireann training checkpoint as a dict; ``FileNotFoundError`` or ``ValueError`` naming
-    the file for missing, empty, truncated, corrupt or foreign files."""
+    """A pyg_equireann training checkpoint as a dict, read with ``torch.load(weights_only=True)`` (no
+    code runs); ``FileNotFoundError`` or ``ValueError`` naming the file for missing, empty, truncated,
+    corrupt or foreign files, files holding other pickled objects, and model configs whose
+    ``_target_`` is not an allowed model class (:func:`check_model_targets`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -77,17 +101,110 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, 
     if size == 0:
         raise ValueError(f"{path}: checkpoint file is empty (0 bytes); use another checkpoint of the run")
     try:
-        checkpoint = torch.load(str(path), map_location=map_location, weights_only=False)
-    except Exception as exc:  # RuntimeError, EOFError, UnpicklingError, ... from a damaged file
-        raise ValueError(
-            f"{path}: cannot read the checkpoint ({size} bytes): the file is truncated or corrupt "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Use another checkpoint "
-            "of the run (checkpoints/best.ckpt or last.ckpt)"
-        ) from exc
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as exc:  # RuntimeError, EOFError, UnpicklingError, ... from a damaged or unsafe file
+        raise _load_error(path, size, exc) from exc
     config = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
     if config is None or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a pyg_equireann training checkpoint (no state_dict and model_config)")
+    check_model_targets(config, path)
     return checkpoint
+
+
+# ---------------------------------------------------------------------------------------- model allow-list
+#: Hydra ``_target_``s that a model config read from a file may name (the models of ``conf/model/`` and
+#: their parts), both as the configs spell them and as ``module.qualname``. Anything else could run code
+#: when instantiated (``_target_: os.system``), so it needs :func:`register_model_class`.
+_ALLOWED_TARGETS = {
+    "pyg_equireann.EquiREANN", "pyg_equireann.equireann.EquiREANN",
+    "pyg_equireann.REANN", "pyg_equireann.reann.REANN",
+    "pyg_equireann.pyg_compat.DimeNetPlusPlusPotential",
+    "pyg_equireann.pyg_compat.ViSNetPotential",
+    "pyg_equireann.pyg_compat.RadiusInteractionGraph",
+    "pyg_equireann.mace_compat.MACEPotential",
+    "torch_geometric.nn.SchNet", "torch_geometric.nn.models.SchNet", "torch_geometric.nn.models.schnet.SchNet",
+}
+#: Hydra keys with a meaning for ``instantiate`` other than ``_target_``: never in a saved model config.
+_HYDRA_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def register_model_class(target: "type | str"):
+    """Allow a model class of your own (or its dotted ``_target_`` name) in model configs read from
+    checkpoints: ``register_model_class(MyModel)`` before ``PotentialModule.from_checkpoint`` or the
+    ASE calculator. Only register classes whose constructor you trust: a checkpoint can call it with any
+    arguments. Returns ``target``, so it also works as a class decorator. For the command-line tools, list
+    the dotted names in the environment variable ``PYG_EQUIREANN_ALLOWED_MODELS`` (comma-separated)."""
+    if isinstance(target, str):
+        name = target
+    elif isinstance(target, type):
+        name = f"{target.__module__}.{target.__qualname__}"
+    else:
+        raise TypeError(f"register_model_class takes a class or a dotted name, got {type(target).__name__}")
+    _ALLOWED_TARGETS.add(name)
+    return target
+
+
+def _allowed_names() -> set:
+    extra = os.environ.get("PYG_EQUIREANN_ALLOWED_MODELS", "")
+    return _ALLOWED_TARGETS | {n.strip() for n in extra.split(",") if n.strip()}
+
+
+def _allowed_target(name: str) -> bool:
+    allowed = _allowed_names()
+    if name in allowed:
+        return True
+    # another spelling of an allowed class (``mypkg.MyModel`` for ``mypkg.models.MyModel``): resolved only
+    # through modules that are already imported, so checking a name never imports (runs) anything
+    module, _, attr = name.rpartition(".")
+    while module and module not in sys.modules:
+        module, _, head = module.rpartition(".")
+        attr = f"{head}.{attr}"
+    if not module:
+        return False
+    obj = sys.modules[module]
+    for part in attr.split("."):
+        obj = inspect.getattr_static(obj, part, None)
+    return isinstance(obj, type) and f"{obj.__module__}.{obj.__qualname__}" in allowed
+
+
+def check_model_targets(config: Any, source: "str | os.PathLike") -> None:
+    """ValueError naming ``source`` (the file) unless the model config ``config`` is safe to pass to
+    Hydra's ``instantiate``: every ``_target_`` (also nested, also in lists) an allowed model class
+    (:func:`register_model_class`), no ``_args_``/``_partial_``/``_recursive_``/``_convert_`` and no
+    ``${...}`` interpolation (a resolver such as ``oc.decode`` could create new targets); values plain
+    Python (str, int, float, bool, None, lists, dicts)."""
+    def fail(where: str, what: str):
+        raise ValueError(f"{source}: model config entry {where}: {what}; a model config read from a file may only "
+                         "name pyg_equireann's model classes (allow your own with "
+                         "pyg_equireann.checkpoint.register_model_class or PYG_EQUIREANN_ALLOWED_MODELS=pkg.module.Class)")
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    fail(where or "(top level)", f"non-string key {key!r}")
+                here = f"{where}.{key}" if where else key
+                if key in _HYDRA_KEYS:
+                    fail(here, f"Hydra's {key} is not allowed")
+                if key == "_target_":
+                    if not isinstance(value, str):
+                        fail(here, f"a {type(value).__name__}, not a dotted class name")
+                    if not _allowed_target(value):
+                        fail(here, f"{value!r} is not an allowed model class")
+                walk(value, here)
+        elif isinstance(node, (list, tuple)):
+            for k, value in enumerate(node):
+                walk(value, f"{where}[{k}]")
+        elif isinstance(node, str):
+            if "${" in node:
+                fail(where, f"interpolation {node!r} is not allowed")
+        elif node is not None and not isinstance(node, (bool, int, float)):
+            fail(where, f"a {type(node).__name__}, not a plain value")
+
+    if not isinstance(config, Mapping) or "_target_" not in config:
+        raise ValueError(f"{source}: the model config has no _target_ (got {type(config).__name__}); "
+                         "it is not a pyg_equireann training checkpoint")
+    walk(config, "")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,4 +1,5 @@
 """Lightning module that trains any energy model ``model(z, pos, batch)`` on energies, forces, stress."""
+import os
 import random
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -15,14 +16,35 @@ UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/
          "stress_mae": "meV/Å³", "stress_rmse": "meV/Å³"}
 
 
-def build_model(model: Union[nn.Module, Mapping[str, Any]]) -> nn.Module:
+def plain(value: Any) -> Any:
+    """``value`` with OmegaConf containers (also nested) turned into dicts and lists, so that a checkpoint
+    holding it loads with ``torch.load(weights_only=True)``."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str] = None) -> nn.Module:
     """An nn.Module from a module or a Hydra-style config ``{"_target_": ..., ...}``. Models without
     per-element reference energies (PyG's SchNet, DimeNet++, ViSNet) are wrapped in
-    :class:`~pyg_equireann.reference.ReferencedModel` so every model learns the same targets."""
+    :class:`~pyg_equireann.reference.ReferencedModel` so every model learns the same targets.
+    ``source``: the file a config was read from; it is then instantiated only if every ``_target_``
+    is an allowed model class (:func:`~pyg_equireann.checkpoint.check_model_targets`)."""
     if isinstance(model, Mapping):
         from hydra.utils import instantiate
 
-        model = instantiate(dict(model))
+        model = plain(model)
+        if source is not None:
+            from .checkpoint import check_model_targets
+
+            check_model_targets(model, source)
+        model = instantiate(model)
     if not isinstance(model, EnergyReference):
         model = ReferencedModel(model)
     return model
@@ -92,7 +114,9 @@ class PotentialModule(L.LightningModule):
         super().__init__()
         if scheduler not in ("plateau", "cosine", "none"):
             raise ValueError(f"scheduler must be 'plateau', 'cosine' or 'none', got {scheduler!r}")
-        config = dict(model) if isinstance(model, Mapping) else None
+        # plain containers only (no OmegaConf objects): checkpoints must load with weights_only=True
+        config = plain(model) if isinstance(model, Mapping) else None
+        loss_schedule, betas = plain(loss_schedule), plain(betas)
         self.save_hyperparameters(ignore=["model"])
         self.hparams["model_config"] = config
         self.model = build_model(model)
@@ -104,7 +128,9 @@ class PotentialModule(L.LightningModule):
     def from_checkpoint(cls, ckpt_path: str, map_location="cpu",
                         model_config: Optional[Mapping[str, Any]] = None) -> "PotentialModule":
         """Rebuild the module and its model from a training checkpoint (the EMA weights when the
-        EMA callback was on). Missing, truncated, corrupt or foreign files raise FileNotFoundError or
+        EMA callback was on), read with ``torch.load(weights_only=True)``. Missing, truncated, corrupt
+        or foreign files, files with other pickled objects and model configs naming classes that are not
+        allowed (:func:`~pyg_equireann.checkpoint.register_model_class`) raise FileNotFoundError or
         ValueError naming the file; with ``model_config``, so does a checkpoint of another model."""
         from .checkpoint import check_model_config, read_checkpoint
 
@@ -112,7 +138,19 @@ class PotentialModule(L.LightningModule):
         if model_config is not None:
             check_model_config(ckpt_path, checkpoint, model_config)
         config = checkpoint["hyper_parameters"]["model_config"]
-        return cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, model=config, weights_only=False)
+        return cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, model=config, weights_only=True)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: Optional[bool] = True, **kwargs) -> "PotentialModule":
+        """Lightning's ``load_from_checkpoint``, but with ``weights_only=True`` unless asked otherwise and,
+        without a ``model`` argument, the model rebuilt from the checkpoint's own model config after the
+        checks of :func:`~pyg_equireann.checkpoint.read_checkpoint` (prefer :meth:`from_checkpoint`)."""
+        if "model" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
+            from .checkpoint import read_checkpoint
+
+            kwargs["model"] = read_checkpoint(checkpoint_path, map_location or "cpu")["hyper_parameters"]["model_config"]
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
     # ------------------------------------------------------------------ physics
     def forward(self, batch) -> Dict[str, Tensor]:

@@ -19,10 +19,13 @@ def _resume_dir(ckpt_path, default):
 
 
 def _ckpt_model_cutoff(ckpt_path):
+    """The model cutoff (Å) of a checkpoint, read safely (:func:`~pyg_equireann.checkpoint.read_checkpoint`)."""
     from ..checkpoint import read_checkpoint
 
-    config = read_checkpoint(ckpt_path)["hyper_parameters"]["model_config"]
-    return float(config.get("cutoff", 5.0))
+    cutoff = read_checkpoint(ckpt_path)["hyper_parameters"]["model_config"].get("cutoff", 5.0)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)):
+        raise ValueError(f"{ckpt_path}: model config entry cutoff is {cutoff!r}, not a number")
+    return float(cutoff)
 
 
 def register_resolvers() -> None:

@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
                "epochs": trainer.current_epoch, "steps": trainer.global_step,
                "fit_wall_seconds": time.perf_counter() - fit_start}
@@ -143,7 +143,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     results: Dict[str, float] = {}
     if cfg.get("test"):
         ckpt = "best" if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path else None
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True)
         for entry in tested:
             results.update({k: float(v) for k, v in entry.items()})
         if trainer.is_global_zero:

@@ -25,7 +25,8 @@ log = logging.getLogger("equireann-eval")
 
 
 def load_checkpoint(ckpt_path: str, float64: bool = False):
-    """The :class:`~pyg_equireann.lightning.PotentialModule` of a training checkpoint (EMA weights)."""
+    """The :class:`~pyg_equireann.lightning.PotentialModule` of a training checkpoint (EMA weights), read
+    safely (``weights_only=True``, allowed model classes only), in float64 or float32 as the data."""
     from ..lightning import PotentialModule
 
     path = Path(ckpt_path).expanduser()
@@ -33,7 +34,7 @@ def load_checkpoint(ckpt_path: str, float64: bool = False):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     module = PotentialModule.from_checkpoint(str(path))
     module.eval()
-    return module.double() if float64 else module
+    return module.double() if float64 else module.float()
 
 
 def check_elements(module, datamodule, ckpt_path) -> None:

@@ -10,8 +10,9 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch import nn
 
-from .deploy import DeployedPotential
+from .deploy import DeployedPotential, script_error
 from .neighbors import radius_graph, radius_graph_pbc
+from .validation import check_cell_density, check_geometry
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
            torch.float64: torch.float64}
@@ -83,6 +84,10 @@ class EquiREANNCalculator(Calculator):
     ``skin / 2`` since it was built and numbers, cell and pbc are unchanged; pairs beyond the cutoff
     contribute exactly zero (smooth cutoff), so results equal those of a fresh list.
 
+    Structures that the Python model rejects raise the same ``ValueError``: NaN/inf positions, atoms or
+    periodic images closer than 0.01 Å, and (before the neighbour list is built) periodic cells denser
+    than 1 atom/Å³ (:mod:`pyg_equireann.validation`).
+
     Args:
         model: exported model (``equireann-export``), training checkpoint or module (see
             :func:`load_potential`).
@@ -119,7 +124,9 @@ class EquiREANNCalculator(Calculator):
                 return nl["edge_index"], nl["edge_shift"]
         pos = torch.from_numpy(positions)
         radius = self.cutoff + self.skin
-        if pbc.any():
+        if pbc.any():  # before the list can explode (one atom in a 0.05 Å cell: 4e6 neighbours)
+            check_cell_density(torch.tensor([len(positions)]), torch.from_numpy(cell).unsqueeze(0),
+                               torch.from_numpy(pbc).unsqueeze(0), self.cutoff)
             edge_index, offsets = radius_graph_pbc(pos, radius, None, torch.from_numpy(cell), torch.from_numpy(pbc))
             shift = (offsets @ torch.from_numpy(cell)).to(self.device, self.dtype)
         else:
@@ -136,11 +143,17 @@ class EquiREANNCalculator(Calculator):
         want_stress = bool(atoms.pbc.any()) and abs(atoms.cell.volume) > 0
         if "stress" in properties and not want_stress:
             raise PropertyNotImplementedError("stress needs a periodic cell with non-zero volume")
+        positions = atoms.get_positions()
+        if not np.isfinite(positions).all():  # the model's message, before the neighbour search
+            check_geometry(torch.from_numpy(positions), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0))
         edge_index, shift = self._neighbors(atoms)
-        pos = torch.tensor(atoms.get_positions(), dtype=self.dtype, device=self.device)
+        pos = torch.tensor(positions, dtype=self.dtype, device=self.device)
         z = torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long, device=self.device)
-        with torch.enable_grad():
-            out = self.potential(pos, z, edge_index, shift, None, want_stress)
+        try:  # the potential checks the geometry (atoms or images closer than 0.01 Å)
+            with torch.enable_grad():
+                out = self.potential(pos, z, edge_index, shift, None, want_stress)
+        except torch.jit.Error as error:  # a ValueError raised in TorchScript: re-raise it as one
+            raise script_error(error) from None
         energy = float(out["energy"].sum())
         self.results = {
             "energy": energy,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .elements import MAX_Z
+from .validation import MAX_ATOM_DENSITY, MIN_DISTANCE, cell_density_message, geometry_message
 
 #: Interface version written into exported files (``metadata.json``).
 INTERFACE_VERSION = 1
@@ -147,6 +148,12 @@ class DeployedPotential(nn.Module):
 
     Must be called with autograd enabled (not under ``torch.no_grad()``). :meth:`neighbor_list` and
     :meth:`compute` build the neighbour list in pure torch for single structures.
+
+    Bad input raises ``ValueError`` with the Python model's text (:mod:`pyg_equireann.validation`):
+    NaN/inf positions, atoms or images closer than ``min_distance`` (0.01 Å), and in
+    :meth:`neighbor_list` cells denser than ``max_atom_density`` (1 atom/Å³). Scripted, torch reports
+    it as ``torch.jit.Error`` whose last line is ``builtins.ValueError: <text>``; :func:`script_error`
+    (used by the ASE calculator) turns that back into the ValueError.
     """
 
     def __init__(self, model: nn.Module):
@@ -161,6 +168,8 @@ class DeployedPotential(nn.Module):
         param = next(model.parameters())
         dtype, device = param.dtype, param.device
         self.cutoff = float(model.cutoff)
+        self.min_distance = float(getattr(model, "min_distance", MIN_DISTANCE))
+        self.max_atom_density = MAX_ATOM_DENSITY
         self.elements: List[int] = list(model.elements) if model.elements is not None else list(range(1, MAX_Z + 1))
         self.num_radial = int(model.num_radial)
         self.num_elements = len(self.elements)
@@ -238,10 +247,17 @@ class DeployedPotential(nn.Module):
                 raise ValueError("edge_shift has " + str(edge_shift.shape[0]) + " rows but there are "
                                  + str(num_edges) + " edges")
             vectors = vectors + edge_shift.to(dtype)
-        # pairs at or beyond the cutoff contribute exactly zero (f = 0): drop them (lists built with a skin)
-        within = vectors.square().sum(-1) < self.cutoff * self.cutoff
+        # the model's geometry check (finite positions, no pair closer than min_distance) and the test for
+        # pairs at or beyond the cutoff, which contribute exactly zero (lists built with a skin): one sync
+        squared = vectors.square().sum(-1)
+        within = squared < self.cutoff * self.cutoff
+        ok = torch.isfinite(pos).all() & (squared >= self.min_distance * self.min_distance).all()
+        flags: List[bool] = torch.stack([ok, within.all()]).tolist()
+        if not flags[0]:
+            raise ValueError(geometry_message(pos.detach(), edge_index, squared.sqrt(), batch, edge_shift,
+                                              self.min_distance))
         kept: Optional[Tensor] = None
-        if not bool(within.all()):
+        if not flags[1]:
             kept = within.nonzero().squeeze(1)
             edge_index = edge_index.index_select(1, kept)
             vectors = vectors.index_select(0, kept)
@@ -308,6 +324,11 @@ class DeployedPotential(nn.Module):
                 periodic = torch.ones(3, dtype=torch.bool, device=device)
             else:
                 periodic = pbc.to(device=device, dtype=torch.bool).view(3)
+        if cell is not None:  # before the list can explode (one atom in a 0.05 Å cell: 4e6 neighbours)
+            message = cell_density_message(torch.tensor([n], device=device), box.unsqueeze(0),
+                                           periodic.unsqueeze(0), self.cutoff, self.max_atom_density)
+            if message != "":
+                raise ValueError(message)
         wrapped = pos
         wrap = torch.zeros(n, 3, dtype=dtype, device=device)
         counts = [0, 0, 0]
@@ -351,6 +372,17 @@ class DeployedPotential(nn.Module):
         """:meth:`forward` for one structure with the pure-torch :meth:`neighbor_list`."""
         edge_index, edge_shift = self.neighbor_list(pos, cell, pbc)
         return self.forward(pos, atomic_numbers, edge_index, edge_shift, None, compute_virial)
+
+
+def script_error(error: Exception) -> Exception:
+    """The ``ValueError`` that scripted code raised, from the ``torch.jit.Error`` that reports it (its
+    text is the last line, ``builtins.ValueError: <text>``); other errors unchanged."""
+    prefix = "builtins.ValueError: "
+    if isinstance(error, torch.jit.Error):
+        lines = [line for line in str(error).splitlines() if line.startswith(prefix)]
+        if lines:
+            return ValueError(lines[-1][len(prefix):])
+    return error
 
 
 def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None, script: bool = True) -> nn.Module:

@@ -13,7 +13,7 @@ from .harmonics import AngularBasis
 from .mlp import MLP, ElementMLPs
 from .neighbors import build_graph
 from .reference import EnergyReference
-from .validation import MIN_DISTANCE, check_geometry
+from .validation import MIN_DISTANCE, check_geometry, check_structure
 
 
 def _graph_kwargs(batch) -> Dict[str, Tensor]:
@@ -222,7 +222,10 @@ class EquiREANN(EnergyReference):
 
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
-        """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None."""
+        """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None.
+        ValueError for cells too dense for a neighbour list (:func:`~pyg_equireann.validation.check_cell_density`)."""
+        if cell is not None:
+            check_structure(pos.detach(), self.cutoff, batch, cell, pbc)
         return build_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)
 
     def forward(

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .neighbors import build_graph
+from .validation import check_structure
 
 
 def energy_forces_stress(
@@ -35,7 +36,9 @@ def energy_forces_stress(
         compute_stress: also return ``stress`` (needs ``cell``).
         create_graph: keep the graph of the derivatives (for training on forces).
         edge_index, cell_offsets: a precomputed neighbour list (e.g. cached by a data module) with
-            integer cell offsets for periodic graphs; built here when None.
+            integer cell offsets for periodic graphs; built here when None, after
+            :func:`~pyg_equireann.validation.check_structure` (ValueError for NaN/inf positions and cells
+            denser than :data:`~pyg_equireann.validation.MAX_ATOM_DENSITY`).
     """
     rc = float(cutoff if cutoff is not None else model.cutoff)
     if batch is None:
@@ -43,6 +46,8 @@ def energy_forces_stress(
     if compute_stress and cell is None:
         raise ValueError("stress needs a periodic cell")
     if edge_index is None:
+        # finite positions, and a cell that is not absurdly dense, before the neighbour list can explode
+        check_structure(pos.detach(), rc, batch, cell, pbc)
         backend = getattr(model, "neighbor_backend", "auto")
         edge_index, cell_offsets = build_graph(pos.detach(), rc, batch, cell, pbc, backend=backend)
     elif cell is not None and cell_offsets is None:

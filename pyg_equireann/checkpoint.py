@@ -74,7 +74,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _load_error(path: Path, size: int, exc: Exception) -> ValueError:
     """The ValueError for a file that ``torch.load(weights_only=True)`` refused or could not read."""
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+    # weights_only refused a pickled object (an "Unsupported operand" is a damaged file instead)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower() and "Unsupported operand" not in text:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         return ValueError(
@@ -82,10 +83,10 @@ def _load_error(path: Path, size: int, exc: Exception) -> ValueError:
             "pyg_equireann only loads checkpoints with weights_only=True (tensors and plain Python values, "
             "which is all that equireann-train writes)"
         )
+    lines = [line.strip() for line in text.splitlines() if "Unsupported operand" in line] or text.splitlines() or [""]
     return ValueError(
         f"{path}: cannot read the checkpoint ({size} bytes): the file is truncated or corrupt "
-        f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}). Use another checkpoint "
-        "of the run (checkpoints/best.ckpt or last.ckpt)"
+        f"({type(exc).__name__}: {lines[0]}). Use another checkpoint of the run (checkpoints/best.ckpt or last.ckpt)"
     )
 
 

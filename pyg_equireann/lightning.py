@@ -17,8 +17,9 @@ UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/
 
 
 def plain(value: Any) -> Any:
-    """``value`` with OmegaConf containers (also nested) turned into dicts and lists, so that a checkpoint
-    holding it loads with ``torch.load(weights_only=True)``."""
+    """``value`` with OmegaConf containers (also nested) turned into dicts and lists, paths into strings
+    and numpy values into Python ones, so that a checkpoint holding it loads with
+    ``torch.load(weights_only=True)``."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(value):
@@ -27,6 +28,10 @@ def plain(value: Any) -> Any:
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(plain(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
     return value
 
 
@@ -327,7 +332,13 @@ class PotentialModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # Plain tensors and tuples only, so that torch.load(weights_only=True) accepts the file.
+        # Plain tensors and tuples only, so that torch.load(weights_only=True) accepts the file: also the
+        # data module's hyperparameters (OmegaConf lists from Hydra, paths from Python callers).
+        for key in [k for k in checkpoint if k.endswith("hparams_type")]:
+            checkpoint.pop(key)  # the class of an OmegaConf hparams container: plain dicts below
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(dict(checkpoint[key]))
         name, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),

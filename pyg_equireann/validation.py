@@ -171,7 +171,7 @@ def cell_density_message(
     g = int(bad.nonzero()[0, 0])
     where = "" if cell.shape[0] == 1 else "structure " + str(g) + ": "
     if not bool(torch.isfinite(cell[g]).all()):
-        return where + "the cell contains NaN or inf: " + _format_row(cell[g].flatten())
+        return where + "the cell contains non-finite values (NaN or inf): " + _format_row(cell[g].flatten())
     k = int(periodic[g])
     n = int(num_atoms[g])
     covol = float(covolume[g])

@@ -46,7 +46,9 @@ def files(tmp_path_factory):
     """The genuine run and the crafted checkpoints; ``files["marker"]`` must never appear."""
     root = tmp_path_factory.mktemp("security")
     run_dir = root / "run"
-    hydra_app([*COMMON, f"hydra.run.dir={run_dir}"], train_run)
+    # E0 given as a mapping: an OmegaConf DictConfig in the data module's hyperparameters, which the
+    # checkpoint must hold as a plain dict (else trainer.test(ckpt_path="best") cannot load it safely)
+    hydra_app([*COMMON, "++data.atomic_energies={H:-13.6,C:-1029.8,O:-2041.8}", f"hydra.run.dir={run_dir}"], train_run)
     genuine = run_dir / "checkpoints" / "best.ckpt"
     marker = root / "MARKER"
     checkpoint = torch.load(genuine, weights_only=True)  # a genuine checkpoint holds no other objects
@@ -138,7 +140,9 @@ def test_genuine_checkpoint_through_every_entry_point(files, tmp_path):
     """What equireann-train writes loads with weights_only=True and gives the same numbers everywhere."""
     run_dir, genuine = files["run"], files["genuine"]
     for name in ("best.ckpt", "last.ckpt"):
-        torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        saved = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert saved["datamodule_hyper_parameters"]["atomic_energies"] == {"H": -13.6, "C": -1029.8, "O": -2041.8}
+    assert (run_dir / "test_metrics.json").is_file()  # the final test loaded best.ckpt (weights_only=True)
     atoms = ethanol()
     module = PotentialModule.from_checkpoint(genuine)
     from pyg_equireann import energy_forces_stress

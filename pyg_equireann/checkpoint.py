@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -102,8 +103,13 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, 
     if size == 0:
         raise ValueError(f"{path}: checkpoint file is empty (0 bytes); use another checkpoint of the run")
     try:
-        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as exc:  # RuntimeError, EOFError, UnpicklingError, ... from a damaged or unsafe file
+        if "TorchScript archives" in str(exc):
+            raise ValueError(f"{path} is an exported TorchScript model, not a pyg_equireann training checkpoint "
+                             "(no state_dict and model_config)") from exc
         raise _load_error(path, size, exc) from exc
     config = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
     if config is None or "state_dict" not in checkpoint:

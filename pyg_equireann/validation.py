@@ -6,7 +6,7 @@ The message builders (:func:`geometry_message`, :func:`cell_density_message`) co
 Python model.
 """
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -139,18 +139,10 @@ def check_geometry(
     raise ValueError(geometry_message(pos, edge_index, edge_lengths, batch, edge_shift, min_distance))
 
 
-def cell_density_message(
-    num_atoms: Tensor,
-    cell: Tensor,
-    pbc: Tensor,
-    cutoff: float,
-    max_density: float = MAX_ATOM_DENSITY,
-) -> str:
-    """``""`` if every periodic structure is sparse enough for a neighbour list within ``cutoff`` (Å),
-    else the error text for the first one that is not (see :data:`MAX_ATOM_DENSITY`): a non-finite cell,
-    a cell of zero volume, or more estimated neighbours per atom than ``max_density`` · (4/3)πr_c³.
-    ``num_atoms`` (B,) atoms per structure, ``cell`` (B, 3, 3) rows = lattice vectors (Å), ``pbc`` (B, 3)
-    bool. One host sync."""
+def _cell_density(num_atoms: Tensor, cell: Tensor, pbc: Tensor, cutoff: float,
+                  max_density: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(bad (B,) bool, estimated neighbours per atom (B,), covolume of the periodic directions (B,),
+    number of periodic directions (B,), cell (B, 3, 3) float64) without a host sync."""
     cell = cell.detach().to(torch.float64).reshape(-1, 3, 3)
     pbc = pbc.to(device=cell.device, dtype=torch.bool).reshape(-1, 3)
     periodic = pbc.sum(dim=1)
@@ -163,9 +155,26 @@ def cell_density_message(
     ball = torch.tensor([0.0, 2.0 * rc, math.pi * rc * rc, 4.0 / 3.0 * math.pi * rc ** 3],
                         dtype=cell.dtype, device=cell.device)
     images = ball.index_select(0, periodic) / covolume  # periodic images of one atom within the cutoff
-    neighbors = torch.where(periodic == 3, num_atoms.to(cell.dtype) * images, images)
+    neighbors = torch.where(periodic == 3, num_atoms.to(cell.device, cell.dtype) * images, images)
     limit = max_density * 4.0 / 3.0 * math.pi * rc ** 3
     bad = (periodic > 0) & ~(neighbors <= limit)  # NaN and inf too
+    return bad, neighbors, covolume, periodic, cell
+
+
+def cell_density_message(
+    num_atoms: Tensor,
+    cell: Tensor,
+    pbc: Tensor,
+    cutoff: float,
+    max_density: float = MAX_ATOM_DENSITY,
+) -> str:
+    """``""`` if every periodic structure is sparse enough for a neighbour list within ``cutoff`` (Å),
+    else the error text for the first one that is not (see :data:`MAX_ATOM_DENSITY`): a non-finite cell,
+    a cell of zero volume, or more estimated neighbours per atom than ``max_density`` · (4/3)πr_c³.
+    ``num_atoms`` (B,) atoms per structure, ``cell`` (B, 3, 3) rows = lattice vectors (Å), ``pbc`` (B, 3)
+    bool. One host sync."""
+    bad, neighbors, covolume, periodic, cell = _cell_density(num_atoms, cell, pbc, cutoff, max_density)
+    rc = float(cutoff)
     if not bool(bad.any()):
         return ""
     g = int(bad.nonzero()[0, 0])
@@ -204,17 +213,20 @@ def check_structure(pos: Tensor, cutoff: float, batch: Optional[Tensor] = None, 
     """The checks to run before building a neighbour list within ``cutoff`` (Å): finite positions
     (:func:`check_geometry`'s text) and, for periodic structures, :func:`check_cell_density`.
     ``pos`` (N, 3), ``batch`` (N,) sorted or None, ``cell`` (3, 3) or (B, 3, 3), ``pbc`` (3,) or (B, 3)
-    (default all periodic when a cell is given)."""
-    if not bool(torch.isfinite(pos).all()):
-        empty = torch.zeros(0, device=pos.device)
-        check_geometry(pos, torch.zeros(2, 0, dtype=torch.long, device=pos.device), empty, batch)
-    if cell is None:
+    (default all periodic when a cell is given). One host sync when everything is fine."""
+    finite = torch.isfinite(pos).all()
+    bad = torch.zeros(0, dtype=torch.bool, device=pos.device)
+    if cell is not None:
+        cells = cell.reshape(-1, 3, 3)
+        periodic = torch.ones(3, dtype=torch.bool) if pbc is None else torch.as_tensor(pbc).to(torch.bool)
+        periodic = periodic.reshape(-1, 3).expand(cells.shape[0], 3).to(cells.device)
+        if batch is None or cells.shape[0] == 1:
+            num_atoms = torch.tensor([pos.shape[0]], device=cells.device)
+        else:
+            num_atoms = torch.bincount(batch, minlength=cells.shape[0]).to(cells.device)
+        bad = _cell_density(num_atoms, cells, periodic, cutoff, max_density)[0].to(pos.device)
+    if bool(finite & ~bad.any()):
         return
-    cells = cell.reshape(-1, 3, 3)
-    periodic = torch.ones(3, dtype=torch.bool) if pbc is None else torch.as_tensor(pbc).to(torch.bool)
-    periodic = periodic.reshape(-1, 3).expand(cells.shape[0], 3).to(cells.device)
-    if batch is None or cells.shape[0] == 1:
-        num_atoms = torch.tensor([pos.shape[0]], device=cells.device)
-    else:
-        num_atoms = torch.bincount(batch, minlength=cells.shape[0]).to(cells.device)
+    if not bool(finite):
+        check_geometry(pos, torch.zeros(2, 0, dtype=torch.long, device=pos.device), pos.new_zeros(0), batch)
     check_cell_density(num_atoms, cells, periodic, cutoff, max_density)

@@ -195,3 +195,13 @@ def test_own_model_class_needs_explicit_permission(files, tmp_path, monkeypatch)
     monkeypatch.setattr(checkpoint_module, "_ALLOWED_TARGETS", set(checkpoint_module._ALLOWED_TARGETS))
     assert register_model_class(OwnModel) is OwnModel
     assert read_checkpoint(path)["hyper_parameters"]["model_config"]["_target_"] == target
+
+
+def test_refused_even_when_torch_is_told_to_unpickle(files, monkeypatch):
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (set for libraries that need it) turns torch.load's default
+    into weights_only=False; every load here passes weights_only=True explicitly, which it cannot override."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for load in (read_checkpoint, PotentialModule.from_checkpoint, PotentialModule.load_from_checkpoint):
+        with pytest.raises(ValueError, match="contains pickled Python objects that are not allowed"):
+            load(files["pickled"])
+    assert not files["marker"].exists()

@@ -182,8 +182,8 @@ def check_model_targets(config: Any, source: "str | os.PathLike") -> None:
     Python (str, int, float, bool, None, lists, dicts)."""
     def fail(where: str, what: str):
         raise ValueError(f"{source}: model config entry {where}: {what}; a model config read from a file may only "
-                         "name pyg_equireann's model classes (allow your own with "
-                         "pyg_equireann.checkpoint.register_model_class or PYG_EQUIREANN_ALLOWED_MODELS=pkg.module.Class)")
+                         "name pyg_equireann's model classes (allow your own with pyg_equireann.checkpoint."
+                         "register_model_class or PYG_EQUIREANN_ALLOWED_MODELS=pkg.module.Class)")
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, Mapping):

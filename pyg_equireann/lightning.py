@@ -154,7 +154,8 @@ class PotentialModule(L.LightningModule):
         if "model" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
             from .checkpoint import read_checkpoint
 
-            kwargs["model"] = read_checkpoint(checkpoint_path, map_location or "cpu")["hyper_parameters"]["model_config"]
+            checkpoint = read_checkpoint(checkpoint_path, map_location or "cpu")
+            kwargs["model"] = checkpoint["hyper_parameters"]["model_config"]
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
     # ------------------------------------------------------------------ physics

@@ -23,11 +23,13 @@ def plain(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
+        return plain(OmegaConf.to_container(value, resolve=True))  # may hold pathlib.Path values
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (np.generic, np.ndarray)):

@@ -13,7 +13,6 @@ config (``.hydra/config.yaml``), not the defaults; overrides that would make it 
 refused (:func:`resume_config`). Each resume adds its own record, ``resumes/<time>/`` (``config.yaml``,
 ``config_resolved.yaml``, ``overrides.yaml``, ``hydra.yaml``); the run's first record is never overwritten.
 """
-import contextlib
 import datetime
 import json
 import logging
@@ -190,8 +189,6 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         subdir = hydra_cfg.output_subdir  # a refused resume leaves no record
         if subdir and Path(subdir).parts[0] == "resumes":
             shutil.rmtree(Path(hydra_cfg.runtime.output_dir) / subdir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (Path(hydra_cfg.runtime.output_dir) / "resumes").rmdir()  # if empty
         show = lambda v: "(not set)" if v is _UNSET else repr(v)  # noqa: E731
         lines = [f"  {'.'.join(map(str, k))}: run {show(leaves.get(k, before.get(k, _UNSET)))}, "
                  f"command line {show(changes[k])}" for k in refused]

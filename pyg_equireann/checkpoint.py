@@ -13,23 +13,53 @@ import math
 import os
 import pickle
 import re
+import socket
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def _owner_alive(temp: Path, prefix: str) -> bool:
+    """Whether the writer of the temporary file ``temp`` (``<prefix><host>.<pid>.<random>.tmp``) may still be
+    writing it: a live pid of this host, or a file of another host (a shared file system) younger than a day.
+    Names without an owner (written before owners were recorded) count as left by a killed save."""
+    parts = temp.name[len(prefix):].rsplit(".", 3)  # host names may contain dots
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    if parts[0] != socket.gethostname():
+        try:
+            return time.time() - temp.stat().st_mtime < 86400
+        except FileNotFoundError:
+            return True
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: the pid exists (another user's process)
+        pass
+    return True
 
 
 def atomic_torch_save(obj: Any, path: "str | os.PathLike") -> Path:
-    """``torch.save(obj)`` to ``path`` via ``.<name>.<random>.tmp`` in the same folder + fsync + ``os.replace``:
-    readers (and a run killed at any moment) see either the old file or the complete new one."""
+    """``torch.save(obj)`` to ``path`` via ``.<name>.<host>.<pid>.<random>.tmp`` in the same folder + fsync +
+    ``os.replace``: readers (and a run killed at any moment) see either the old file or the complete new one.
+    Temporary files left by killed writers (a pid of this host that is gone) are removed; those of live
+    writers (another run saving to the same folder) are left alone, so concurrent writers never fail."""
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{socket.gethostname()}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -43,8 +73,8 @@ def atomic_torch_save(obj: Any, path: "str | os.PathLike") -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by earlier saves that were killed
-        if str(stale) != tmp:
+    for stale in path.parent.glob(f"{prefix}*.tmp"):  # left by earlier saves that were killed
+        if str(stale) != tmp and not _owner_alive(stale, prefix):
             stale.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         try:
@@ -89,6 +119,49 @@ def _load_error(path: Path, size: int, exc: Exception) -> ValueError:
         f"{path}: cannot read the checkpoint ({size} bytes): the file is truncated or corrupt "
         f"({type(exc).__name__}: {lines[0]}). Use another checkpoint of the run (checkpoints/best.ckpt or last.ckpt)"
     )
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` (``best.ckpt`` by ``monitor``) whose ``last.ckpt``
+    (``save_last=True``) is always the last state of the run: written at the end of every epoch, when training
+    stops early (``TrainingBudget``, ``trainer.max_time``, early stopping) and when it is interrupted
+    (``KeyboardInterrupt``, ``SIGTERM`` as SLURM sends before a time limit). Lightning 2.6's ``ModelCheckpoint``
+    writes ``last.ckpt`` only together with a new best checkpoint, so a resume from it silently repeated
+    every epoch since the best one. Other exceptions save nothing: their state may be broken (NaN weights)."""
+
+    _last_saved_step: Optional[int] = None
+
+    @property
+    def state_key(self) -> str:  # the key of ModelCheckpoint: checkpoints of either class resume with either
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_step = trainer.global_step
+
+    def _save_last_now(self, trainer) -> None:
+        if (not self.save_last or trainer.fast_dev_run or trainer.sanity_checking
+                or trainer.state.fn != TrainerFn.FITTING or self._last_saved_step == trainer.global_step):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            self._save_last_now(trainer)
 
 
 def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, Any]:

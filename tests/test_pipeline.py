@@ -277,9 +277,10 @@ def test_compose_launcher(launcher, cls, cpus, tmp_path):
     assert cfg.hydra.launcher.cpus_per_task == cpus and cfg.hydra.launcher.timeout_min == 240
 
 
-def test_run_dir_and_resume_dir(tmp_path):
+def test_run_dir_and_resume_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run folder is created when the config is read
     cfg = compose_train([], tmp_path)
-    assert cfg.hydra.run.dir.startswith("runs/equireann_rmd17/")
+    assert cfg.hydra.run.dir.startswith("runs/equireann_rmd17/") and Path(cfg.hydra.run.dir).is_dir()
     ckpt = tmp_path / "some_run" / "checkpoints" / "last.ckpt"
     cfg = compose_train([f"ckpt_path={ckpt}"], tmp_path)
     assert Path(cfg.hydra.run.dir) == (tmp_path / "some_run").resolve()

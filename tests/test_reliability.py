@@ -368,62 +368,8 @@ def test_checkpoint_survives_sigkill_during_writes(tmp_path):
 
 
 # --------------------------------------------------------------------------- 4. SIGKILL mid-training
-
-
-def _latest_epoch(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return None
-
-
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-    """An ``equireann-train`` process (float64, deterministic, 5 epochs of 8 steps) is killed with
-    SIGKILL during epoch 2 or 3, after last.ckpt of an earlier epoch exists; ``ckpt_path=.../last.ckpt``
-    continues it, and the final validation and test metrics equal those of an uninterrupted run bit for
-    bit. The uninterrupted and resumed runs run in this process (same code path, no start-up cost)."""
-    import threading
-
-    torch.set_default_dtype(torch.float32)  # as in a fresh process (conftest sets float64)
-    common = [*TINY, "data.num_train=40", "model.num_channels=8", "float64=true", "trainer.deterministic=true",
-              "data.batch_size=5", "module.plateau_patience=0", "callbacks.ema.decay=0.9", "trainer.max_epochs=5"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    last = killed / "checkpoints" / "last.ckpt"
-    victim = subprocess.Popen([str(BIN / "equireann-train"), *common, f"hydra.run.dir={killed}"], cwd=tmp_path,
-                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def kill_after_epoch_1():
-        deadline = time.time() + 240
-        while time.time() < deadline and victim.poll() is None:
-            epoch = _latest_epoch(last) if last.exists() else None
-            if epoch is not None and epoch >= 1:
-                time.sleep(0.3)  # into the next epoch (about 1 s each)
-                break
-            time.sleep(0.02)
-        if victim.poll() is None:
-            victim.send_signal(signal.SIGKILL)
-        victim.wait()
-
-    killer = threading.Thread(target=kill_after_epoch_1)
-    killer.start()
-    hydra_app([*common, f"hydra.run.dir={full}"], train_run)  # meanwhile: the uninterrupted run
-    killer.join()
-    stderr = victim.stderr.read()
-    victim.stderr.close()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it was killed: " + stderr[-2000:]
-    killed_at = torch.load(last, weights_only=False)["epoch"]  # readable: written atomically
-    assert 1 <= killed_at <= 3 and not (killed / "test_metrics.json").exists()
-
-    hydra_app([*common, f"ckpt_path={last}"], train_run)  # resumes in the killed run's folder
-    (resumed_csv,) = killed.glob("logs_resumed_*/metrics.csv")
-    resumed = read_csv(resumed_csv)
-    assert min(int(r["epoch"]) for r in resumed if r["val/loss"]) == killed_at + 1
-    epoch_full, val_full = last_epoch_values(read_csv(full / "logs" / "metrics.csv"), "val/")
-    epoch_resumed, val_resumed = last_epoch_values(resumed, "val/")
-    assert epoch_full == epoch_resumed == 4
-    assert val_full == val_resumed  # bit-identical
-    assert json.loads((full / "test_metrics.json").read_text()) == json.loads((killed / "test_metrics.json").read_text())
-    assert list(killed.glob("run_info_resumed_*.json"))
+# test_resume.py::test_sigkill_mid_epoch_then_resume_equals_uninterrupted (the run of `make train`, resumed
+# with ckpt_path= alone)
 
 
 # --------------------------------------------------------------------------- 5. reproducibility

@@ -1,15 +1,22 @@
 """``equireann-train``: train a potential with Lightning, configured by Hydra (``conf/train.yaml``).
 
-Every run writes one folder (``runs/<model>_<data>/<time>/``): ``.hydra/`` (composed and resolved
-config), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
+Every run writes one folder (``runs/<model>_<data>/<time>/``, ``<time>-2`` ... for runs started in the same
+second): ``.hydra/`` (composed config, overrides), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
 ``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time),
 ``test_metrics.json``, ``train.log`` and ``run_info.json`` (package versions, git
 commit, platform, torch settings; ``run_info_resumed_<time>.json`` for each resumption). Checkpoints are
-written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`).
+written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`); ``last.ckpt`` is the last
+epoch (or the state at an interrupt), ``best.ckpt`` the best by validation loss.
+
+Resuming (``ckpt_path=<run>/checkpoints/last.ckpt``) continues in the run's folder with the run's recorded
+config (``.hydra/config.yaml``), not the defaults; overrides that would make it another experiment are
+refused (:func:`resume_config`). Each resume adds its own record, ``resumes/<time>/`` (``config.yaml``,
+``config_resolved.yaml``, ``overrides.yaml``, ``hydra.yaml``); the run's first record is never overwritten.
 """
 import datetime
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import hydra
 import lightning as L
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
@@ -107,11 +115,126 @@ def build_trainer(cfg: DictConfig, out_dir: Path):
     return trainer, callbacks
 
 
+#: keys that a resume may change on the command line without making it another experiment (prefixes)
+RESUME_HARMLESS = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.min_epochs",
+                   "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                   "num_threads", "test", "budget.minutes", "logger")
+_UNSET = object()
+
+
+def _leaves(node: Any, path=()) -> Dict[tuple, Any]:
+    """``{("data", "batch_size"): 5, ...}`` for a config container (unresolved); empty dicts are leaves."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, child in node.items() for k, v in _leaves(child, (*path, key)).items()}
+    return {path: node}
+
+
+def _set_leaf(container: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        if not isinstance(container.get(key), dict):
+            container[key] = {}
+        container = container[key]
+    if value is _UNSET:
+        container.pop(path[-1], None)
+    else:
+        container[path[-1]] = value
+
+
+def _harmless(key: tuple) -> bool:
+    name = ".".join(map(str, key))
+    return any(name == h or name.startswith(h + ".") for h in RESUME_HARMLESS)
+
+
+def _run_overrides(overrides) -> List[str]:
+    """The command-line overrides that configure the run (without ``hydra.*``, ``ckpt_path``, ``resume_overrides``)."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+    return [o for o in overrides if key(o) not in ("ckpt_path", "resume_overrides") and not key(o).startswith("hydra")]
+
+
+def recorded_run(ckpt_path) -> Optional[Path]:
+    """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt``) if it holds the run's config record."""
+    if ckpt_path in (None, "", "None", "null"):
+        return None
+    from . import _resume_dir
+
+    run_dir = Path(_resume_dir(ckpt_path, None))
+    return run_dir if (run_dir / ".hydra" / "config.yaml").is_file() else None
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """The config to run: ``cfg`` for a new run or a checkpoint outside a run folder; for a checkpoint of a run
+    folder the run's recorded config (``.hydra/config.yaml``) with the changes of this command's overrides.
+    ``ValueError`` listing each change (key, run's value, command line's value) that is not harmless
+    (:data:`RESUME_HARMLESS`) unless ``resume_overrides=allow``. Keys added to ``conf/`` since the run get
+    their defaults."""
+    run_dir = recorded_run(cfg.get("ckpt_path"))
+    if run_dir is None:
+        return cfg
+    policy = cfg.get("resume_overrides", "refuse")
+    if policy not in ("refuse", "allow"):
+        raise ValueError(f"resume_overrides must be 'refuse' or 'allow', not {policy!r}")
+    hydra_cfg = HydraConfig.get()
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    original = _run_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
+    ours = _run_overrides(hydra_cfg.overrides.task)
+    # what this command's overrides change, composed both ways with today's conf/
+    before = _leaves(OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=original)))
+    after = _leaves(OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=original + ours)))
+    changes = {k: after.get(k, _UNSET) for k in {*before, *after} if before.get(k, _UNSET) != after.get(k, _UNSET)}
+    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    leaves = _leaves(recorded)
+    refused = sorted((k for k in changes if not _harmless(k)), key=str)
+    if refused and policy != "allow":
+        subdir = hydra_cfg.output_subdir  # a refused resume leaves no record
+        if subdir and Path(subdir).parts[0] == "resumes":
+            shutil.rmtree(Path(hydra_cfg.runtime.output_dir) / subdir, ignore_errors=True)
+        show = lambda v: "(not set)" if v is _UNSET else repr(v)  # noqa: E731
+        lines = [f"  {'.'.join(map(str, k))}: run {show(leaves.get(k, before.get(k, _UNSET)))}, "
+                 f"command line {show(changes[k])}" for k in refused]
+        raise ValueError(
+            f"resuming the run {run_dir} with overrides that change its config:\n" + "\n".join(lines)
+            + f"\nResume with ckpt_path= alone (allowed: {', '.join(RESUME_HARMLESS)}), add resume_overrides=allow "
+            "to change them anyway, or start a new run")
+    resolved_file = run_dir / "config_resolved.yaml"
+    resolved = _leaves(OmegaConf.to_container(OmegaConf.load(resolved_file))) if resolved_file.is_file() else {}
+    for k, value in leaves.items():  # run_name etc. came from the run's own choices (model=..., data=...)
+        if isinstance(value, str) and "${hydra:runtime.choices" in value and k in resolved:
+            _set_leaf(recorded, k, resolved[k])
+    for k, value in before.items():
+        if k not in leaves and not any(k[:n] in leaves for n in range(1, len(k))):
+            _set_leaf(recorded, k, value)
+    for k, value in changes.items():
+        _set_leaf(recorded, k, value)
+    recorded.update(ckpt_path=cfg.ckpt_path, resume_overrides=policy)
+    merged = OmegaConf.create(recorded)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def write_config_record(cfg: DictConfig, out_dir: Path) -> Optional[Path]:
+    """``config_resolved.yaml`` next to this start's Hydra record: the run folder for a new run,
+    ``resumes/<time>/`` for a resume (where ``config.yaml`` is replaced by the config that runs, the
+    run's own); nothing in DDP worker processes (no Hydra record)."""
+    subdir = HydraConfig.get().output_subdir
+    if subdir is None:
+        return None
+    record = out_dir / subdir
+    folder = out_dir if subdir == ".hydra" else record
+    if recorded_run(cfg.get("ckpt_path")) is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        (record / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    path = folder / "config_resolved.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
 def run(cfg: DictConfig) -> Optional[float]:
     from ..checkpoint import check_model_config, read_checkpoint
 
+    cfg = resume_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_config_record(cfg, out_dir)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(cfg.seed, workers=True)

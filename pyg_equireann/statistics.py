@@ -1,5 +1,5 @@
 """Dataset statistics that set a model's energy reference, scale and neighbour normalisation."""
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -147,3 +147,82 @@ def check_energy_units(
                     f"units. {hint}"
                 )
     return messages
+
+
+def _kabsch(reference: Tensor, moving: Tensor) -> Tensor:
+    """(3, 3) rotation R that best maps the centred ``moving`` (N, 3) onto the centred ``reference``
+    (``moving_c @ R ≈ reference_c``)."""
+    a = reference - reference.mean(0)
+    b = moving - moving.mean(0)
+    u, _, vt = torch.linalg.svd(b.T @ a)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    u = torch.cat([u[:, :2], u[:, 2:] * d], dim=1)
+    return u @ vt
+
+
+def _displacement(x1: Tensor, x2: Tensor, f2: Tensor, cell: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Displacement x2 - x1 (N, 3) and forces of frame 2 in frame 1's orientation: molecules (``cell``
+    None) are superposed (rotation and translation do not change E), periodic frames of one cell use
+    the minimum-image displacement of each atom."""
+    if cell is None:
+        rotation = _kabsch(x1, x2)
+        return (x2 - x2.mean(0)) @ rotation + x1.mean(0) - x1, f2 @ rotation
+    frac = torch.linalg.solve(cell.T, (x2 - x1).T).T
+    return (frac - torch.round(frac)) @ cell, f2
+
+
+def frame_pair_work(
+    numbers: Sequence[Tensor],
+    positions: Sequence[Tensor],
+    forces: Sequence[Tensor],
+    energies: Tensor,
+    cells: Optional[Sequence[Optional[Tensor]]] = None,
+    max_frames: int = 256,
+) -> Tensor:
+    """Energy differences and the work of the forces between nearest frames of one molecule or cell.
+
+    Frames with the same atoms in the same order (and, if periodic, the same cell) are grouped; each
+    frame is paired with its nearest frame of the group (RMS displacement after superposition). For a
+    pair, :math:`\\Delta E = E_2 - E_1` and :math:`W = -\\tfrac12 (F_1 + F_2) \\cdot (x_2 - x_1)`
+    (trapezoid rule, exact for a quadratic energy) agree when energies and forces have consistent units:
+    :math:`\\Delta E / W` is 1/27.2 for energies in Hartree with forces in eV/Å, 23.1 for kcal/mol with eV/Å.
+
+    Args:
+        numbers, positions (Å), forces (eV/Å): per frame, (N,), (N, 3), (N, 3).
+        energies: (F,) eV. cells: per frame (3, 3) Å for periodic frames, else None.
+        max_frames: at most this many frames of each group are used (the first ones).
+
+    Returns:
+        (P, 3) float64 rows ``(ΔE, W, largest atom displacement)`` of the distinct pairs.
+    """
+    groups: Dict[tuple, List[int]] = {}
+    for k, z in enumerate(numbers):
+        cell = None if cells is None else cells[k]
+        key = (tuple(z.tolist()), None if cell is None else tuple(torch.round(cell.double().flatten() * 1e6).tolist()))
+        groups.setdefault(key, []).append(k)
+    rows: List[Tuple[float, float, float]] = []
+    for (_, cell_key), members in groups.items():
+        members = members[:max_frames]
+        if len(members) < 2:
+            continue
+        cell = None if cell_key is None else cells[members[0]].double().reshape(3, 3)
+        ref = positions[members[0]].double()
+        # nearest neighbours among all frames brought close to the first one
+        aligned = torch.stack([
+            ref + _displacement(ref, positions[k].double(), forces[k].double(), cell)[0] for k in members
+        ]).flatten(1)
+        dist = torch.cdist(aligned, aligned)
+        dist.fill_diagonal_(float("inf"))
+        seen = set()
+        for a, b in enumerate(dist.argmin(1).tolist()):
+            pair = (min(a, b), max(a, b))
+            if pair in seen:
+                continue
+            seen.add(pair)
+            i, j = members[pair[0]], members[pair[1]]
+            x1, f1 = positions[i].double(), forces[i].double()
+            dx, f2 = _displacement(x1, positions[j].double(), forces[j].double(), cell)
+            work = -0.5 * float(((f1 + f2) * dx).sum())
+            step = dx.square().sum(1).sqrt()
+            rows.append((float(energies[j]) - float(energies[i]), work, float(step.max())))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)

@@ -1,5 +1,6 @@
 """Dataset statistics that set a model's energy reference, scale and neighbour normalisation."""
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import math
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -82,8 +83,46 @@ def compute_statistics(
 
 #: Largest plausible |E - Σ E0| per atom (eV/atom); cohesive and atomisation energies are below ~10.
 MAX_BINDING_PER_ATOM = 20.0
-#: Smallest plausible energy-fluctuation length (Å), see :func:`check_energy_units`.
+#: Smallest plausible energy-fluctuation length (Å), see :func:`check_energy_units`; below
+#: :data:`MIN_ENERGY_FORCE_LENGTH_ERROR` with >= 10 frames beyond the per-element fit it is an error.
 MIN_ENERGY_FORCE_LENGTH = 0.005
+MIN_ENERGY_FORCE_LENGTH_ERROR = 0.002
+#: The same limit with only 4-9 such frames (the length is then known to a factor ~2-4).
+MIN_ENERGY_FORCE_LENGTH_FEW = 0.0025
+#: Largest plausible energy-fluctuation length (Å) (relaxed scans reach ~0.5 Å).
+MAX_ENERGY_FORCE_LENGTH = 2.0
+#: Frame pairs whose atoms moved at most this far (Å, after superposition) test ΔE = work of the forces.
+MAX_PAIR_DISPLACEMENT = 0.5
+#: |log10(ΔE / work)| (median over close pairs) above which units are called inconsistent: an error with
+#: at least :data:`MIN_PAIRS_ERROR` pairs (factor 10), else a warning (factor 5, or 10 with fewer pairs).
+PAIR_LOG_RATIO_ERROR = 1.0
+PAIR_LOG_RATIO_WARN = 0.7
+MIN_PAIRS_ERROR = 3
+#: Unit mix-ups and the ratio ΔE / work they produce (energies as stored vs forces as stored).
+KNOWN_RATIOS = {
+    "energies in Hartree with forces in eV/Å": 1 / 27.211386,
+    "energies in kcal/mol with forces in eV/Å": 23.060548,
+    "energies in eV with forces in kcal/mol/Å": 1 / 23.060548,
+    "energies in kJ/mol with forces in eV/Å": 96.485332,
+    "energies in meV with forces in eV/Å": 1000.0,
+    "energies in eV with forces in Hartree/Bohr": 51.422067,
+    "energies in Hartree with forces in Hartree/Bohr (positions in Å)": 1.8897261,
+}
+
+UNITS_HINT = ("Convert the energies to eV and the forces to eV/Å (1 Hartree = 27.211 eV, 1 kcal/mol = 0.04336 eV, "
+              "1 Hartree/Bohr = 51.42 eV/Å)")
+
+
+class UnitIssue(NamedTuple):
+    """A unit problem found by :func:`check_energy_units`; ``error``: unambiguous (training should stop)."""
+
+    message: str
+    error: bool
+
+
+def _closest_mixup(ratio: float) -> str:
+    name, value = min(KNOWN_RATIOS.items(), key=lambda item: abs(math.log(ratio / item[1])))
+    return f"; {name} give {value:.3g}" if abs(math.log10(ratio / value)) < 0.3 else ""
 
 
 def check_energy_units(
@@ -94,23 +133,34 @@ def check_energy_units(
     atomic_energies_given: bool = False,
     source: str = "",
     frames: Optional[Sequence[int]] = None,
-) -> List[str]:
-    """Messages for energies whose scale is implausible in eV (e.g. Hartree or kcal/mol passed as eV).
+    pairs: Optional[Tensor] = None,
+) -> List[UnitIssue]:
+    """Energies whose scale is implausible in eV, or inconsistent with the forces (Hartree or kcal/mol
+    energies with eV/Å forces, ...).
 
-    Two tests, both blind to a data set that is consistently in another unit:
+    Three tests, all blind to a data set that is consistently in another unit:
 
     * with isolated-atom energies ``atomic_energies_given``: :math:`|E - \\sum_i E^0_{Z_i}|/N` above
-      :data:`MAX_BINDING_PER_ATOM` in some frame (energies and E0 in different units or methods);
+      :data:`MAX_BINDING_PER_ATOM` in some frame (energies and E0 in different units or methods): warning;
+    * with forces and frame ``pairs`` (:func:`frame_pair_work`): over the pairs whose atoms moved at most
+      :data:`MAX_PAIR_DISPLACEMENT`, the median of :math:`\\log_{10}|\\Delta E / W|` is ~0 (within ±0.75
+      on the shipped sets even for 3 pairs) and -1.43 (Hartree) or +1.36 (kcal/mol) for the mix-ups;
+      beyond :data:`PAIR_LOG_RATIO_ERROR` with :data:`MIN_PAIRS_ERROR` pairs: error;
     * with forces: the length :math:`\\ell = \\sqrt{\\langle \\delta E^2/(3N) \\rangle}/F_\\mathrm{rms}`, where
-      :math:`\\delta E` are the energies minus the fitted per-element part, below
-      :data:`MIN_ENERGY_FORCE_LENGTH`. :math:`\\ell` is about the thermal displacement: 0.02-0.45 Å on
-      the shipped rMD17, acac and cumulene sets, 27x smaller with energies in Hartree and forces in eV/Å.
+      :math:`\\delta E` are the energies minus the fitted per-element part. :math:`\\ell` is about the thermal
+      displacement: 0.019-0.030 Å on rMD17 and acac, 0.1-0.45 Å on cumulene, 0.2 Å on cu_emt; 27x smaller
+      for Hartree energies with eV/Å forces, 23x larger for kcal/mol energies. Below
+      :data:`MIN_ENERGY_FORCE_LENGTH` (with >= 10 frames beyond the per-element fit; 4-9 frames:
+      :data:`MIN_ENERGY_FORCE_LENGTH_FEW`) a warning, below :data:`MIN_ENERGY_FORCE_LENGTH_ERROR` an
+      error; above :data:`MAX_ENERGY_FORCE_LENGTH` a warning (relaxed structures also give large
+      :math:`\\ell`). Skipped when the pairs showed consistent units.
 
     Args:
         energies: (F,) energies (eV). counts: (F, 119) atoms of each element per frame.
         atomic_energies: {Z: eV} used as reference (fitted or given).
         forces_rms: RMS force component (eV/Å), None without forces.
         source, frames: file and frame numbers for the messages.
+        pairs: (P, 3) rows ``(ΔE eV, W eV, largest displacement Å)`` from :func:`frame_pair_work`.
     """
     energies = energies.double()
     counts = counts.double()
@@ -119,7 +169,7 @@ def check_energy_units(
     for z, value in atomic_energies.items():
         e0[int(z)] = float(value)
     residual = energies - counts @ e0
-    messages = []
+    issues: List[UnitIssue] = []
     hint = ("Are the energies in eV (1 Hartree = 27.211 eV, 1 kcal/mol = 0.04336 eV) and the forces in eV/Å "
             "(1 Hartree/Bohr = 51.42 eV/Å)?")
     where = f"{source}: " if source else ""
@@ -128,26 +178,46 @@ def check_energy_units(
         k = int(per_atom.abs().argmax())
         if abs(float(per_atom[k])) > MAX_BINDING_PER_ATOM:
             frame = int(frames[k]) if frames is not None else k
-            messages.append(
+            issues.append(UnitIssue(
                 f"{where}frame {frame}: the energy minus the isolated-atom energies is {float(per_atom[k]):.4g} "
                 f"eV/atom; binding energies are a few eV/atom. {hint} Are the isolated-atom energies from the "
-                "same method and code as the data?"
-            )
-    if forces_rms is not None and forces_rms > 0:
-        present = counts.sum(0) > 0
-        dof = len(energies) - int(torch.linalg.matrix_rank(counts[:, present]))
-        if dof >= 10:
-            fit = torch.linalg.lstsq(counts[:, present], residual.unsqueeze(-1), driver="gelsd").solution
-            fluctuation = residual - (counts[:, present] @ fit).squeeze(-1)
-            length = float((fluctuation.square() / (3 * n)).mean().sqrt()) / forces_rms
-            if length < MIN_ENERGY_FORCE_LENGTH:
-                messages.append(
-                    f"{where}energies vary little for the size of the forces (energy fluctuation / force = "
-                    f"{length:.2g} Å; thermal data give ~0.02-0.5 Å): energies and forces look like different "
-                    f"units. {hint}"
-                )
-    return messages
-
+                "same method and code as the data?", False))
+    if forces_rms is None or not forces_rms > 0:
+        return issues
+    consistent = False
+    if pairs is not None and len(pairs):
+        close = pairs[(pairs[:, 2] <= MAX_PAIR_DISPLACEMENT) & (pairs[:, 1] != 0) & (pairs[:, 0] != 0)]
+        if len(close):
+            log_ratio = float((close[:, 0] / close[:, 1]).abs().log10().median())
+            ratio = 10.0 ** log_ratio
+            m = len(close)
+            error = m >= MIN_PAIRS_ERROR and abs(log_ratio) >= PAIR_LOG_RATIO_ERROR
+            if error or abs(log_ratio) >= (PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
+                issues.append(UnitIssue(
+                    f"{where}energies and forces have inconsistent units: between {m} pair(s) of nearby frames of "
+                    f"one structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; "
+                    f"1 in consistent units{_closest_mixup(ratio)}). {UNITS_HINT}", error))
+                return issues
+            consistent = m >= MIN_PAIRS_ERROR and abs(log_ratio) < PAIR_LOG_RATIO_WARN
+    present = counts.sum(0) > 0
+    dof = len(energies) - int(torch.linalg.matrix_rank(counts[:, present]))
+    if dof >= 4 and not consistent:
+        fit = torch.linalg.lstsq(counts[:, present], residual.unsqueeze(-1), driver="gelsd").solution
+        fluctuation = residual - (counts[:, present] @ fit).squeeze(-1)
+        length = float((fluctuation.square() / (3 * n)).mean().sqrt()) / forces_rms
+        low = MIN_ENERGY_FORCE_LENGTH if dof >= 10 else MIN_ENERGY_FORCE_LENGTH_FEW
+        if length < low:
+            issues.append(UnitIssue(
+                f"{where}energies vary little for the size of the forces (energy fluctuation / force = "
+                f"{length:.2g} Å over {len(energies)} frames; thermal data give ~0.02-0.5 Å, Hartree "
+                f"energies with eV/Å forces 27x less): energies and forces look like different units. {UNITS_HINT}",
+                dof >= 10 and length < MIN_ENERGY_FORCE_LENGTH_ERROR))
+        elif dof >= 10 and length > MAX_ENERGY_FORCE_LENGTH:
+            issues.append(UnitIssue(
+                f"{where}energies vary much for the size of the forces (energy fluctuation / force = {length:.2g} Å; "
+                "thermal data give ~0.02-0.5 Å, kcal/mol energies with eV/Å forces 23x more): energies and forces "
+                f"may be in different units, unless the frames are relaxed structures. {UNITS_HINT}", False))
+    return issues
 
 def _kabsch(reference: Tensor, moving: Tensor) -> Tensor:
     """(3, 3) rotation R that best maps the centred ``moving`` (N, 3) onto the centred ``reference``
@@ -177,7 +247,7 @@ def frame_pair_work(
     forces: Sequence[Tensor],
     energies: Tensor,
     cells: Optional[Sequence[Optional[Tensor]]] = None,
-    max_frames: int = 256,
+    max_frames: int = 1000,
 ) -> Tensor:
     """Energy differences and the work of the forces between nearest frames of one molecule or cell.
 

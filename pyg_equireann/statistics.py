@@ -91,8 +91,10 @@ MIN_ENERGY_FORCE_LENGTH_ERROR = 0.002
 MIN_ENERGY_FORCE_LENGTH_FEW = 0.0025
 #: Largest plausible energy-fluctuation length (Å) (relaxed scans reach ~0.5 Å).
 MAX_ENERGY_FORCE_LENGTH = 2.0
-#: Frame pairs whose atoms moved at most this far (Å, after superposition) test ΔE = work of the forces.
+#: Frame pairs whose atoms moved at most this far (Å, after superposition) test ΔE = work of the forces,
+#: if the work is not a near-cancellation: |W| at least this fraction of Σ_atoms |F̄_a| |Δx_a|.
 MAX_PAIR_DISPLACEMENT = 0.5
+MIN_PAIR_WORK_FRACTION = 0.05
 #: |log10(ΔE / work)| (median over close pairs) above which units are called inconsistent: an error with
 #: at least :data:`MIN_PAIRS_ERROR` pairs (factor 10), else a warning (factor 5, or 10 with fewer pairs).
 PAIR_LOG_RATIO_ERROR = 1.0
@@ -111,6 +113,16 @@ KNOWN_RATIOS = {
 
 UNITS_HINT = ("Convert the energies to eV and the forces to eV/Å (1 Hartree = 27.211 eV, 1 kcal/mol = 0.04336 eV, "
               "1 Hartree/Bohr = 51.42 eV/Å)")
+
+
+def pair_log_ratio(pairs: Tensor) -> Tuple[int, float]:
+    """(number of informative pairs, median log10 |ΔE / W| over them) of :func:`frame_pair_work` rows:
+    pairs within :data:`MAX_PAIR_DISPLACEMENT` whose work is no near-cancellation."""
+    keep = ((pairs[:, 2] <= MAX_PAIR_DISPLACEMENT) & (pairs[:, 1].abs() >= MIN_PAIR_WORK_FRACTION * pairs[:, 3])
+            & (pairs[:, 1] != 0) & (pairs[:, 0] != 0))
+    if not bool(keep.any()):
+        return 0, float("nan")
+    return int(keep.sum()), float((pairs[keep, 0] / pairs[keep, 1]).abs().log10().median())
 
 
 class UnitIssue(NamedTuple):
@@ -160,7 +172,7 @@ def check_energy_units(
         atomic_energies: {Z: eV} used as reference (fitted or given).
         forces_rms: RMS force component (eV/Å), None without forces.
         source, frames: file and frame numbers for the messages.
-        pairs: (P, 3) rows ``(ΔE eV, W eV, largest displacement Å)`` from :func:`frame_pair_work`.
+        pairs: (P, 4) rows from :func:`frame_pair_work`.
     """
     energies = energies.double()
     counts = counts.double()
@@ -184,21 +196,17 @@ def check_energy_units(
                 "same method and code as the data?", False))
     if forces_rms is None or not forces_rms > 0:
         return issues
-    consistent = False
-    if pairs is not None and len(pairs):
-        close = pairs[(pairs[:, 2] <= MAX_PAIR_DISPLACEMENT) & (pairs[:, 1] != 0) & (pairs[:, 0] != 0)]
-        if len(close):
-            log_ratio = float((close[:, 0] / close[:, 1]).abs().log10().median())
-            ratio = 10.0 ** log_ratio
-            m = len(close)
-            error = m >= MIN_PAIRS_ERROR and abs(log_ratio) >= PAIR_LOG_RATIO_ERROR
-            if error or abs(log_ratio) >= (PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
-                issues.append(UnitIssue(
-                    f"{where}energies and forces have inconsistent units: between {m} pair(s) of nearby frames of "
-                    f"one structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; "
-                    f"1 in consistent units{_closest_mixup(ratio)}). {UNITS_HINT}", error))
-                return issues
-            consistent = m >= MIN_PAIRS_ERROR and abs(log_ratio) < PAIR_LOG_RATIO_WARN
+    m, log_ratio = pair_log_ratio(pairs) if pairs is not None and len(pairs) else (0, float("nan"))
+    if m:
+        ratio = 10.0 ** log_ratio
+        error = m >= MIN_PAIRS_ERROR and abs(log_ratio) >= PAIR_LOG_RATIO_ERROR
+        if error or abs(log_ratio) >= (PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
+            issues.append(UnitIssue(
+                f"{where}energies and forces have inconsistent units: between {m} pair(s) of nearby frames of one "
+                f"structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; 1 in "
+                f"consistent units{_closest_mixup(ratio)}). {UNITS_HINT}", error))
+            return issues
+    consistent = m >= MIN_PAIRS_ERROR and abs(log_ratio) < PAIR_LOG_RATIO_WARN
     present = counts.sum(0) > 0
     dof = len(energies) - int(torch.linalg.matrix_rank(counts[:, present]))
     if dof >= 4 and not consistent:
@@ -263,7 +271,8 @@ def frame_pair_work(
         max_frames: at most this many frames of each group are used (the first ones).
 
     Returns:
-        (P, 3) float64 rows ``(ΔE, W, largest atom displacement)`` of the distinct pairs.
+        (P, 4) float64 rows ``(ΔE, W, largest atom displacement, Σ_a |F̄_a| |Δx_a|)`` of the distinct pairs
+        (eV, eV, Å, eV; F̄ the mean force of the pair; the last bounds |W|).
     """
     groups: Dict[tuple, List[int]] = {}
     for k, z in enumerate(numbers):
@@ -292,7 +301,9 @@ def frame_pair_work(
             i, j = members[pair[0]], members[pair[1]]
             x1, f1 = positions[i].double(), forces[i].double()
             dx, f2 = _displacement(x1, positions[j].double(), forces[j].double(), cell)
-            work = -0.5 * float(((f1 + f2) * dx).sum())
+            mean_force = 0.5 * (f1 + f2)
+            work = -float((mean_force * dx).sum())
             step = dx.square().sum(1).sqrt()
-            rows.append((float(energies[j]) - float(energies[i]), work, float(step.max())))
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+            bound = float((mean_force.square().sum(1).sqrt() * step).sum())
+            rows.append((float(energies[j]) - float(energies[i]), work, float(step.max()), bound))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)

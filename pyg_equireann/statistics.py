@@ -96,7 +96,8 @@ MAX_ENERGY_FORCE_LENGTH = 2.0
 MAX_PAIR_DISPLACEMENT = 0.5
 MIN_PAIR_WORK_FRACTION = 0.05
 #: |log10(ΔE / work)| (median over close pairs) above which units are called inconsistent: an error with
-#: at least :data:`MIN_PAIRS_ERROR` pairs (factor 10), else a warning (factor 5, or 10 with fewer pairs).
+#: at least :data:`MIN_PAIRS_ERROR` pairs (factor 10), else a warning (factor 5; with fewer pairs only
+#: log10(ΔE / work) above 1).
 PAIR_LOG_RATIO_ERROR = 1.0
 PAIR_LOG_RATIO_WARN = 0.7
 MIN_PAIRS_ERROR = 3
@@ -154,18 +155,20 @@ def check_energy_units(
 
     * with isolated-atom energies ``atomic_energies_given``: :math:`|E - \\sum_i E^0_{Z_i}|/N` above
       :data:`MAX_BINDING_PER_ATOM` in some frame (energies and E0 in different units or methods): warning;
-    * with forces and frame ``pairs`` (:func:`frame_pair_work`): over the pairs whose atoms moved at most
-      :data:`MAX_PAIR_DISPLACEMENT`, the median of :math:`\\log_{10}|\\Delta E / W|` is ~0 (within ±0.75
-      on the shipped sets even for 3 pairs) and -1.43 (Hartree) or +1.36 (kcal/mol) for the mix-ups;
-      beyond :data:`PAIR_LOG_RATIO_ERROR` with :data:`MIN_PAIRS_ERROR` pairs: error;
+    * with forces and frame ``pairs`` (:func:`frame_pair_work`): the median :math:`r` of
+      :math:`\\log_{10}|\\Delta E / W|` over the informative pairs (:func:`pair_log_ratio`) is ~0 in consistent
+      units (:math:`10^r` = 0.95-1.05 on the shipped sets), -1.43 for Hartree and +1.36 for kcal/mol energies
+      with eV/Å forces. :math:`|r| \\ge` :data:`PAIR_LOG_RATIO_ERROR` with at least :data:`MIN_PAIRS_ERROR`
+      pairs: error; :math:`|r| \\ge` :data:`PAIR_LOG_RATIO_WARN` with as many pairs, or :math:`r \\ge 1` with
+      one or two: warning. At least 3 consistent pairs skip the next test;
     * with forces: the length :math:`\\ell = \\sqrt{\\langle \\delta E^2/(3N) \\rangle}/F_\\mathrm{rms}`, where
       :math:`\\delta E` are the energies minus the fitted per-element part. :math:`\\ell` is about the thermal
       displacement: 0.019-0.030 Å on rMD17 and acac, 0.1-0.45 Å on cumulene, 0.2 Å on cu_emt; 27x smaller
       for Hartree energies with eV/Å forces, 23x larger for kcal/mol energies. Below
-      :data:`MIN_ENERGY_FORCE_LENGTH` (with >= 10 frames beyond the per-element fit; 4-9 frames:
-      :data:`MIN_ENERGY_FORCE_LENGTH_FEW`) a warning, below :data:`MIN_ENERGY_FORCE_LENGTH_ERROR` an
-      error; above :data:`MAX_ENERGY_FORCE_LENGTH` a warning (relaxed structures also give large
-      :math:`\\ell`). Skipped when the pairs showed consistent units.
+      :data:`MIN_ENERGY_FORCE_LENGTH` (with >= 10 frames more than the per-element fit has parameters;
+      4-9: :data:`MIN_ENERGY_FORCE_LENGTH_FEW`) a warning, below :data:`MIN_ENERGY_FORCE_LENGTH_ERROR`
+      (>= 10) an error; above :data:`MAX_ENERGY_FORCE_LENGTH` (>= 10) a warning (relaxed structures also
+      give a large :math:`\\ell`).
 
     Args:
         energies: (F,) energies (eV). counts: (F, 119) atoms of each element per frame.
@@ -200,7 +203,9 @@ def check_energy_units(
     if m:
         ratio = 10.0 ** log_ratio
         error = m >= MIN_PAIRS_ERROR and abs(log_ratio) >= PAIR_LOG_RATIO_ERROR
-        if error or abs(log_ratio) >= (PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
+        # one or two pairs: only too large energy changes (a small ΔE/W also comes from a pair of similar energies)
+        if error or (abs(log_ratio) if m >= MIN_PAIRS_ERROR else log_ratio) >= (
+                PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
             issues.append(UnitIssue(
                 f"{where}energies and forces have inconsistent units: between {m} pair(s) of nearby frames of one "
                 f"structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; 1 in "

@@ -60,7 +60,9 @@ _KEYS = {
 SPLIT_SIZE = 1000
 
 
-_KIND = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates", "m": "time spans", "V": "raw records"}
+#: numpy dtype kinds that are no numbers, for the messages
+_KIND = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates", "m": "time spans",
+         "V": "raw records"}
 
 
 def read_npz(path: Path, keys: Tuple[str, ...]) -> Dict[str, np.ndarray]:

@@ -95,12 +95,15 @@ MAX_ENERGY_FORCE_LENGTH = 2.0
 #: if the work is not a near-cancellation: |W| at least this fraction of Σ_atoms |F̄_a| |Δx_a|.
 MAX_PAIR_DISPLACEMENT = 0.5
 MIN_PAIR_WORK_FRACTION = 0.05
-#: |log10(ΔE / work)| (median over close pairs) above which units are called inconsistent: an error with
-#: at least :data:`MIN_PAIRS_ERROR` pairs (factor 10), else a warning (factor 5; with fewer pairs only
-#: log10(ΔE / work) above 1).
-PAIR_LOG_RATIO_ERROR = 1.0
-PAIR_LOG_RATIO_WARN = 0.7
+#: |log10(ΔE / work)| (median over informative pairs) from which units are called inconsistent (factor
+#: 10): an error with at least :data:`MIN_PAIRS_ERROR` pairs (too large ΔE) or :data:`MIN_PAIRS_ERROR_LOW`
+#: (too small ΔE, which also comes from pairs of similar energies), else a warning (too small ΔE: from
+#: :data:`MIN_PAIRS_ERROR` pairs on). Below :data:`PAIR_LOG_RATIO_CONSISTENT` with :data:`MIN_PAIRS_ERROR`
+#: pairs the units are consistent.
+PAIR_LOG_RATIO_LIMIT = 1.0
+PAIR_LOG_RATIO_CONSISTENT = 0.7
 MIN_PAIRS_ERROR = 3
+MIN_PAIRS_ERROR_LOW = 5
 #: Unit mix-ups and the ratio ΔE / work they produce (energies as stored vs forces as stored).
 KNOWN_RATIOS = {
     "energies in Hartree with forces in eV/Å": 1 / 27.211386,
@@ -157,10 +160,10 @@ def check_energy_units(
       :data:`MAX_BINDING_PER_ATOM` in some frame (energies and E0 in different units or methods): warning;
     * with forces and frame ``pairs`` (:func:`frame_pair_work`): the median :math:`r` of
       :math:`\\log_{10}|\\Delta E / W|` over the informative pairs (:func:`pair_log_ratio`) is ~0 in consistent
-      units (:math:`10^r` = 0.95-1.05 on the shipped sets), -1.43 for Hartree and +1.36 for kcal/mol energies
-      with eV/Å forces. :math:`|r| \\ge` :data:`PAIR_LOG_RATIO_ERROR` with at least :data:`MIN_PAIRS_ERROR`
-      pairs: error; :math:`|r| \\ge` :data:`PAIR_LOG_RATIO_WARN` with as many pairs, or :math:`r \\ge 1` with
-      one or two: warning. At least 3 consistent pairs skip the next test;
+      units (:math:`10^r` = 0.94-1.03 on the shipped sets), -1.43 for Hartree and +1.36 for kcal/mol energies
+      with eV/Å forces. :math:`|r| \\ge` :data:`PAIR_LOG_RATIO_LIMIT`: an error with enough pairs
+      (:data:`MIN_PAIRS_ERROR`, :data:`MIN_PAIRS_ERROR_LOW`), else a warning. At least 3 pairs with
+      :math:`|r| <` :data:`PAIR_LOG_RATIO_CONSISTENT` skip the next test;
     * with forces: the length :math:`\\ell = \\sqrt{\\langle \\delta E^2/(3N) \\rangle}/F_\\mathrm{rms}`, where
       :math:`\\delta E` are the energies minus the fitted per-element part. :math:`\\ell` is about the thermal
       displacement: 0.019-0.030 Å on rMD17 and acac, 0.1-0.45 Å on cumulene, 0.2 Å on cu_emt; 27x smaller
@@ -200,18 +203,15 @@ def check_energy_units(
     if forces_rms is None or not forces_rms > 0:
         return issues
     m, log_ratio = pair_log_ratio(pairs) if pairs is not None and len(pairs) else (0, float("nan"))
-    if m:
+    if m and abs(log_ratio) >= PAIR_LOG_RATIO_LIMIT and (log_ratio > 0 or m >= MIN_PAIRS_ERROR):
         ratio = 10.0 ** log_ratio
-        error = m >= MIN_PAIRS_ERROR and abs(log_ratio) >= PAIR_LOG_RATIO_ERROR
-        # one or two pairs: only too large energy changes (a small ΔE/W also comes from a pair of similar energies)
-        if error or (abs(log_ratio) if m >= MIN_PAIRS_ERROR else log_ratio) >= (
-                PAIR_LOG_RATIO_WARN if m >= MIN_PAIRS_ERROR else PAIR_LOG_RATIO_ERROR):
-            issues.append(UnitIssue(
-                f"{where}energies and forces have inconsistent units: between {m} pair(s) of nearby frames of one "
-                f"structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; 1 in "
-                f"consistent units{_closest_mixup(ratio)}). {UNITS_HINT}", error))
-            return issues
-    consistent = m >= MIN_PAIRS_ERROR and abs(log_ratio) < PAIR_LOG_RATIO_WARN
+        error = m >= (MIN_PAIRS_ERROR if log_ratio > 0 else MIN_PAIRS_ERROR_LOW)
+        issues.append(UnitIssue(
+            f"{where}energies and forces have inconsistent units: between {m} pairs of nearby frames of one "
+            f"structure the energy changes are {ratio:.3g} times the work of the forces (median |ΔE/W|; 1 in "
+            f"consistent units{_closest_mixup(ratio)}). {UNITS_HINT}", error))
+        return issues
+    consistent = m >= MIN_PAIRS_ERROR and abs(log_ratio) < PAIR_LOG_RATIO_CONSISTENT
     present = counts.sum(0) > 0
     dof = len(energies) - int(torch.linalg.matrix_rank(counts[:, present]))
     if dof >= 4 and not consistent:
@@ -261,11 +261,13 @@ def frame_pair_work(
     energies: Tensor,
     cells: Optional[Sequence[Optional[Tensor]]] = None,
     max_frames: int = 1000,
+    neighbors: int = 3,
 ) -> Tensor:
     """Energy differences and the work of the forces between nearest frames of one molecule or cell.
 
     Frames with the same atoms in the same order (and, if periodic, the same cell) are grouped; each
-    frame is paired with its nearest frame of the group (RMS displacement after superposition). For a
+    frame is paired with its ``neighbors`` nearest frames of the group (RMS displacement after
+    superposition). For a
     pair, :math:`\\Delta E = E_2 - E_1` and :math:`W = -\\tfrac12 (F_1 + F_2) \\cdot (x_2 - x_1)`
     (trapezoid rule, exact for a quadratic energy) agree when energies and forces have consistent units:
     :math:`\\Delta E / W` is 1/27.2 for energies in Hartree with forces in eV/Å, 23.1 for kcal/mol with eV/Å.
@@ -297,8 +299,9 @@ def frame_pair_work(
         ]).flatten(1)
         dist = torch.cdist(aligned, aligned)
         dist.fill_diagonal_(float("inf"))
+        nearest = dist.topk(min(neighbors, len(members) - 1), dim=1, largest=False).indices
         seen = set()
-        for a, b in enumerate(dist.argmin(1).tolist()):
+        for a, b in ((a, b) for a, row in enumerate(nearest.tolist()) for b in row):
             pair = (min(a, b), max(a, b))
             if pair in seen:
                 continue

@@ -232,6 +232,7 @@ def check_energy_units(
                 f"may be in different units, unless the frames are relaxed structures. {UNITS_HINT}", False))
     return issues
 
+
 def _kabsch(reference: Tensor, moving: Tensor) -> Tensor:
     """(3, 3) rotation R that best maps the centred ``moving`` (N, 3) onto the centred ``reference``
     (``moving_c @ R ≈ reference_c``)."""

@@ -139,6 +139,8 @@ def test_unit_mixup_stops_training(tmp_path):
     with pytest.warns(UserWarning, match=r"acac_hartree\.xyz: energies and forces have inconsistent units"):
         XYZDataModule(hartree, check_units="warn", **KW).setup()
     assert _setup_issues(XYZDataModule(hartree, check_units=False, **KW)) == ([], None)
+    with pytest.raises(ValueError, match="check_units must be true, false or warn, got 'maybe'"):
+        XYZDataModule(hartree, check_units="maybe", **KW)
     # with isolated-atom energies in eV the binding-energy check speaks as well
     issues, error = _setup_issues(XYZDataModule(hartree, atomic_energies=DATA / "acac" / "isolated_atoms.xyz",
                                                 check_units="warn", **KW))

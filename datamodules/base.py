@@ -13,7 +13,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from torch_geometric.loader import DataLoader
 
 from pyg_equireann.elements import MAX_Z
-from pyg_equireann.statistics import check_energy_units, compute_statistics
+from pyg_equireann.statistics import UnitIssue, check_energy_units, compute_statistics, frame_pair_work
 
 from . import cache as _cache
 from .structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
@@ -105,6 +105,9 @@ class PotentialDataModule(L.LightningDataModule):
         atomic_energies: isolated-atom energies: ``None``/``"fit"`` (least squares on the training
             set), a path to a file of single-atom frames, or a dict ``{Z or symbol: eV}``.
         progress: show progress bars when processing long files.
+        check_units: ``True`` (default): energies and forces in inconsistent units stop :meth:`setup`
+            with a ValueError when the evidence is unambiguous and warn otherwise; ``"warn"``: always
+            warn; ``False``: no unit check (:func:`pyg_equireann.statistics.check_energy_units`).
     """
 
     energy_key: str = "energy"
@@ -121,6 +124,7 @@ class PotentialDataModule(L.LightningDataModule):
         atomic_energies: AtomicEnergiesSpec = None,
         progress: bool = True,
         pin_memory: bool = False,
+        check_units: Union[bool, str] = True,
     ) -> None:
         super().__init__()
         cutoff = float(cutoff)
@@ -138,6 +142,7 @@ class PotentialDataModule(L.LightningDataModule):
         self.atomic_energies_spec = atomic_energies
         self.progress = bool(progress)
         self.pin_memory = bool(pin_memory)
+        self.check_units = _check_units_mode(check_units)
 
         self.train_dataset: Optional[StructureDataset] = None
         self.val_dataset: Optional[StructureDataset] = None
@@ -167,8 +172,11 @@ class PotentialDataModule(L.LightningDataModule):
             self._check_elements(elements, train, f"test set {name!r}", ds)
         atomic_energies = self._resolve_atomic_energies(elements, train)
         self.statistics = self._training_statistics(train, atomic_energies)
-        for message in self._unit_warnings(train, atomic_energies is not None):
-            warnings.warn(message, UserWarning, stacklevel=2)
+        if self.check_units:
+            for issue in self._unit_warnings(train, atomic_energies is not None):
+                if issue.error and self.check_units == "error":
+                    raise ValueError(f"{issue.message}; or set check_units=warn (data.check_units=warn) to train anyway")
+                warnings.warn(issue.message, UserWarning, stacklevel=2)
         self.train_dataset, self.val_dataset, self.test_datasets = train, val, dict(tests)
         self.elements = elements
         self._is_setup = True
@@ -220,15 +228,45 @@ class PotentialDataModule(L.LightningDataModule):
 
         return _cache.cached(train.source, "statistics", key, compute, self.cache)
 
-    def _unit_warnings(self, train: StructureDataset, atomic_energies_given: bool) -> List[str]:
-        """:func:`~pyg_equireann.statistics.check_energy_units` on the training set (from the collated storage)."""
+    def _unit_warnings(self, train: StructureDataset, atomic_energies_given: bool) -> List[UnitIssue]:
+        """:func:`~pyg_equireann.statistics.check_energy_units` on the training set (from the collated storage),
+        with :func:`~pyg_equireann.statistics.frame_pair_work` between its frames when it has forces."""
         data, base = train._data, train.base_indices()
         graph = train.atom_graph()
         counts = torch.zeros(train.slices["z"].numel() - 1, MAX_Z + 1, dtype=torch.float64)
         counts.index_put_((graph, data.z.long()), torch.ones(graph.numel(), dtype=torch.float64), accumulate=True)
-        forces_rms = float(self.statistics["scale"]) if train.has("forces") else None
-        return check_energy_units(data.energy.view(-1)[base], counts[base], self.statistics["atomic_energies"],
-                                  forces_rms, atomic_energies_given, train.source, train.frame_indices().tolist())
+        energies = data.energy.view(-1)[base]
+        forces_rms, pairs = None, None
+        if train.has("forces"):
+            forces_rms = float(self.statistics["scale"])
+            numbers, positions, forces, cells = self._pair_frames(train)
+            pairs = frame_pair_work(numbers, positions, forces, energies, cells)
+        return check_energy_units(energies, counts[base], self.statistics["atomic_energies"], forces_rms,
+                                  atomic_energies_given, train.source, train.frame_indices().tolist(), pairs)
+
+    @staticmethod
+    def _pair_frames(train: StructureDataset):
+        """Per-frame atomic numbers, positions, forces and cells (None: molecule) of ``train`` for
+        :func:`~pyg_equireann.statistics.frame_pair_work`; partly periodic frames get a cell-less marker
+        of their own so that they are never paired."""
+        data, slices = train._data, train.slices
+        numbers, positions, forces, cells = [], [], [], []
+        periodic = "cell" in slices and "pbc" in slices
+        for b in train.base_indices().tolist():
+            a0, a1 = int(slices["z"][b]), int(slices["z"][b + 1])
+            z = data.z[a0:a1]
+            cell = None
+            if periodic:
+                pbc = data.pbc[int(slices["pbc"][b])]
+                if bool(pbc.all()):
+                    cell = data.cell[int(slices["cell"][b])].reshape(3, 3)
+                elif bool(pbc.any()):
+                    z = torch.cat([z, torch.tensor([-1 - b])])  # unique composition: no partner
+            numbers.append(z)
+            positions.append(data.pos[a0:a1])
+            forces.append(data.forces[a0:a1])
+            cells.append(cell)
+        return numbers, positions, forces, cells
 
     # ------------------------------------------------------------------ loaders
     def _require_setup(self) -> None:
@@ -282,6 +320,18 @@ class PotentialDataModule(L.LightningDataModule):
             f"avg_num_neighbors {s['avg_num_neighbors']:.4g}"
         )
         return "\n".join(lines)
+
+
+def _check_units_mode(value: Union[bool, str]) -> Union[bool, str]:
+    """``check_units`` argument -> ``"error"``, ``"warn"`` or False."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "error"):
+        return "error"
+    if text in ("warn", "warning"):
+        return "warn"
+    if text in ("false", "0", "no", "off", "none"):
+        return False
+    raise ValueError(f"check_units must be true, false or warn, got {value!r}")
 
 
 def subset(dataset: StructureDataset, indices) -> StructureDataset:

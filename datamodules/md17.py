@@ -25,12 +25,16 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from ase import units
 from torch_geometric.datasets.md17 import MD17 as _PyGMD17
+
+from pyg_equireann.elements import MAX_Z
 
 from . import cache as _cache
 from .base import DATA_ROOT, AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
@@ -54,6 +58,70 @@ _KEYS = {
 }
 #: Frames in each official rMD17 split file.
 SPLIT_SIZE = 1000
+
+
+#: numpy dtype kinds that are no numbers, for the messages
+_KIND = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates", "m": "time spans",
+         "V": "raw records"}
+
+
+def read_npz(path: Path, keys: Tuple[str, ...]) -> Dict[str, np.ndarray]:
+    """The numeric arrays ``keys`` of an npz archive, read without unpickling. Anything else (empty,
+    truncated or corrupt file, an .npy array, missing keys, object or text arrays) raises a one-line
+    ValueError/KeyError naming the file."""
+    source = str(path)
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        reason = "the file is empty" if size == 0 else "it is truncated or corrupt, or not an npz archive"
+        raise ValueError(f"{source}: cannot read it as an npz archive ({size} bytes): {reason}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{source}: holds a single array (.npy format), not an npz archive with the keys {list(keys)}")
+    with archive:
+        missing = [k for k in keys if k not in archive.files]
+        if missing:
+            raise KeyError(f"{source}: missing keys {missing}; available keys {sorted(archive.files)}")
+        arrays = {}
+        for k in keys:
+            try:
+                value = archive[k]
+            except ValueError as exc:
+                if "allow_pickle" not in str(exc):
+                    raise ValueError(f"{source}: key {k!r} cannot be read: the file is truncated or corrupt ({exc})") from exc
+                # numpy's hint (allow_pickle=True) would let the file run code: not taken
+                raise ValueError(f"{source}: key {k!r} holds Python objects (a pickled object array), not numbers; "
+                                 "it is not unpickled because that can run code. Save it as a numeric array") from exc
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ValueError(f"{source}: key {k!r} cannot be read: the file is truncated or corrupt ({exc})") from exc
+            if value.dtype.kind not in "biuf":
+                raise ValueError(f"{source}: key {k!r} holds {_KIND.get(value.dtype.kind, value.dtype.kind)} "
+                                 f"(dtype {value.dtype}), not numbers")
+            arrays[k] = value
+    return arrays
+
+
+def atomic_numbers_of(values: np.ndarray, source: str, key: str) -> np.ndarray:
+    """(N,) int64 atomic numbers from an array, or a ValueError naming the file and the first bad atom."""
+    values = np.asarray(values).reshape(-1)
+    if values.size == 0:
+        raise ValueError(f"{source}: key {key!r} is empty (no atoms)")
+    z = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
+    bad = np.flatnonzero((z != values) | (z < 1) | (z > MAX_Z))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{source}: key {key!r}: atom {i} has atomic number {values[i]}; expected an integer 1..{MAX_Z}")
+    return z
+
+
+def read_indices(path: Path) -> np.ndarray:
+    """(K,) int64 frame indices of an rMD17 split file (one integer per line)."""
+    try:
+        return np.loadtxt(path, dtype=np.int64).reshape(-1)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected one frame index (integer) per line: {exc}") from exc
 
 
 def is_online(url: str, timeout: float = 3.0) -> bool:
@@ -248,23 +316,28 @@ class MD17DataModule(PotentialDataModule):
     def _process_npz(self, path: Path, sel: Optional[np.ndarray], key: str) -> dict:
         zk, rk, ek, fk = _KEYS[self.variant]
         source = str(path)
-        with np.load(path) as raw:
-            missing = [k for k in (zk, rk, ek, fk) if k not in raw.files]
-            if missing:
-                raise KeyError(f"{source}: missing keys {missing}; available keys {sorted(raw.files)}")
-            z = np.asarray(raw[zk]).reshape(-1).astype(np.int64)
-            coords, energies, forces = raw[rk], raw[ek], raw[fk]
-            n_frames = coords.shape[0]
-            if sel is None:
-                sel = np.arange(n_frames)
-            elif sel.size and (sel.min() < 0 or sel.max() >= n_frames):
-                raise ValueError(f"{source}: frame indices out of range 0..{n_frames - 1}")
-            coords = np.asarray(coords[sel], dtype=np.float64)
-            energies = np.asarray(energies, dtype=np.float64).reshape(n_frames, -1)[sel]
-            forces = np.asarray(forces[sel], dtype=np.float64)
+        raw = read_npz(path, (zk, rk, ek, fk))
+        z = atomic_numbers_of(raw[zk], source, zk)
+        coords, energies, forces = raw[rk], raw[ek], raw[fk]
         n = len(z)
         if coords.ndim != 3 or coords.shape[1:] != (n, 3):
-            raise ValueError(f"{source}: key {rk!r} has shape {coords.shape}; expected (frames, {n}, 3)")
+            raise ValueError(f"{source}: key {rk!r} has shape {coords.shape}; expected (frames, {n}, 3) for the {n} "
+                             f"atoms of {zk!r}")
+        n_frames = coords.shape[0]
+        if n_frames == 0:
+            raise ValueError(f"{source}: key {rk!r} has no frames")
+        for k, value in ((ek, energies), (fk, forces)):
+            if value.ndim == 0 or value.shape[0] != n_frames:
+                frames = value.shape[0] if value.ndim else "no"
+                raise ValueError(f"{source}: key {k!r} has {frames} frames (shape {value.shape}) but {rk!r} has "
+                                 f"{n_frames} (shape {coords.shape}); all arrays need one entry per frame")
+        if sel is None:
+            sel = np.arange(n_frames)
+        elif sel.size and (sel.min() < 0 or sel.max() >= n_frames):
+            raise ValueError(f"{source}: frame indices out of range 0..{n_frames - 1}")
+        coords = np.asarray(coords[sel], dtype=np.float64)
+        energies = np.asarray(energies, dtype=np.float64).reshape(n_frames, -1)[sel]
+        forces = np.asarray(forces[sel], dtype=np.float64)
         if energies.shape[1] != 1:
             raise ValueError(f"{source}: key {ek!r} must hold one energy per frame, got shape {energies.shape}")
         if forces.shape != coords.shape:
@@ -302,13 +375,12 @@ class MD17DataModule(PotentialDataModule):
             pool = self._npz_dataset(files["train"], None, "")
             test = self._npz_dataset(files["test"], None, "")
         elif kind == "archive":
-            tr = np.loadtxt(files["train_csv"], dtype=np.int64).reshape(-1)
-            te = np.loadtxt(files["test_csv"], dtype=np.int64).reshape(-1)
+            tr, te = read_indices(files["train_csv"]), read_indices(files["test_csv"])
             pool = self._npz_dataset(files["full"], tr, f"train_{self.split:02d}")
             test = self._npz_dataset(files["full"], te, f"test_{self.split:02d}")
         else:  # original MD17: random pool and test frames, seeded by the split number
-            with np.load(files["full"]) as raw:
-                n_frames = int(raw[_KEYS["original"][1]].shape[0])
+            coords = read_npz(files["full"], (_KEYS["original"][1],))[_KEYS["original"][1]]
+            n_frames = int(coords.shape[0]) if coords.ndim else 0
             n_pool = self.num_train + self.num_val
             n_test = SPLIT_SIZE if self.num_test is None else int(self.num_test)
             self._pool_sizes(n_frames - n_test, f"{files['full']} minus {n_test} test frames")

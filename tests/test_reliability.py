@@ -3,6 +3,7 @@ reproducible (docs/reliability.md). Real files, real Lightning trainers and real
 processes (killed with SIGKILL); complements the input checks in ``test_datamodules.py``."""
 import copy
 import json
+import re
 import os
 import signal
 import subprocess
@@ -11,12 +12,14 @@ import time
 import warnings
 from pathlib import Path
 
+import ase
 import ase.io
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.units import Hartree
+from ase.units import Hartree, kcal, mol
 from omegaconf import OmegaConf
 from torch_geometric.data import Batch
 
@@ -31,7 +34,7 @@ from pyg_equireann.lightning import PotentialModule
 from pyg_equireann.reference import ReferencedModel
 from pyg_equireann.utils import environment_info, git_state
 
-from .conftest import DATA, make_model
+from .conftest import DATA, load_rmd17, make_model
 from .test_datamodules import write_molecules
 from .test_pipeline import BIN, TINY, cli, cli_env, ethanol_datamodule, hydra_app, last_epoch_values, make_module, read_csv
 
@@ -87,30 +90,115 @@ def test_overlapping_atoms_in_file(tmp_path):
         XYZDataModule(path, cutoff=1.5, **KW).setup()
 
 
-def _hartree_copy(src, dst):
-    frames = ase.io.read(src, ":150")
+KCAL = kcal / mol  # eV
+#: rMD17 ethanol training frame 3 and its four nearest frames (superposed): 5+ close pairs among 5 frames.
+ETHANOL_CLOSE = [3, 37, 753, 962, 992]
+
+
+def _rescaled(frames, dst, energy=1.0, forces=1.0):
+    """``frames`` (ASE atoms with energies/forces) written to extxyz with both multiplied (a unit mix-up)."""
     for a in frames:
-        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy() / Hartree, forces=a.get_forces())
-    ase.io.write(dst, frames)
+        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy() * energy, forces=a.get_forces() * forces)
+    ase.io.write(dst, frames, format="extxyz")
     return dst
 
 
-def test_unit_mixup_warnings(tmp_path):
-    """Energies in Hartree with forces in eV/Å are flagged (twice with isolated-atom E0); the shipped data
-    sets in eV are not."""
-    ha = _hartree_copy(DATA / "acac" / "train_300K.xyz", tmp_path / "acac_hartree.xyz")
-    with pytest.warns(UserWarning, match=r"acac_hartree\.xyz: energies vary little .* different units.*Hartree"):
-        XYZDataModule(ha, **KW).setup()
+def _rmd17_atoms(molecule, frames):
+    z, pos, e, f = load_rmd17(molecule, frames)
+    atoms = []
+    for k in range(len(e)):
+        a = ase.Atoms(numbers=z.numpy(), positions=pos[k].numpy())
+        a.calc = SinglePointCalculator(a, energy=float(e[k]), forces=f[k].numpy())
+        atoms.append(a)
+    return atoms
+
+
+def _setup_issues(dm):
+    """Unit messages of ``dm.setup()`` (warnings) or its ValueError."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        XYZDataModule(ha, atomic_energies=DATA / "acac" / "isolated_atoms.xyz", **KW).setup()
-    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert any("acac_hartree.xyz: frame" in m and "eV/atom; binding energies" in m for m in messages), messages
+        try:
+            dm.setup()
+        except ValueError as error:
+            return [w for w in caught if "units" in str(w.message)], str(error)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "unit" in str(w.message)], None
+
+
+def test_unit_mixup_stops_training(tmp_path):
+    """Energies in Hartree or kcal/mol with forces in eV/Å: a one-line error naming the file, the measured
+    ratio of energy changes to the work of the forces between nearby frames, the likely mix-up and the way
+    out; ``check_units=warn`` warns instead, ``check_units=false`` is silent."""
+    hartree = _rescaled(ase.io.read(DATA / "acac" / "train_300K.xyz", ":150"), tmp_path / "acac_hartree.xyz",
+                        energy=1 / Hartree)
+    with pytest.raises(ValueError) as err:
+        XYZDataModule(hartree, **KW).setup()
+    message = str(err.value)
+    assert message.startswith(f"{hartree}: energies and forces have inconsistent units: between ") and "\n" not in message
+    assert re.search(r"the energy changes are 0\.0[2-5]\d* times the work of the forces .*energies in Hartree with "
+                     r"forces in eV/Å give 0\.0367.*check_units=warn", message), message
+    with pytest.warns(UserWarning, match=r"acac_hartree\.xyz: energies and forces have inconsistent units"):
+        XYZDataModule(hartree, check_units="warn", **KW).setup()
+    assert _setup_issues(XYZDataModule(hartree, check_units=False, **KW)) == ([], None)
+    with pytest.raises(ValueError, match="check_units must be true, false or warn, got 'maybe'"):
+        XYZDataModule(hartree, check_units="maybe", **KW)
+    # with isolated-atom energies in eV the binding-energy check speaks as well
+    issues, error = _setup_issues(XYZDataModule(hartree, atomic_energies=DATA / "acac" / "isolated_atoms.xyz",
+                                                check_units="warn", **KW))
+    assert error is None and any("acac_hartree.xyz: frame" in m and "eV/atom; binding energies" in m for m in issues)
+
+    # rMD17 ethanol (30 frames) with energies in kcal/mol and forces in eV/Å: as extxyz ...
+    kcal_xyz = _rescaled(_rmd17_atoms("ethanol", slice(0, 30)), tmp_path / "ethanol_kcal.xyz", energy=1 / KCAL)
+    with pytest.raises(ValueError, match=r"ethanol_kcal\.xyz: energies and forces have inconsistent units: .* are "
+                       r"2\d\.?\d* times the work .*energies in kcal/mol with forces in eV/Å give 23\.1"):
+        XYZDataModule(kcal_xyz, **KW).setup()
+    # ... and as an rMD17 npz file whose forces are in eV/Å (the module converts both from kcal/mol)
+    raw = dict(np.load(DATA / "rmd17" / "rmd17_ethanol_train_01.npz"))
+    raw = {k: v if k == "nuclear_charges" else v[:30] for k, v in raw.items()}
+    (tmp_path / "rmd17").mkdir()
+    np.savez(tmp_path / "rmd17" / "rmd17_ethanol_test_01.npz", **raw)
+    np.savez(tmp_path / "rmd17" / "rmd17_ethanol_train_01.npz", **dict(raw, forces=raw["forces"] * KCAL))
+    dm = datamodules.MD17DataModule(molecule="ethanol", root=tmp_path, num_train=25, num_val=5, download=False,
+                                    progress=False, cache=False)
+    with pytest.raises(ValueError, match=r"rmd17_ethanol_train_01\.npz: energies and forces have inconsistent units"):
+        dm.setup()
+
+
+def test_unit_mixup_few_frames(tmp_path):
+    """Five frames of one molecule with energies in Hartree: an error when three pairs of nearby frames show
+    it, a warning when the frames are far apart (only the energy-fluctuation length shows it). The same
+    frames in eV pass silently."""
+    close = _rmd17_atoms("ethanol", ETHANOL_CLOSE)
+    far = _rmd17_atoms("aspirin", slice(0, 5))
+    for frames, name in ((close, "close"), (far, "far")):
+        assert _setup_issues(XYZDataModule(_rescaled(frames, tmp_path / f"{name}_ev.xyz"), **KW)) == ([], None)
+    issues, error = _setup_issues(XYZDataModule(_rescaled(close, tmp_path / "close.xyz", 1 / Hartree), **KW))
+    assert error is not None and re.search(r"close\.xyz: energies and forces have inconsistent units: between "
+                                           r"([5-9]|10) pairs.*Hartree", error), (issues, error)
+    issues, error = _setup_issues(XYZDataModule(_rescaled(far, tmp_path / "far.xyz", 1 / Hartree), **KW))
+    assert error is None and len(issues) == 1, issues
+    assert re.search(r"far\.xyz: energies vary little for the size of the forces \(energy fluctuation / force = "
+                     r"0\.00\d+ Å over 5 frames.*Hartree", issues[0]), issues
+
+
+def test_unit_mixup_without_frame_pairs(tmp_path):
+    """Periodic frames of different cells (no pairs to compare): kcal/mol energies with eV/Å forces make the
+    energy-fluctuation length 23x too large, a warning; in eV the set passes."""
+    frames = ase.io.read(DATA / "cu_emt" / "train.xyz", ":")
+    issues, error = _setup_issues(XYZDataModule(_rescaled(frames, tmp_path / "cu_kcal.xyz", 1 / KCAL), **KW))
+    assert error is None and len(issues) == 1 and re.search(
+        r"cu_kcal\.xyz: energies vary much for the size of the forces \(energy fluctuation / force = [3-9]\.\d+ Å", issues[0])
+
+
+def test_shipped_data_pass_unit_check():
+    """Every shipped data set in its own units: no unit warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         for dm in (datamodules.acac_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
                    datamodules.cumulene_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
-                   ethanol_datamodule(num_train=200)):
+                   XYZDataModule(DATA / "cu_emt" / "train.xyz", progress=False),
+                   ethanol_datamodule(num_train=200),
+                   ethanol_datamodule(molecule="aspirin", num_train=20),
+                   ethanol_datamodule(molecule="malonaldehyde", num_train=20)):
             dm.setup()
 
 

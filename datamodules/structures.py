@@ -56,6 +56,35 @@ def element_name(z: int) -> str:
     return f"{chemical_symbols[z]} (Z={z})" if 0 < z < len(chemical_symbols) else f"Z={z}"
 
 
+# --------------------------------------------------------------------------- hyperparameters
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain Python types (dict, list, str, numbers): OmegaConf containers resolved, paths
+    as strings, NumPy scalars as numbers. Data-module hyperparameters go into every checkpoint, which
+    ``torch.load(weights_only=True)`` must read (it refuses OmegaConf and pathlib objects)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def plain_hparams(module) -> None:
+    """Replace the saved hyperparameters of a Lightning module or data module by :func:`plain` values
+    (call right after ``save_hyperparameters()``)."""
+    for key in list(module.hparams):
+        module.hparams[key] = plain(module.hparams[key])
+
+
 # --------------------------------------------------------------------------- validation
 
 

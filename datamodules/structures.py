@@ -300,8 +300,10 @@ def available_keys(atoms, key: Optional[str] = None) -> str:
     arrays = sorted(k for k in atoms.arrays if k not in ("numbers", "positions"))
     results = sorted(getattr(atoms.calc, "results", {}) or {}) if atoms.calc is not None else []
     text = f"info keys {info}, per-atom arrays {arrays}, calculator results {results}"
-    close = difflib.get_close_matches(key, info + arrays + results, n=1, cutoff=0.6) if key else []
-    return text + (f". Did you mean {close[0]!r}?" if close else "")
+    keys = info + arrays + results
+    lower = {k.lower(): k for k in reversed(keys)}  # case-insensitive: E_DFT finds E_dft
+    close = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.6) if key else []
+    return text + (f". Did you mean {lower[close[0]]!r}?" if close else "")
 
 
 def lookup(atoms, key: str, per_atom: bool) -> Any:

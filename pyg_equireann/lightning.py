@@ -257,11 +257,13 @@ class PotentialModule(L.LightningModule):
         self._evaluate(batch, "val")
 
     def _update_by_config_type(self, split: str, types: List[str], batch, errors: Dict[str, Tensor]) -> None:
-        """Accumulate ``errors`` also per config type, as split ``<split>/config_type=<name>``."""
+        """Accumulate ``errors`` also per config type, as split ``<split>/config_type=<name>``. Every type
+        of the set is updated (with no errors when absent from the batch), so that all DDP ranks hold the
+        same accumulators to reduce; types without structures are not reported."""
         graph_type = batch.config_type.view(-1)
         atom_type = graph_type[batch.batch]
-        for t in torch.unique(graph_type).tolist():
-            acc = self._acc.setdefault(f"{split}/config_type={types[t]}", _ErrorAccumulator())
+        for t, type_name in enumerate(types):
+            acc = self._acc.setdefault(f"{split}/config_type={type_name}", _ErrorAccumulator())
             for name, error in errors.items():
                 acc.update(name, error[atom_type == t] if name == "forces" else error[graph_type == t])
 

@@ -20,11 +20,9 @@ from omegaconf import OmegaConf
 
 import datamodules
 from datamodules import XYZDataModule
-from pyg_equireann.cli import CONF_DIR
-from pyg_equireann.lightning import AUTO_STRESS_WEIGHT, PotentialModule
-
-from pyg_equireann.cli import user_errors
+from pyg_equireann.cli import CONF_DIR, user_errors
 from pyg_equireann.cli.evaluate import run as eval_run
+from pyg_equireann.lightning import AUTO_STRESS_WEIGHT, PotentialModule
 
 from .test_pipeline import cli, hydra_app, read_csv
 

@@ -194,6 +194,9 @@ class MD17DataModule(PotentialDataModule):
     ) -> None:
         super().__init__(atomic_energies=atomic_energies, **kwargs)
         self.save_hyperparameters()
+        from .structures import plain_hparams
+
+        plain_hparams(self)  # plain types only: checkpoints load with torch.load(weights_only=True)
         v = VARIANTS.get(str(variant).lower())
         if v is None:
             raise ValueError(f"unknown MD17 variant {variant!r}; use 'revised', 'original' or 'ccsd'")

@@ -56,6 +56,35 @@ def element_name(z: int) -> str:
     return f"{chemical_symbols[z]} (Z={z})" if 0 < z < len(chemical_symbols) else f"Z={z}"
 
 
+# --------------------------------------------------------------------------- hyperparameters
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain Python types (dict, list, str, numbers): OmegaConf containers resolved, paths
+    as strings, NumPy scalars as numbers. Data-module hyperparameters go into every checkpoint, which
+    ``torch.load(weights_only=True)`` must read (it refuses OmegaConf and pathlib objects)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def plain_hparams(module) -> None:
+    """Replace the saved hyperparameters of a Lightning module or data module by :func:`plain` values
+    (call right after ``save_hyperparameters()``)."""
+    for key in list(module.hparams):
+        module.hparams[key] = plain(module.hparams[key])
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -271,8 +300,10 @@ def available_keys(atoms, key: Optional[str] = None) -> str:
     arrays = sorted(k for k in atoms.arrays if k not in ("numbers", "positions"))
     results = sorted(getattr(atoms.calc, "results", {}) or {}) if atoms.calc is not None else []
     text = f"info keys {info}, per-atom arrays {arrays}, calculator results {results}"
-    close = difflib.get_close_matches(key, info + arrays + results, n=1, cutoff=0.6) if key else []
-    return text + (f". Did you mean {close[0]!r}?" if close else "")
+    keys = info + arrays + results
+    lower = {k.lower(): k for k in reversed(keys)}  # case-insensitive: E_DFT finds E_dft
+    close = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.6) if key else []
+    return text + (f". Did you mean {lower[close[0]]!r}?" if close else "")
 
 
 def lookup(atoms, key: str, per_atom: bool) -> Any:

@@ -14,6 +14,9 @@ from .reference import EnergyReference, ReferencedModel
 UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
          "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
          "stress_mae": "meV/Å³", "stress_rmse": "meV/Å³"}
+#: stress loss weight that ``stress_weight="auto"`` uses when the training data holds stress, × (σ − σ̂)² in
+#: (eV/Å³)² (stresses are ~0.01-0.1 eV/Å³; the value of the cu_emt experiment)
+AUTO_STRESS_WEIGHT = 1000.0
 
 
 def plain(value: Any) -> Any:
@@ -92,7 +95,8 @@ class PotentialModule(L.LightningModule):
     Args:
         model: the energy model, or its Hydra config (``_target_``), which is stored in the
             checkpoint so that :meth:`load_from_checkpoint` rebuilds it.
-        energy_weight, forces_weight, stress_weight: loss weights.
+        energy_weight, forces_weight, stress_weight: loss weights. ``stress_weight="auto"``:
+            :data:`AUTO_STRESS_WEIGHT` for batches with a stress (all or no frames of a file have one), else 0.
         loss_schedule: optional ``{"start_epoch": k, "energy_weight": ..., "forces_weight": ...}``:
             weights switch at epoch k (e.g. more energy weight late in training, as MACE's stage two).
         lr, weight_decay, betas, amsgrad: AdamW settings.
@@ -106,7 +110,7 @@ class PotentialModule(L.LightningModule):
         model: Union[nn.Module, Mapping[str, Any]],
         energy_weight: float = 1.0,
         forces_weight: float = 100.0,
-        stress_weight: float = 0.0,
+        stress_weight: Union[float, str] = "auto",
         loss_schedule: Optional[Mapping[str, float]] = None,
         lr: float = 5e-3,
         weight_decay: float = 0.0,
@@ -128,6 +132,7 @@ class PotentialModule(L.LightningModule):
         self.hparams["model_config"] = config
         self.model = build_model(model)
         self.test_names: List[str] = []
+        self.test_config_types: Dict[str, List[str]] = {}
         self._acc: Dict[str, _ErrorAccumulator] = {}
         self._loss_sums: Dict[str, List[float]] = {}
 
@@ -167,7 +172,7 @@ class PotentialModule(L.LightningModule):
     def predict_batch(self, batch, create_graph: bool) -> Dict[str, Tensor]:
         """Energy (B,) float64, forces (N, 3) and, for periodic batches with stress, stress (B, 3, 3)."""
         cell = getattr(batch, "cell", None)
-        stress = self.hparams.stress_weight > 0 or getattr(batch, "stress", None) is not None
+        stress = self._stress_weight(batch) > 0 or getattr(batch, "stress", None) is not None
         compute_stress = bool(stress and cell is not None)
         if hasattr(self.model, "build_graph"):
             return energy_forces_stress(
@@ -183,13 +188,39 @@ class PotentialModule(L.LightningModule):
         forces = -torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)[0]
         return {"energy": energy, "forces": forces}
 
-    def _weights(self):
+    def _stress_weight(self, batch=None) -> float:
+        """``stress_weight`` as a number: ``"auto"`` is :data:`AUTO_STRESS_WEIGHT` if ``batch`` has a stress."""
+        weight = self.hparams.get("stress_weight", 0.0)
+        if isinstance(weight, str):
+            if weight.lower() != "auto":
+                raise ValueError(f"module.stress_weight must be a number or 'auto', got {weight!r}")
+            return AUTO_STRESS_WEIGHT if getattr(batch, "stress", None) is not None else 0.0
+        return float(weight)
+
+    def _weights(self, batch=None):
         w = {"energy": self.hparams.energy_weight, "forces": self.hparams.forces_weight,
-             "stress": self.hparams.stress_weight}
+             "stress": self._stress_weight(batch)}
         schedule = self.hparams.loss_schedule
         if schedule and self.current_epoch >= int(schedule["start_epoch"]):
             w.update({k.replace("_weight", ""): v for k, v in schedule.items() if k.endswith("_weight")})
         return w
+
+    def on_fit_start(self):
+        """Say whether the stress of the training data enters the loss."""
+        import logging
+
+        dm = getattr(self.trainer, "datamodule", None)
+        train = getattr(dm, "train_dataset", None)
+        if train is None or not hasattr(train, "has") or not train.has("stress"):
+            return
+        weight, log = self.hparams.get("stress_weight", 0.0), logging.getLogger("pyg_equireann")
+        if isinstance(weight, str) or float(weight) > 0:
+            value = AUTO_STRESS_WEIGHT if isinstance(weight, str) else float(weight)
+            log.info("the training data has stress: in the loss with stress_weight %g (module.stress_weight=%s)",
+                     value, weight)
+        else:
+            log.warning("the training data has stress, but module.stress_weight=0 leaves it out of the loss "
+                        "(set module.stress_weight=auto or a weight to train on it; it is still reported)")
 
     def _loss_and_errors(self, batch, out) -> Dict[str, Tensor]:
         num_atoms = torch.bincount(batch.batch, minlength=out["energy"].shape[0]).to(torch.float64)
@@ -199,7 +230,7 @@ class PotentialModule(L.LightningModule):
             errors["forces"] = out["forces"] - batch.forces
         if "stress" in out and getattr(batch, "stress", None) is not None:
             errors["stress"] = out["stress"] - batch.stress.view(-1, 3, 3)
-        w = self._weights()
+        w = self._weights(batch)
         loss = w["energy"] * errors["energy_per_atom"].square().mean()
         if "forces" in errors:
             loss = loss + w["forces"] * errors["forces"].square().mean()
@@ -260,6 +291,9 @@ class PotentialModule(L.LightningModule):
         acc = self._acc.setdefault(split, _ErrorAccumulator())
         for name, error in errors.items():
             acc.update(name, error)
+        types = self.test_config_types.get(split) if split.startswith("test") else None
+        if types and getattr(batch, "config_type", None) is not None:
+            self._update_by_config_type(split, types, batch, errors)
         sums = self._loss_sums.setdefault(split, [0.0, 0.0])
         sums[0] += float(loss) * int(batch.num_graphs)
         sums[1] += int(batch.num_graphs)
@@ -268,9 +302,24 @@ class PotentialModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
 
+    def _update_by_config_type(self, split: str, types: List[str], batch, errors: Dict[str, Tensor]) -> None:
+        """Accumulate ``errors`` also per config type, as split ``<split>/config_type=<name>``. Every type
+        of the set is updated (with no errors when absent from the batch), so that all DDP ranks hold the
+        same accumulators to reduce; types without structures are not reported."""
+        graph_type = batch.config_type.view(-1)
+        atom_type = graph_type[batch.batch]
+        for t, type_name in enumerate(types):
+            acc = self._acc.setdefault(f"{split}/config_type={type_name}", _ErrorAccumulator())
+            for name, error in errors.items():
+                acc.update(name, error[atom_type == t] if name == "forces" else error[graph_type == t])
+
+    @staticmethod
+    def _test_split(name: str) -> str:
+        return "test" if name == "test" else f"test/{name}"
+
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         name = self.test_names[dataloader_idx] if dataloader_idx < len(self.test_names) else f"test{dataloader_idx}"
-        self._evaluate(batch, "test" if name == "test" else f"test/{name}")
+        self._evaluate(batch, self._test_split(name))
 
     def _reduce(self, t: Tensor) -> Tensor:
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -284,6 +333,8 @@ class PotentialModule(L.LightningModule):
             return None
         for key, value in acc.compute(self._reduce).items():
             self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=(split == "val" and key == "forces_mae"))
+        if loss_sums is None:  # a config type within a test set: errors only
+            return None
         total = self._reduce(torch.tensor(loss_sums, dtype=torch.float64))
         loss = float(total[0] / total[1])
         self.log(f"{split}/loss", loss, sync_dist=False)
@@ -308,6 +359,9 @@ class PotentialModule(L.LightningModule):
     def on_test_start(self):
         dm = getattr(self.trainer, "datamodule", None)
         self.test_names = list(getattr(dm, "test_names", []) or [])
+        # {split: config type names} of the test sets with several config types (metrics per type too)
+        self.test_config_types = {self._test_split(name): types
+                                  for name, types in (getattr(dm, "test_config_types", None) or {}).items()}
 
     def on_test_epoch_end(self):
         for split in [s for s in list(self._acc) if s == "test" or s.startswith("test/")]:

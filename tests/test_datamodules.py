@@ -387,9 +387,9 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     calls = []
     original = XYZDataModule._process_file
 
-    def counting(self, path, key):
+    def counting(self, path, key, *args):
         calls.append((path.name, self.cutoff))
-        return original(self, path, key)
+        return original(self, path, key, *args)
 
     monkeypatch.setattr(XYZDataModule, "_process_file", counting)
     stats_calls = []

@@ -16,6 +16,7 @@ refused (:func:`resume_config`). Each resume adds its own record, ``resumes/<tim
 import datetime
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -152,6 +153,49 @@ def _run_overrides(overrides) -> List[str]:
     return [o for o in overrides if key(o) not in ("ckpt_path", "resume_overrides") and not key(o).startswith("hydra")]
 
 
+#: Hydra keys that make ``instantiate`` build or call something.
+_BUILD_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def _conf_targets() -> set:
+    """Every ``_target_`` named in the package's own configs (``conf/``)."""
+    names = set()
+    for path in Path(CONF_DIR).rglob("*.yaml"):
+        names.update(re.findall(r"^\s*_target_:\s*([\w.]+)", path.read_text(), flags=re.M))
+    return names
+
+
+def check_recorded_config(run_dir: Path, recorded: Any, original: List[str], ours: List[str]) -> None:
+    """A run folder is as untrusted as a checkpoint (it may come from someone else): ``ValueError`` unless every
+    object that the run's config record (``recorded``, ``original`` overrides) builds is one that the package's
+    configs name or an allowed model class (:func:`~pyg_equireann.checkpoint.register_model_class`), or is
+    repeated on this command line (``ours``); resolvers that create config nodes (``oc.decode``, ``oc.create``)
+    likewise."""
+    from ..checkpoint import _allowed_target
+
+    known, repeated = _conf_targets(), {o.lstrip("+~") for o in ours}
+    unsafe = lambda text: any(k in text for k in _BUILD_KEYS) or "oc.decode" in text or "oc.create" in text  # noqa: E731
+    bad = [o.lstrip("+~") for o in original if unsafe(o) and o.lstrip("+~") not in repeated]
+
+    def walk(node: Any, where: str) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            here = f"{where}.{key}" if where and isinstance(key, str) else f"{where}[{key}]" if where else str(key)
+            item = f"{here}={value}"
+            if key == "_target_" and isinstance(value, str) and (value in known or _allowed_target(value)):
+                pass
+            elif (key in _BUILD_KEYS or (isinstance(value, str) and unsafe(value))) and item not in repeated:
+                bad.append(item)
+            walk(value, here)
+
+    walk(recorded, "")
+    if bad:
+        raise ValueError(
+            f"{run_dir}: the run's config record builds objects that pyg_equireann's configs do not name: "
+            + ", ".join(sorted(set(bad))) + ". A run folder is read like a checkpoint, so only known classes are "
+            "built; if you trust it, repeat these overrides on the command line")
+
+
 def recorded_run(ckpt_path) -> Optional[Path]:
     """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt``) if it holds the run's config record."""
     if ckpt_path in (None, "", "None", "null"):
@@ -178,11 +222,12 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     original = _run_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
     ours = _run_overrides(hydra_cfg.overrides.task)
+    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    check_recorded_config(run_dir, recorded, original, ours)
     # what this command's overrides change, composed both ways with today's conf/
     before = _leaves(OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=original)))
     after = _leaves(OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=original + ours)))
     changes = {k: after.get(k, _UNSET) for k in {*before, *after} if before.get(k, _UNSET) != after.get(k, _UNSET)}
-    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     leaves = _leaves(recorded)
     refused = sorted((k for k in changes if not _harmless(k)), key=str)
     if refused and policy != "allow":

@@ -205,3 +205,23 @@ def test_refused_even_when_torch_is_told_to_unpickle(files, monkeypatch):
         with pytest.raises(ValueError, match="contains pickled Python objects that are not allowed"):
             load(files["pickled"])
     assert not files["marker"].exists()
+
+
+def test_hostile_run_folder_config_is_refused(files, tmp_path):
+    """Resuming reuses the run folder's recorded config, so that record is as untrusted as the checkpoint:
+    a callback ``_target_`` that the package's configs do not name is refused (the run's own checkpoint is
+    genuine), unless the command line repeats it."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(files["run"], run_dir)
+    record = run_dir / ".hydra" / "config.yaml"
+    config = OmegaConf.load(record)
+    config.callbacks.evil = {"_target_": "builtins.open", "file": str(files["marker"]), "mode": "w"}
+    OmegaConf.save(config, record)
+    with pytest.raises(ValueError, match=r"callbacks\.evil\._target_=builtins\.open.*repeat these overrides") as err:
+        hydra_app([f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], train_run)
+    assert str(run_dir) in str(err.value) and "\n" not in str(err.value)
+    assert not files["marker"].exists()

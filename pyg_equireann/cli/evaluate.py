@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 from typing import Dict
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -17,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from . import CONF_DIR, user_errors
+from . import check_writable, hydra_entry, user_errors
 from .plots import parity
 from .train import metrics_table
 
@@ -94,7 +93,7 @@ def summarize(r: Dict[str, np.ndarray]) -> Dict[str, float]:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = check_writable(HydraConfig.get().runtime.output_dir, "eval folder")
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     module = load_checkpoint(cfg.ckpt_path, cfg.float64)
@@ -124,7 +123,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra_entry("eval")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

@@ -10,11 +10,11 @@ written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`).
 import datetime
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import TrainingBudget
+from ..callbacks import EpochLog, TrainingBudget
 from ..checkpoint import AtomicCheckpointIO
-from . import CONF_DIR, user_errors
+from . import check_writable, hydra_entry, user_errors
 from .plots import learning_curve
 
 log = logging.getLogger("equireann-train")
@@ -103,14 +103,51 @@ def build_trainer(cfg: DictConfig, out_dir: Path):
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
-                          default_root_dir=str(out_dir))
+                          default_root_dir=str(out_dir), **trainer_adjustments(cfg))
     return trainer, callbacks
+
+
+def command_line_keys() -> set:
+    """Keys set by the command line of this Hydra run (``trainer.max_epochs=5`` → ``trainer.max_epochs``)."""
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
+    """Trainer arguments that depend on the situation: a training budget lifts the epoch cap of the
+    trainer config (not one given on the command line: then the cap may stop training before the budget
+    is used, and the stop line says so); outside a terminal (nohup, batch jobs, ``| tee``) the progress
+    bar is off, the per-epoch log lines of :class:`~pyg_equireann.callbacks.EpochLog` take its place."""
+    explicit, adjust = command_line_keys(), {}
+    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit:
+        adjust["max_epochs"] = -1
+    if not sys.stdout.isatty() and "trainer.enable_progress_bar" not in explicit:
+        adjust["enable_progress_bar"] = False
+    return adjust
+
+
+def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
+    """``PermissionError`` naming the first folder this run would write that is not writable: the run
+    folder, the checkpoint folder(s), the loggers' folders and the budget's snapshot folder, checked
+    before any data is read rather than when the first checkpoint is saved."""
+    folders = {"run folder": out_dir}
+    for name, node in list((cfg.get("callbacks") or {}).items()) + list((cfg.get("logger") or {}).items()):
+        for key in ("dirpath", "save_dir"):
+            if (node or {}).get(key):
+                folders[f"{name} folder ({key})"] = Path(str(node[key]))
+    budget = cfg.get("budget") or {}
+    if budget.get("minutes") and budget.get("snapshots"):
+        folders["snapshot folder"] = Path(str(budget.get("snapshot_dir") or out_dir / "snapshots"))
+    for what, folder in folders.items():
+        check_writable(folder, what)
 
 
 def run(cfg: DictConfig) -> Optional[float]:
     from ..checkpoint import check_model_config, read_checkpoint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_output_folders(cfg, out_dir)
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
@@ -132,6 +169,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
                "epochs": trainer.current_epoch, "steps": trainer.global_step,
                "fit_wall_seconds": time.perf_counter() - fit_start}
+    stopped = next((c.reason for c in callbacks if isinstance(c, EpochLog)), None)
+    if stopped:
+        summary["stop_reason"] = stopped
     timer = next((c for c in callbacks if isinstance(c, TrainingBudget)), None)
     if timer is not None:
         summary.update({"budget_minutes": timer.seconds / 60, "budget_clock": timer.clock,
@@ -150,7 +190,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:
         print(f"\n{type(getattr(module.model, 'model', module.model)).__name__} trained for {trainer.current_epoch} epochs "
-              f"({params:,} parameters)")
+              f"({params:,} parameters)" + (f"; stopped because {stopped}" if stopped else ""))
         if results:
             print(metrics_table(results))
         print(f"run folder: {out_dir}")
@@ -163,7 +203,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra_entry("train")
 def main(cfg: DictConfig) -> Optional[float]:
     with user_errors():
         return run(cfg)

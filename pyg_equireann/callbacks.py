@@ -71,7 +71,7 @@ class TrainingBudget(Callback):
     def describe(self) -> str:
         """E.g. ``"4.2 of 15 CPU minutes"`` (``"wall-clock minutes"`` for ``clock="wall"``)."""
         clock = "CPU" if self.clock == "process" else "wall-clock"
-        return f"{self.elapsed / 60:.1f} of {self.seconds / 60:g} {clock} minutes"
+        return f"{self.elapsed / 60:.2f} of {self.seconds / 60:g} {clock} minutes"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.cosine_lr:

@@ -50,19 +50,23 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-#: True while ``HYDRA_FULL_ERROR=1`` is set by :func:`hydra_entry` (not by the user) around Hydra's start-up
-_full_error_set_here = False
+#: marks ``HYDRA_FULL_ERROR=1`` as set by :func:`hydra_entry` (not by the user) around Hydra's start-up; an
+#: environment variable, so that jobs that launchers start in other processes see it too
+_SET_HERE = "PYG_EQUIREANN_FULL_ERROR_SET_HERE"
+
+
+def _full_error_set_here() -> bool:
+    return os.environ.get(_SET_HERE) == "1"
 
 
 def _user_wants_traceback() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1" and not _full_error_set_here
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and not _full_error_set_here()
 
 
 def _restore_full_error() -> None:
-    global _full_error_set_here
-    if _full_error_set_here:
+    if _full_error_set_here():
         os.environ.pop("HYDRA_FULL_ERROR", None)
-        _full_error_set_here = False
+        os.environ.pop(_SET_HERE, None)
 
 
 def _log_to_files(level: int, message: str, exc_info=None) -> None:
@@ -141,17 +145,15 @@ def hydra_entry(config_name: str):
 def _catch_startup_errors(hydra_main, config_name: str):
     @functools.wraps(hydra_main)
     def main(*args, **kwargs):
-        global _full_error_set_here
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
         if os.environ.get("HYDRA_FULL_ERROR") != "1":
-            os.environ["HYDRA_FULL_ERROR"] = "1"
-            _full_error_set_here = True
+            os.environ.update({"HYDRA_FULL_ERROR": "1", _SET_HERE: "1"})
         try:
             return hydra_main(*args, **kwargs)
         except (HydraException, OmegaConfBaseException, OSError, ValueError) as error:
-            if not _full_error_set_here:
+            if not _full_error_set_here():
                 raise
             _restore_full_error()
             message = startup_error_message(error, config_name, sys.argv[1:])

@@ -31,7 +31,8 @@ class TrainingBudget(Callback):
     Args:
         minutes: the budget.
         clock: ``"process"`` (CPU time of the process, all threads; robust to other load on the
-            machine) or ``"wall"`` (elapsed time).
+            machine with one thread: with several, OpenMP threads spin while they wait for each other on
+            a busy machine, and that time counts) or ``"wall"`` (elapsed time).
         cosine_lr: anneal every parameter group's lr from its initial value to ``min_lr``.
         min_lr: final learning rate of the cosine.
         snapshots: budget fractions (e.g. ``[0.1, 0.25, 0.5, 1.0]``) at which a checkpoint

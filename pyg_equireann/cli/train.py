@@ -2,7 +2,7 @@
 
 Every run writes one folder (``runs/<model>_<data>/<time>/``): ``.hydra/`` (composed and resolved
 config), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
-``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time),
+``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time, why it stopped),
 ``test_metrics.json``, ``train.log`` and ``run_info.json`` (package versions, git
 commit, platform, torch settings; ``run_info_resumed_<time>.json`` for each resumption). Checkpoints are
 written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`).

@@ -124,9 +124,10 @@ def stop_reason(trainer) -> str:
                 f"(epoch {early.stopped_epoch})")
     if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
         reason = f"trainer.max_epochs={trainer.max_epochs} was reached"
-        if budget is not None:  # the budget lifts the cap unless max_epochs was set explicitly
-            reason += (f" before the budget was used ({budget.describe()}); drop trainer.max_epochs "
-                       "to train for the whole budget")
+        if budget is not None:
+            reason += (f" before the budget was used ({budget.describe()}); a budget lifts the epoch cap unless "
+                       "trainer.max_epochs is given on the command line or module.scheduler=cosine anneals over "
+                       "the epochs (budget.cosine_lr=true module.scheduler=none anneals over the budget)")
         return reason
     if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
         return f"trainer.max_steps={trainer.max_steps} was reached"

@@ -18,8 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from pyg_equireann.cli import check_writable, override_typo_message, startup_error_message, user_errors
 from pyg_equireann.cli.train import run as train_run
+from pyg_equireann.cli.train import trainer_adjustments
 
-from .test_pipeline import BIN, TINY, cli, cli_env, hydra_app
+from .test_pipeline import BIN, TINY, cli, cli_env, compose_train, hydra_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.num_channels=8"]
@@ -137,7 +138,19 @@ def test_cap_on_command_line_stops_before_budget_and_terminal_gets_no_epoch_line
     assert len(epoch_lines(log)) == 2 and "epoch 1/1 | budget" in log and stop in log, log
     assert epoch_lines(shown) == [] and stop in shown, shown
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert summary["epochs"] == 2 and "drop trainer.max_epochs" in summary["stop_reason"]
+    assert summary["epochs"] == 2 and "given on the command line" in summary["stop_reason"]
+
+
+@pytest.mark.parametrize("overrides, lifted", [
+    (["budget.minutes=5"], True),
+    (["experiment=quick"], True),  # the budget comes from the experiment
+    (["budget.minutes=5", "trainer.max_epochs=7"], False),  # given on the command line
+    (["experiment=cu_emt", "budget.minutes=5"], False),  # module.scheduler=cosine anneals over the epochs
+    ([], False),  # no budget
+])
+def test_budget_lifts_the_epoch_cap(overrides, lifted, tmp_path):
+    adjust = trainer_adjustments(compose_train(overrides, tmp_path))
+    assert (adjust.get("max_epochs") == -1) is lifted
 
 
 def test_failure_text_in_train_log(tmp_path):

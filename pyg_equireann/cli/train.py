@@ -116,11 +116,13 @@ def command_line_keys() -> set:
 
 def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
     """Trainer arguments that depend on the situation: a training budget lifts the epoch cap of the
-    trainer config (not one given on the command line: then the cap may stop training before the budget
-    is used, and the stop line says so); outside a terminal (nohup, batch jobs, ``| tee``) the progress
-    bar is off, the per-epoch log lines of :class:`~pyg_equireann.callbacks.EpochLog` take its place."""
+    trainer config (not one given on the command line, nor one that an epoch-wise cosine schedule
+    anneals over: then the cap may stop training before the budget is used, and the stop line says so);
+    outside a terminal (nohup, batch jobs, ``| tee``) the progress bar is off, the per-epoch log lines of
+    :class:`~pyg_equireann.callbacks.EpochLog` take its place."""
     explicit, adjust = command_line_keys(), {}
-    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit:
+    epoch_schedule = (cfg.get("module") or {}).get("scheduler") == "cosine"
+    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit and not epoch_schedule:
         adjust["max_epochs"] = -1
     if not sys.stdout.isatty() and "trainer.enable_progress_bar" not in explicit:
         adjust["enable_progress_bar"] = False

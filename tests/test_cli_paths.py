@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.callbacks import Callback
 
 from pyg_equireann.cli import check_writable, override_typo_message, startup_error_message, user_errors
 from pyg_equireann.cli.train import run as train_run
@@ -151,6 +153,27 @@ def test_cap_on_command_line_stops_before_budget_and_terminal_gets_no_epoch_line
 def test_budget_lifts_the_epoch_cap(overrides, lifted, tmp_path):
     adjust = trainer_adjustments(compose_train(overrides, tmp_path))
     assert (adjust.get("max_epochs") == -1) is lifted
+
+
+class InterruptAfterFirstEpoch(Callback):
+    """Sends this process a real SIGINT (Ctrl+C) at the end of the first epoch."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_interrupt_is_logged(tmp_path):
+    """Ctrl+C: Lightning shuts down and exits with 1; train.log says that training was interrupted."""
+    handler = signal.getsignal(signal.SIGINT)
+    run_dir = tmp_path / "run"
+    try:
+        with pytest.raises(SystemExit):
+            hydra_app([*SMALL, *TINY, "trainer.max_epochs=5", f"hydra.run.dir={run_dir}",
+                       f"+callbacks.interrupt._target_={__name__}.InterruptAfterFirstEpoch"], train_run)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after the first one
+    log = (run_dir / "train.log").read_text()
+    assert len(epoch_lines(log)) == 1 and "training stopped in epoch 0: interrupted (Ctrl+C / SIGINT)" in log, log
 
 
 def test_failure_text_in_train_log(tmp_path):

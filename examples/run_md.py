@@ -1,7 +1,8 @@
 """Molecular dynamics with ASE and an EquiREANN model (exported ``.pt`` or training checkpoint).
 
 Langevin (NVT) and velocity-Verlet (NVE) runs on a shipped molecule (rMD17 ethanol) or on a periodic
-fcc Cu box; prints and plots kinetic, potential and total energy, and the NVE drift.
+fcc Cu box; prints progress (steps, time, temperature, total-energy change; every tenth of the run, or
+``--progress N`` steps), then plots kinetic, potential and total energy and prints the NVE drift.
 
     python examples/run_md.py --system ethanol --ensemble nve --steps 10000 --plot docs/img/nve_ethanol.png
     python examples/run_md.py --system cu --ensemble langevin --steps 500 --repeat 3

@@ -1,7 +1,8 @@
 """Molecular dynamics with ASE and an EquiREANN model (exported ``.pt`` or training checkpoint).
 
 Langevin (NVT) and velocity-Verlet (NVE) runs on a shipped molecule (rMD17 ethanol) or on a periodic
-fcc Cu box; prints and plots kinetic, potential and total energy, and the NVE drift.
+fcc Cu box; prints progress (steps, time, temperature, total-energy change; every tenth of the run, or
+``--progress N`` steps), then plots kinetic, potential and total energy and prints the NVE drift.
 
     python examples/run_md.py --system ethanol --ensemble nve --steps 10000 --plot docs/img/nve_ethanol.png
     python examples/run_md.py --system cu --ensemble langevin --steps 500 --repeat 3
@@ -43,8 +44,11 @@ def make_system(name: str, repeat: int = 3) -> Atoms:
 
 
 def run_md(atoms: Atoms, calc, ensemble: str = "nve", steps: int = 1000, timestep_fs: float = 1.0,
-           temperature: float = 300.0, friction: float = 0.01, interval: int = 10, seed: int = 0) -> np.ndarray:
-    """Run MD; returns rows (time fs, kinetic, potential, total energy eV, temperature K) every ``interval`` steps."""
+           temperature: float = 300.0, friction: float = 0.01, interval: int = 10, seed: int = 0,
+           progress: int = 0) -> np.ndarray:
+    """Run MD; returns rows (time fs, kinetic, potential, total energy eV, temperature K) every ``interval`` steps.
+    With ``progress > 0`` prints a line every ``progress`` steps: steps done, elapsed time, temperature and
+    the total-energy change since the start (meV/atom)."""
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     if thermalize_momenta is not None:
@@ -68,6 +72,17 @@ def run_md(atoms: Atoms, calc, ensemble: str = "nve", steps: int = 1000, timeste
         rows.append((dyn.nsteps * timestep_fs, ekin, epot, ekin + epot, atoms.get_temperature()))
 
     dyn.attach(record, interval=interval)
+    if progress > 0:
+        start, e0 = time.perf_counter(), atoms.get_total_energy()
+
+        def report():
+            if dyn.nsteps == 0:
+                return
+            change = 1e3 * (atoms.get_total_energy() - e0) / len(atoms)
+            print(f"step {dyn.nsteps}/{steps} ({100 * dyn.nsteps / steps:.0f}%) | {time.perf_counter() - start:.1f} s | "
+                  f"T {atoms.get_temperature():.1f} K | E_total - E_total(0) {change:+.4f} meV/atom", flush=True)
+
+        dyn.attach(report, interval=progress)
     dyn.run(steps)
     return np.array(rows)
 
@@ -121,6 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin (Å)")
     parser.add_argument("--interval", type=int, default=10, help="record every this many steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", type=int, default=None,
+                        help="print progress every this many steps (default: a tenth of the run; 0: off)")
     parser.add_argument("--plot", type=Path, help="write an energy plot (PNG)")
     parser.add_argument("--save", type=Path, help="write the energy rows (.npy)")
     args = parser.parse_args(argv)
@@ -128,8 +145,10 @@ def main(argv=None) -> dict:
     atoms = make_system(args.system, args.repeat)
     calc = EquiREANNCalculator(args.model or MODELS[args.system], device=args.device, dtype=args.dtype, skin=args.skin)
     start = time.perf_counter()
+    progress = max(1, args.steps // 10) if args.progress is None else args.progress
+    print(f"{args.ensemble} {args.system}: {len(atoms)} atoms, {args.steps} steps of {args.timestep} fs", flush=True)
     rows = run_md(atoms, calc, args.ensemble, args.steps, args.timestep, args.temperature, interval=args.interval,
-                  seed=args.seed)
+                  seed=args.seed, progress=progress)
     seconds = time.perf_counter() - start
     result = drift(rows, len(atoms))
     result.update(steps=args.steps, atoms=len(atoms), seconds=seconds, neighbor_builds=calc.num_neighbor_builds,

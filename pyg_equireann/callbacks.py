@@ -1,10 +1,11 @@
 """Lightning callbacks."""
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 
 
@@ -30,7 +31,8 @@ class TrainingBudget(Callback):
     Args:
         minutes: the budget.
         clock: ``"process"`` (CPU time of the process, all threads; robust to other load on the
-            machine) or ``"wall"`` (elapsed time).
+            machine with one thread: with several, OpenMP threads spin while they wait for each other on
+            a busy machine, and that time counts) or ``"wall"`` (elapsed time).
         cosine_lr: anneal every parameter group's lr from its initial value to ``min_lr``.
         min_lr: final learning rate of the cosine.
         snapshots: budget fractions (e.g. ``[0.1, 0.25, 0.5, 1.0]``) at which a checkpoint
@@ -62,6 +64,15 @@ class TrainingBudget(Callback):
     @property
     def fraction(self) -> float:
         return self.elapsed / self.seconds
+
+    @property
+    def exhausted(self) -> bool:
+        return self.elapsed >= self.seconds
+
+    def describe(self) -> str:
+        """E.g. ``"4.2 of 15 CPU minutes"`` (``"wall-clock minutes"`` for ``clock="wall"``)."""
+        clock = "CPU" if self.clock == "process" else "wall-clock"
+        return f"{self.elapsed / 60:.2f} of {self.seconds / 60:g} {clock} minutes"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.cosine_lr:
@@ -96,3 +107,122 @@ class TrainingBudget(Callback):
         self.elapsed = float(state_dict["elapsed"])
         self._saved = int(state_dict["saved"])
         self._initial_lr = state_dict.get("initial_lr")
+
+
+def stop_reason(trainer) -> str:
+    """Why ``trainer.fit`` ended normally: the training budget, ``trainer.max_time``, early stopping,
+    ``trainer.max_epochs`` or ``trainer.max_steps`` (checked in this order)."""
+    budget = next((c for c in trainer.callbacks if isinstance(c, TrainingBudget)), None)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    early = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping) and c.stopped_epoch > 0), None)
+    if budget is not None and budget.exhausted:
+        return f"the training budget was used ({budget.describe()})"
+    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        return f"the time limit trainer.max_time was reached ({timer.time_elapsed() / 60:.1f} wall-clock minutes)"
+    if early is not None:
+        return (f"early stopping: {early.monitor} did not improve for {early.patience} validations "
+                f"(epoch {early.stopped_epoch})")
+    if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
+        reason = f"trainer.max_epochs={trainer.max_epochs} was reached"
+        if budget is not None:
+            reason += (f" before the budget was used ({budget.describe()}); a budget lifts the epoch cap unless "
+                       "trainer.max_epochs is given on the command line or module.scheduler=cosine anneals over "
+                       "the epochs (budget.cosine_lr=true module.scheduler=none anneals over the budget)")
+        return reason
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return f"trainer.max_steps={trainer.max_steps} was reached"
+    return "a callback stopped training"
+
+
+class EpochLog(Callback):
+    """One log line per epoch (epoch, learning rate, training loss and force MAE, validation energy and
+    force MAE, elapsed wall-clock time) and a last line saying why training stopped (:func:`stop_reason`,
+    an interrupt, SIGTERM or an error), through Python logging, so that Hydra writes them into the run's
+    ``train.log`` and onto stdout. While Lightning's progress bar is drawn in a terminal, the epoch
+    lines go to the log file only (the bar shows the same numbers); the stop line goes everywhere.
+
+    Attributes:
+        reason: why training stopped (set at the end of ``fit``), ``None`` before.
+    """
+
+    def __init__(self, logger: str = "equireann-train"):
+        self._log = logging.getLogger(logger)
+        self.reason: Optional[str] = None
+        self._start: Optional[float] = None
+        self._muted: List[logging.Handler] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self.reason = None
+        if trainer.progress_bar_callback is not None and trainer.is_global_zero:
+            self._muted = [h for h in logging.getLogger().handlers if _is_terminal_handler(h)]
+            for handler in self._muted:
+                handler.addFilter(_drop_epoch_lines)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for handler in self._muted:
+            handler.removeFilter(_drop_epoch_lines)
+        self._muted = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._log.info("%s", self.epoch_line(trainer), extra={"epoch_line": True})
+
+    def epoch_line(self, trainer) -> str:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        epoch = f"epoch {trainer.current_epoch}"
+        if trainer.max_epochs not in (None, -1):
+            epoch += f"/{trainer.max_epochs - 1}"
+        parts = [epoch]
+        budget = next((c for c in trainer.callbacks if isinstance(c, TrainingBudget)), None)
+        if budget is not None:
+            parts.append(f"budget {100 * min(budget.fraction, 1.0):.0f}%")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+
+        def errors(split):
+            shown = [f"{label} {metrics[f'{split}/{key}']:.2f} {unit}"
+                     for key, label, unit in (("energy_mae", "E", "meV"), ("forces_mae", "F", "meV/Å"))
+                     if f"{split}/{key}" in metrics]
+            return " ".join(shown)
+
+        train = " ".join(x for x in ((f"loss {metrics['train/loss']:.4g}" if "train/loss" in metrics else ""),
+                                     errors("train")) if x)
+        if train:
+            parts.append(f"train {train}")
+        if errors("val"):
+            parts.append(f"val MAE {errors('val')}")
+        parts.append(f"elapsed {_hms(time.perf_counter() - (self._start or time.perf_counter()))}")
+        return " | ".join(parts)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.reason = stop_reason(trainer)
+        if trainer.is_global_zero:
+            self._log.info("training stopped after %d epochs: %s", trainer.current_epoch, self.reason)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.reason = "interrupted (Ctrl+C / SIGINT)"
+        elif type(exception).__name__ == "SIGTERMException":
+            self.reason = "terminated (SIGTERM, e.g. a batch system's time limit)"
+        else:
+            self.reason = f"failed: {type(exception).__name__}: {exception}"
+        if trainer.is_global_zero:
+            self._log.warning("training stopped in epoch %d: %s", trainer.current_epoch, self.reason)
+
+
+def _is_terminal_handler(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return (not isinstance(handler, logging.FileHandler) and stream is not None
+            and hasattr(stream, "isatty") and stream.isatty())
+
+
+def _drop_epoch_lines(record: logging.LogRecord) -> bool:
+    return not getattr(record, "epoch_line", False)
+
+
+def _hms(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

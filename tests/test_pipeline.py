@@ -252,8 +252,10 @@ def test_compose_experiment(experiment, tmp_path):
         assert task["model"]["_target_"] == "pyg_equireann.EquiREANN"
         assert (task["data"]["molecule"], task["data"]["batch_size"]) == ("ethanol", 5)
         # experiment values win over train.yaml's top-level defaults (num_threads: null)
-        assert task["module"]["scheduler"] == "cosine" and task["num_threads"] == 2
-        assert task["trainer"]["max_time"] is not None
+        assert task["module"]["scheduler"] == "none" and task["num_threads"] == 1
+        # a CPU-time budget with the cosine over it, not a wall-clock limit (robust to machine load)
+        assert task["budget"]["clock"] == "process" and task["budget"]["cosine_lr"] and task["budget"]["minutes"] > 0
+        assert task["trainer"]["max_time"] is None
 
 
 def test_compose_optuna_search(tmp_path):

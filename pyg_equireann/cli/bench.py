@@ -17,12 +17,11 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, PROJECT_ROOT, user_errors
+from . import CONF_DIR, PROJECT_ROOT, hydra_entry, user_errors
 
 log = logging.getLogger("equireann-bench")
 
@@ -150,7 +149,7 @@ def run(cfg: DictConfig) -> Path:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@hydra_entry("bench")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from . import CONF_DIR, user_errors
+from . import check_writable, hydra_entry, user_errors
 from .plots import parity
 from .train import metrics_table
 
@@ -150,6 +149,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
 
 def _run(cfg: DictConfig, out_dir: Path) -> Dict[str, float]:
+    check_writable(out_dir, "eval folder")
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     module = load_checkpoint(cfg.ckpt_path, cfg.float64)
@@ -186,7 +186,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> Dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra_entry("eval")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Dict
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from . import CONF_DIR, user_errors
+from . import check_writable, hydra_entry, user_errors
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -98,6 +97,7 @@ def read_metadata(path: str) -> dict:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
+    check_writable(Path(str(cfg.out)).expanduser().parent, "export folder")
     deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check)
     print(f"exported {cfg.ckpt_path} -> {cfg.out} ({cfg.dtype})")
     if deviations:
@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     return deviations
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra_entry("export")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

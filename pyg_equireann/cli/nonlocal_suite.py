@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, user_errors
+from . import hydra_entry, user_errors
 from .evaluate import evaluate, load_checkpoint
 from .plots import learning_curve
 from .train import build_module, build_trainer, prepare_model_config
@@ -269,7 +268,7 @@ def run(cfg: DictConfig) -> Path:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="nonlocal")
+@hydra_entry("nonlocal")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

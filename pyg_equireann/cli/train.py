@@ -2,7 +2,7 @@
 
 Every run writes one folder (``runs/<model>_<data>/<time>/``, ``<time>-2`` ... for runs started in the same
 second): ``.hydra/`` (composed config, overrides), ``config_resolved.yaml``, ``logs/metrics.csv`` (CSV log; ``logs_resumed_*`` after a resume), ``checkpoints/{best,last}.ckpt``,
-``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time),
+``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time, why it stopped),
 ``test_metrics.json``, ``train.log`` and ``run_info.json`` (package versions, git
 commit, platform, torch settings; ``run_info_resumed_<time>.json`` for each resumption). Checkpoints are
 written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`); ``last.ckpt`` is the last
@@ -18,11 +18,11 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import hydra
 import lightning as L
 import torch
 from hydra import compose
@@ -31,9 +31,9 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import TrainingBudget
+from ..callbacks import EpochLog, TrainingBudget
 from ..checkpoint import AtomicCheckpointIO
-from . import CONF_DIR, user_errors
+from . import check_writable, hydra_entry, user_errors
 from .plots import learning_curve
 
 log = logging.getLogger("equireann-train")
@@ -112,7 +112,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path):
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
-                          default_root_dir=str(out_dir))
+                          default_root_dir=str(out_dir), **trainer_adjustments(cfg))
     return trainer, callbacks
 
 
@@ -274,11 +274,55 @@ def write_config_record(cfg: DictConfig, out_dir: Path) -> Optional[Path]:
     return path
 
 
+def command_line_keys(cfg: Optional[DictConfig] = None) -> set:
+    """Keys set by the command line of this Hydra run (``trainer.max_epochs=5`` → ``trainer.max_epochs``); for a
+    resumed run (``cfg.ckpt_path`` in a run folder) also those of the run's first command."""
+    if not HydraConfig.initialized():
+        return set()
+    overrides = list(HydraConfig.get().overrides.task)
+    run_dir = recorded_run(cfg.get("ckpt_path")) if cfg is not None else None
+    if run_dir is not None and (run_dir / ".hydra" / "overrides.yaml").is_file():
+        overrides += OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
+    """Trainer arguments that depend on the situation: a training budget lifts the epoch cap of the
+    trainer config (not one given on the command line, nor one that an epoch-wise cosine schedule
+    anneals over: then the cap may stop training before the budget is used, and the stop line says so);
+    outside a terminal (nohup, batch jobs, ``| tee``) the progress bar is off, the per-epoch log lines of
+    :class:`~pyg_equireann.callbacks.EpochLog` take its place."""
+    explicit, adjust = command_line_keys(cfg), {}
+    epoch_schedule = (cfg.get("module") or {}).get("scheduler") == "cosine"
+    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit and not epoch_schedule:
+        adjust["max_epochs"] = -1
+    if not sys.stdout.isatty() and "trainer.enable_progress_bar" not in explicit:
+        adjust["enable_progress_bar"] = False
+    return adjust
+
+
+def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
+    """``PermissionError`` naming the first folder this run would write that is not writable: the run
+    folder, the checkpoint folder(s), the loggers' folders and the budget's snapshot folder, checked
+    before any data is read rather than when the first checkpoint is saved."""
+    folders = {"run folder": out_dir}
+    for name, node in list((cfg.get("callbacks") or {}).items()) + list((cfg.get("logger") or {}).items()):
+        for key in ("dirpath", "save_dir"):
+            if (node or {}).get(key):
+                folders[f"{name} folder ({key})"] = Path(str(node[key]))
+    budget = cfg.get("budget") or {}
+    if budget.get("minutes") and budget.get("snapshots"):
+        folders["snapshot folder"] = Path(str(budget.get("snapshot_dir") or out_dir / "snapshots"))
+    for what, folder in folders.items():
+        check_writable(folder, what)
+
+
 def run(cfg: DictConfig) -> Optional[float]:
     from ..checkpoint import check_model_config, read_checkpoint
 
     cfg = resume_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_output_folders(cfg, out_dir)
     write_config_record(cfg, out_dir)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
@@ -300,6 +344,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
                "epochs": trainer.current_epoch, "steps": trainer.global_step,
                "fit_wall_seconds": time.perf_counter() - fit_start}
+    stopped = next((c.reason for c in callbacks if isinstance(c, EpochLog)), None)
+    if stopped:
+        summary["stop_reason"] = stopped
     timer = next((c for c in callbacks if isinstance(c, TrainingBudget)), None)
     if timer is not None:
         summary.update({"budget_minutes": timer.seconds / 60, "budget_clock": timer.clock,
@@ -318,7 +365,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:
         print(f"\n{type(getattr(module.model, 'model', module.model)).__name__} trained for {trainer.current_epoch} epochs "
-              f"({params:,} parameters)")
+              f"({params:,} parameters)" + (f"; stopped because {stopped}" if stopped else ""))
         if results:
             print(metrics_table(results))
         print(f"run folder: {out_dir}")
@@ -331,7 +378,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra_entry("train")
 def main(cfg: DictConfig) -> Optional[float]:
     with user_errors():
         return run(cfg)

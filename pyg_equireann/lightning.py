@@ -277,6 +277,8 @@ class PotentialModule(L.LightningModule):
         self.check_finite(batch, out, loss)
         n = int(batch.num_graphs)
         self.log("train/loss", loss.float(), on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log("train/energy_mae", 1e3 * errors["energy"].detach().abs().mean().float(), on_step=False,
+                 on_epoch=True, batch_size=n)
         self.log("train/forces_mae", 1e3 * errors["forces"].detach().abs().mean().float() if "forces" in errors
                  else torch.tensor(float("nan")), on_step=False, on_epoch=True, batch_size=n)
         return loss.to(next(self.model.parameters()).dtype)

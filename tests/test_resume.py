@@ -72,8 +72,9 @@ def test_last_ckpt_is_the_last_epoch_or_where_training_stopped(stop, tmp_path):
     if stop in ("keyboard", "sigterm"):
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            with pytest.raises(SystemExit):
+            with pytest.raises(SystemExit) as exit:
                 hydra_app([*common, "trainer.max_epochs=6", f"+callbacks.probe.stop={stop}"], train_run)
+            assert exit.value.code == (1 if stop == "keyboard" else 128 + signal.SIGTERM)  # not success (0)
         finally:
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C after the first
         stopped_at = 5

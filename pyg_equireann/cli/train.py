@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import EpochLog, TrainingBudget
@@ -340,7 +342,11 @@ def run(cfg: DictConfig) -> Optional[float]:
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SIGTERMException:  # a SystemExit without code: the job would look successful
+        log.error("terminated (SIGTERM); resume with ckpt_path=%s", out_dir / "checkpoints" / "last.ckpt")
+        sys.exit(128 + signal.SIGTERM)
     summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
                "epochs": trainer.current_epoch, "steps": trainer.global_step,
                "fit_wall_seconds": time.perf_counter() - fit_start}

@@ -81,7 +81,7 @@ def train_one(cfg: DictConfig, name: str, datamodule, out_dir: Path) -> Dict:
         for key in ("idx", "natoms", "energy_ref", "energy_pred", "forces_mae"):
             if r[key] is not None:
                 arrays[f"{test_name}/{key}"] = r[key]
-    arrays.update(rigid_twist_predictions(module, datamodule.test_files["scan"], cfg.rigid_twist_angles,
+    arrays.update(rigid_twist_predictions(module, datamodule.test_files["scan"]["path"], cfg.rigid_twist_angles,
                                           datamodule.cutoff))
     np.savez(out_dir / "predictions.npz", **arrays)
     summary = {"model": name, "label": label(name), "parameters": params, "epochs": trainer.current_epoch,
@@ -261,8 +261,8 @@ def run(cfg: DictConfig) -> Path:
     for name in names:
         if name not in skipped:
             train_one(cfg, name, datamodule, run_dir / name)
-    report = write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"],
-                          datamodule.test_files["scan"])
+    report = write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"]["path"],
+                          datamodule.test_files["scan"]["path"])
     print(report.read_text())
     print(f"run folder: {run_dir}")
     return report

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import EpochLog, TrainingBudget
 from ..checkpoint import AtomicCheckpointIO
-from . import check_writable, hydra_entry, user_errors
+from . import CONF_DIR, check_writable, hydra_entry, user_errors
 from .plots import learning_curve
 
 log = logging.getLogger("equireann-train")

@@ -48,25 +48,47 @@ def twist_mae(curves: Mapping[int, Mapping[str, np.ndarray]]) -> Dict[int, float
     return {n: float(np.abs(c["pred"] - c["ref"]).mean()) for n, c in curves.items()}
 
 
-def fit_twist(model, batch, energy, n_carbon: np.ndarray, twist: np.ndarray, steps: int, lr: float = 0.01,
-              per_length: bool = False) -> Dict[int, float]:
+def fit_twist(model, batch, energy, n_carbon: np.ndarray, twist: np.ndarray, steps: int, lr: Optional[float] = None,
+              per_length: bool = False, optimizer: str = "adam") -> Dict[int, float]:
     """Fit ``model`` to the energies (eV, (B,)) of a cumulene ``batch`` (``z``, ``pos``, ``batch``,
-    ``edge_index``) by ``steps`` full-batch Adam (amsgrad) steps on the squared error, then return
-    its twist-resolved MAE per chain length (meV, :func:`twist_mae`). ``per_length``: only the
-    variation within each chain length counts (each length's mean error is subtracted)."""
+    ``edge_index``) by full-batch minimisation of the squared error, then return its twist-resolved
+    MAE per chain length (meV, :func:`twist_mae`). ``per_length``: only the variation within each chain
+    length counts (each length's mean error is subtracted).
+
+    ``optimizer``: ``"adam"`` (amsgrad, ``steps`` steps, ``lr`` default 0.01) or ``"lbfgs"`` (at most
+    ``steps`` iterations with a strong-Wolfe line search, ``lr`` default 1; on a small full batch it
+    reaches the same fit in a fraction of the gradient evaluations).
+    """
     import torch
 
     groups = [torch.as_tensor(n_carbon == n) for n in sorted(set(n_carbon.tolist()))] if per_length else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
-    for _ in range(steps):
+
+    def loss_fn():
         error = model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index) - energy
         if groups is None:
-            loss = error.square().mean()
-        else:
-            loss = sum((error[g] - error[g].mean()).square().mean() for g in groups)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+            return error.square().mean()
+        return sum((error[g] - error[g].mean()).square().mean() for g in groups)
+
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=0.01 if lr is None else lr, amsgrad=True)
+        for _ in range(steps):
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    elif optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(model.parameters(), lr=1.0 if lr is None else lr, max_iter=steps, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
     with torch.no_grad():
         pred = model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index).numpy()
     return twist_mae(twist_curves(pred, energy.detach().numpy(), n_carbon, twist))

@@ -360,10 +360,24 @@ def test_typo_overrides_give_hydra_errors(tmp_path):
 
 @pytest.mark.parametrize("model", ["equireann", "reann", "schnet"])
 def test_train_and_eval_cli(model, tmp_path):
+    """2 epochs of training, then evaluation of ``best.ckpt``: the run folder's files and configs, finite
+    metrics, and ``equireann-eval`` gives the test metrics of the final test after training. EquiREANN
+    goes through the installed commands (fresh processes, exit code 0); REANN and SchNet through the
+    same Hydra apps in this process (:func:`hydra_app`), which spares two interpreter start-ups
+    (~7 CPU-s of imports each) per model and tests the same code from composition on."""
+    from pyg_equireann.cli.evaluate import run as eval_run
+
+    def command(name, task, *args, config_name="train"):
+        if model == "equireann":
+            r = cli(name, *args, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr[-4000:]
+        else:
+            torch.set_default_dtype(torch.float32)  # as in a fresh process (float64=false)
+            hydra_app(args, task, config_name=config_name)
+
     run_dir = tmp_path / "run"
-    r = cli("equireann-train", f"model={model}", *SMALL[model], *TINY, "trainer.max_epochs=2",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    command("equireann-train", train_run, f"model={model}", *SMALL[model], *TINY, "trainer.max_epochs=2",
+            f"hydra.run.dir={run_dir}")
     for name in (".hydra/config.yaml", "config_resolved.yaml", "logs/metrics.csv", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt", "learning_curve.png", "test_metrics.json", "train.log"):
         assert (run_dir / name).is_file(), name
@@ -377,8 +391,7 @@ def test_train_and_eval_cli(model, tmp_path):
     assert math.isfinite(tested["test/forces_mae"]) and tested["test/forces_mae"] > 0
 
     best = run_dir / "checkpoints" / "best.ckpt"
-    r = cli("equireann-eval", f"ckpt_path={best}", "data.num_test=10", "num_threads=1", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    command("equireann-eval", eval_run, f"ckpt_path={best}", "data.num_test=10", "num_threads=1", config_name="eval")
     (eval_dir,) = (run_dir / "eval").glob("rmd17_*")
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert math.isfinite(metrics["test/forces_mae"])

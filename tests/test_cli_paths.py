@@ -88,14 +88,14 @@ def unwritable_dir(tmp_path):
 
 def test_epoch_lines_and_budget_stop_outside_a_terminal(tmp_path):
     """stdout is a pipe (as under nohup, SLURM or ``| tee``): one line per epoch in train.log and on stdout,
-    no progress bar, and a last line saying that the budget stopped training. The experiment sets
+    no progress bar, a line saying that the budget stopped training and the final test table. The experiment sets
     ``trainer.max_epochs: 1`` and a budget: the budget lifts the cap (before: stopped after 1 epoch)."""
     experiment = tmp_path / "conf" / "experiment" / "capped.yaml"
     experiment.parent.mkdir(parents=True)
     experiment.write_text("# @package _global_\ntrainer:\n  max_epochs: 1\nbudget:\n  minutes: 0.01\n")
     run_dir = tmp_path / "run"
     quiet_not_set = [a for a in TINY if "progress_bar" not in a]  # the progress bar is on in conf/trainer
-    r = cli("equireann-train", *SMALL, *quiet_not_set, "test=false",
+    r = cli("equireann-train", *SMALL, *quiet_not_set,
             f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=capped", f"hydra.run.dir={run_dir}",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -107,6 +107,8 @@ def test_epoch_lines_and_budget_stop_outside_a_terminal(tmp_path):
         assert len(epoch_lines(text)) == summary["epochs"], text
         assert f"training stopped after {summary['epochs']} epochs: the training budget was used (0.01 of 0.01 CPU" in text
     assert "epoch 0 | budget" in log  # no "/<max>": the epoch cap is lifted
+    assert "test metrics (best.ckpt)" in log and "| test/forces_mae |" in log  # the final table, in the log too
+    assert r.stdout.count("| test/forces_mae |") == 1  # and once on stdout
     assert "\r" not in r.stdout and "it/s" not in r.stdout + r.stderr  # no progress bar outside a terminal
 
 

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import EpochLog, TrainingBudget
 from ..checkpoint import AtomicCheckpointIO
-from . import CONF_DIR, check_writable, hydra_entry, user_errors
+from . import CONF_DIR, _log_to_files, check_writable, hydra_entry, user_errors
 from .plots import learning_curve
 
 log = logging.getLogger("equireann-train")
@@ -374,6 +374,7 @@ def run(cfg: DictConfig) -> Optional[float]:
               f"({params:,} parameters)" + (f"; stopped because {stopped}" if stopped else ""))
         if results:
             print(metrics_table(results))
+            _log_to_files(logging.INFO, "test metrics (best.ckpt)\n" + metrics_table(results))  # printed once above
         print(f"run folder: {out_dir}")
         if curve:
             print(f"learning curve: {curve}")

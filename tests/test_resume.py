@@ -161,7 +161,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     assert epoch_full == epoch_resumed == 4
     assert val_full == val_resumed  # bit-identical
     assert json.loads((full / "test_metrics.json").read_text()) == json.loads((killed / "test_metrics.json").read_text())
-    assert list(killed.glob("run_info_resumed_*.json"))
+    (info,) = killed.glob("run_info_resumed_*.json")
+    config = json.loads(info.read_text())["config"]  # the config this resume ran with, in its own record
+    assert config.startswith("resumes/") and (killed / config).is_file()
 
     _, stderr = refused.communicate(timeout=240)
     assert refused.returncode == 2, stderr[-3000:]

@@ -61,14 +61,16 @@ def metrics_table(metrics: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer) -> Path:
-    """``run_info.json`` (``run_info_resumed_<time>.json`` when resuming): environment, seed, trainer flags."""
+def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer, config: Optional[Path] = None) -> Path:
+    """``run_info.json`` (``run_info_resumed_<time>.json`` when resuming): environment, seed, trainer flags and
+    ``config``, the resolved config this start ran with (relative to ``out_dir``)."""
     from ..utils import environment_info
 
     now = datetime.datetime.now()
     resumed = cfg.get("ckpt_path") not in (None, "", "None", "null")
     info = {"time": now.isoformat(timespec="seconds"), "seed": cfg.get("seed"), "float64": cfg.get("float64"),
-            "resumed_from": str(cfg.ckpt_path) if resumed else None, "config": "config_resolved.yaml",
+            "resumed_from": str(cfg.ckpt_path) if resumed else None,
+            "config": str(config.relative_to(out_dir)) if config is not None else "config_resolved.yaml",
             "trainer": {"deterministic": cfg.trainer.get("deterministic"), "precision": str(trainer.precision),
                         "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size},
             **environment_info()}
@@ -325,7 +327,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     cfg = resume_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_output_folders(cfg, out_dir)
-    write_config_record(cfg, out_dir)
+    config_record = write_config_record(cfg, out_dir)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -338,7 +340,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     module = build_module(cfg.model, cfg.module, datamodule, cfg.float64, cfg.get("calibrate_densities", True))
     trainer, callbacks = build_trainer(cfg, out_dir)
     if trainer.is_global_zero:
-        write_run_info(out_dir, cfg, trainer)
+        write_run_info(out_dir, cfg, trainer, config_record)
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %s parameters; run folder %s", type(module.model).__name__, f"{params:,}", out_dir)
     fit_start = time.perf_counter()

@@ -36,7 +36,7 @@ from pyg_equireann.utils import environment_info, git_state
 
 from .conftest import DATA, load_rmd17, make_model
 from .test_datamodules import write_molecules
-from .test_pipeline import BIN, TINY, cli, cli_env, ethanol_datamodule, hydra_app, last_epoch_values, make_module, read_csv
+from .test_pipeline import TINY, cli, ethanol_datamodule, hydra_app, make_module
 
 KW = dict(val_fraction=0.0, progress=False, cache=False)
 GOOD = (

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from pyg_equireann.checkpoint import atomic_torch_save
 from pyg_equireann.cli.train import run as train_run
 
-from .test_pipeline import BIN, TINY, cli, cli_env, compose_train, hydra_app, last_epoch_values, read_csv
+from .test_pipeline import BIN, TINY, cli_env, compose_train, hydra_app, last_epoch_values, read_csv
 
 #: a tiny, exactly reproducible EquiREANN run
 EXACT = [*TINY, "model.num_channels=8", "float64=true", "trainer.deterministic=true"]
@@ -199,7 +199,8 @@ def test_resume_with_allowed_overrides(tmp_path):
 
 def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
     """Two ``equireann-train`` runs started at the same moment, with the same time stamp (the default
-    folder name has one-second resolution): two folders, each with its own complete record and results."""
+    folder name has one-second resolution): two folders, each with its own complete record and results; two
+    evaluations, benchmarks or non-local experiments of the same second likewise."""
     stamp = "hydra.run.dir=${run_dir:null," + str(tmp_path / "runs") + ",20260101-000000}"
     procs = [subprocess.Popen([str(BIN / "equireann-train"), *EXACT, "trainer.max_epochs=1", "test=false",
                                f"seed={seed}", stamp], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
@@ -218,6 +219,11 @@ def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dirs = [Path(compose_train([], tmp_path).hydra.run.dir) for _ in range(2)]
     assert dirs[0] != dirs[1] and all(d.is_dir() and d.parent == Path("runs/equireann_rmd17") for d in dirs)
+    # and so do evaluations, benchmarks and non-local experiments
+    for config_name, overrides, parent in (("eval", ["ckpt_path=run/checkpoints/best.ckpt"], "run/eval"),
+                                           ("bench", [], "bench_runs/speed"), ("nonlocal", [], "runs/nonlocal")):
+        dirs = [Path(compose_train(overrides, tmp_path, config_name).hydra.run.dir) for _ in range(2)]
+        assert dirs[0] != dirs[1] and all(d.is_dir() and d.parent.resolve() == (tmp_path / parent).resolve() for d in dirs), dirs
 
 
 def _save_many(path, seed, count, queue):

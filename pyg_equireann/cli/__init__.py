@@ -71,6 +71,7 @@ def register_resolvers() -> None:
     resolvers = {
         "resume_dir": _resume_dir,
         "run_dir": _run_dir,
+        "new_dir": _new_dir,
         "record_subdir": _record_subdir,
         "project_root": lambda: str(PROJECT_ROOT),
         "dtype": lambda float64: "float64" if float64 else "float32",
@@ -80,7 +81,7 @@ def register_resolvers() -> None:
         "logs_resumed_" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
     }
     # cached: one value per composed config, however often Hydra and Lightning read it (folders are created once)
-    cached = {"run_dir", "record_subdir", "log_version"}
+    cached = {"run_dir", "new_dir", "record_subdir", "log_version"}
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=name in cached)

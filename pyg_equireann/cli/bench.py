@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, PROJECT_ROOT, hydra_entry, user_errors
+from . import CONF_DIR, hydra_entry, user_errors
 
 log = logging.getLogger("equireann-bench")
 

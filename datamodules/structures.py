@@ -27,6 +27,7 @@ from torch_geometric.data.collate import collate
 from tqdm.auto import tqdm
 
 from pyg_equireann.neighbors import build_graph
+from pyg_equireann.utils import plain
 from pyg_equireann.validation import MIN_DISTANCE
 
 #: Molecules per batched neighbour-list call while processing.
@@ -59,28 +60,9 @@ def element_name(z: int) -> str:
 # --------------------------------------------------------------------------- hyperparameters
 
 
-def plain(value: Any) -> Any:
-    """``value`` as plain Python types (dict, list, str, numbers): OmegaConf containers resolved, paths
-    as strings, NumPy scalars as numbers. Data-module hyperparameters go into every checkpoint, which
-    ``torch.load(weights_only=True)`` must read (it refuses OmegaConf and pathlib objects)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {plain(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def plain_hparams(module) -> None:
-    """Replace the saved hyperparameters of a Lightning module or data module by :func:`plain` values
-    (call right after ``save_hyperparameters()``)."""
+    """Replace the saved hyperparameters of a Lightning module or data module by
+    :func:`~pyg_equireann.utils.plain` values (call right after ``save_hyperparameters()``)."""
     for key in list(module.hparams):
         module.hparams[key] = plain(module.hparams[key])
 

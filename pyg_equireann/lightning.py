@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .forces import energy_forces_stress
 from .reference import EnergyReference, ReferencedModel
+from .utils import plain
 
 UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
          "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
@@ -17,27 +18,6 @@ UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/
 #: stress loss weight that ``stress_weight="auto"`` uses when the training data holds stress, × (σ − σ̂)² in
 #: (eV/Å³)² (stresses are ~0.01-0.1 eV/Å³; the value of the cu_emt experiment)
 AUTO_STRESS_WEIGHT = 1000.0
-
-
-def plain(value: Any) -> Any:
-    """``value`` with OmegaConf containers (also nested) turned into dicts and lists, paths into strings
-    and numpy values into Python ones, so that a checkpoint holding it loads with
-    ``torch.load(weights_only=True)``."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        return plain(OmegaConf.to_container(value, resolve=True))  # may hold pathlib.Path values
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(plain(v) for v in value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    return value
 
 
 def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str] = None) -> nn.Module:

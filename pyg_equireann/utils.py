@@ -1,6 +1,8 @@
 """Small helpers shared by tests, benchmarks and examples."""
-from typing import Dict, Optional
+import os
+from typing import Any, Dict, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,6 +17,27 @@ def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 1.0) -> n
             noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             p.add_(scale * noise / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.1 * scale * noise)
     return model
+
+
+def plain(value: Any) -> Any:
+    """``value`` with OmegaConf containers (also nested) turned into dicts and lists, paths into strings
+    and NumPy values into Python ones, so that a checkpoint holding it (hyperparameters of a module or a
+    data module) loads with ``torch.load(weights_only=True)``, which refuses OmegaConf and pathlib objects."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        return plain(OmegaConf.to_container(value, resolve=True))  # may hold pathlib.Path values
+    if isinstance(value, Mapping):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
 
 
 #: Distributions whose versions :func:`environment_info` records.

@@ -12,7 +12,7 @@ from torch import nn
 
 from .deploy import DeployedPotential, script_error
 from .neighbors import radius_graph, radius_graph_pbc
-from .validation import check_cell_density, check_geometry
+from .validation import check_cell_density, nonfinite_message
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
            torch.float64: torch.float64}
@@ -145,7 +145,7 @@ class EquiREANNCalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a periodic cell with non-zero volume")
         positions = atoms.get_positions()
         if not np.isfinite(positions).all():  # the model's message, before the neighbour search
-            check_geometry(torch.from_numpy(positions), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0))
+            raise ValueError(nonfinite_message(torch.from_numpy(positions)))
         edge_index, shift = self._neighbors(atoms)
         pos = torch.tensor(positions, dtype=self.dtype, device=self.device)
         z = torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long, device=self.device)

@@ -79,12 +79,11 @@ def _check_pos(pos: Tensor, batch: Tensor | None = None) -> None:
     if not pos.is_floating_point():
         raise ValueError(f"pos must be a floating-point tensor, got dtype {pos.dtype}")
     if not bool(torch.isfinite(pos).all()):  # the text of the model's geometry check, naming the atom
-        from .validation import geometry_message
+        from .validation import nonfinite_message
 
-        empty = pos.new_zeros(0)
         if not (isinstance(batch, Tensor) and batch.shape == pos.shape[:1]):
             batch = None  # checked later, with its own error
-        raise ValueError(geometry_message(pos, empty.long().view(2, 0), empty, batch))
+        raise ValueError(nonfinite_message(pos, batch))
 
 
 def _check_cutoff(cutoff: float) -> float:

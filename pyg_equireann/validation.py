@@ -76,6 +76,13 @@ def _atom_name(i: int, batch: Optional[Tensor]) -> str:
     return "atom " + str(i - first) + " of structure " + str(g) + " (atom " + str(i) + " of the batch)"
 
 
+def nonfinite_message(pos: Tensor, batch: Optional[Tensor] = None) -> str:
+    """The error text for the first atom of ``pos`` (N, 3) with a NaN or inf coordinate (call when there is
+    one); ``batch`` (N,) or None names the structure."""
+    i = int((~torch.isfinite(pos).all(dim=1)).nonzero()[0, 0])
+    return _atom_name(i, batch) + " has a non-finite position (NaN or inf): " + _format_row(pos[i])
+
+
 def geometry_message(
     pos: Tensor,
     edge_index: Tensor,
@@ -86,10 +93,8 @@ def geometry_message(
 ) -> str:
     """The error text of :func:`check_geometry` (called once the cheap test has failed): the first atom
     with a non-finite position, else the first edge shorter than ``min_distance`` or not finite."""
-    finite = torch.isfinite(pos).all(dim=1)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0, 0])
-        return _atom_name(i, batch) + " has a non-finite position (NaN or inf): " + _format_row(pos[i])
+    if not bool(torch.isfinite(pos).all()):
+        return nonfinite_message(pos, batch)
     bad = (~(edge_lengths >= min_distance)).nonzero()
     if bad.shape[0] == 0:
         return "the geometry check failed without a bad atom or pair"
@@ -228,5 +233,5 @@ def check_structure(pos: Tensor, cutoff: float, batch: Optional[Tensor] = None, 
     if bool(finite & ~bad.any()):
         return
     if not bool(finite):
-        check_geometry(pos, torch.zeros(2, 0, dtype=torch.long, device=pos.device), pos.new_zeros(0), batch)
+        raise ValueError(nonfinite_message(pos, batch))
     check_cell_density(num_atoms, cells, periodic, cutoff, max_density)

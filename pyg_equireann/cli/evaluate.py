@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -114,12 +113,7 @@ def eval_datamodule(data_cfg: DictConfig):
     if "train_file" in data_cfg.keys() and OmegaConf.is_missing(data_cfg, "train_file"):
         with open_dict(data_cfg):
             data_cfg.train_file = None
-    try:
-        datamodule = instantiate(data_cfg)
-    except InstantiationException as error:  # Hydra wraps the data module's own one-line errors
-        if isinstance(error.__cause__, (FileNotFoundError, KeyError, ValueError)):
-            raise error.__cause__ from None
-        raise
+    datamodule = instantiate(data_cfg)  # its errors, wrapped by Hydra, become one line in user_errors
     datamodule.setup("test")
     if not datamodule.test_datasets:
         raise ValueError(f"the data config ({data_cfg.get('_target_')}) has no test set: give data.test_files "

@@ -139,10 +139,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     stderr = victim.stderr.read()
     victim.stderr.close()
     assert victim.returncode == -signal.SIGKILL, "the run ended before it was killed: " + stderr[-2000:]
-    killed_at = torch.load(last, weights_only=False)["epoch"]  # readable: written atomically
+    killed_at = torch.load(last, weights_only=True)["epoch"]  # readable: written atomically
     assert 1 <= killed_at <= 3 and not (killed / "test_metrics.json").exists()
     logged = {int(r["epoch"]) for r in read_csv(killed / "logs" / "metrics.csv") if r["val/loss"]}
-    assert killed_at == max(logged)  # last.ckpt is the last completed epoch, not the best one
+    # last.ckpt is the last epoch whose checkpoint was written, not the best one. Lightning writes an epoch's
+    # validation row to metrics.csv before the checkpoint hooks run, so a kill in between (or during the
+    # save) leaves that epoch logged but not saved: at most the epoch in progress is lost.
+    # (test_last_ckpt_is_the_last_epoch_or_where_training_stopped checks every epoch without this race.)
+    assert max(logged) - 1 <= killed_at <= max(logged)
     record = _digests(killed)
 
     # refused: another model (in this process) or other data (the command: exit code 2, one line each)

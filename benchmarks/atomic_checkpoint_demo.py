@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from pyg_equireann.checkpoint import AtomicCheckpointIO
+from pyg_equireann.training.checkpoint import AtomicCheckpointIO
 
 PAYLOAD = 4_000_000  # float64 values: 32 MB
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pyg_equireann.equireann as equireann_module
+import pyg_equireann.models.equireann as equireann_module
 from pyg_equireann import EquiREANN, energy_forces_stress
-from pyg_equireann.neighbors import build_graph
+from pyg_equireann.graph.neighbors import build_graph
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "rmd17" / "rmd17_aspirin_train_01.npz"
 

@@ -16,7 +16,7 @@ import torch
 from torch_geometric.nn.models import SchNet
 
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.pyg_compat import RadiusInteractionGraph
+from pyg_equireann.models.pyg import RadiusInteractionGraph
 
 ROOT = Path(__file__).resolve().parents[1]
 

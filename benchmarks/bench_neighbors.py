@@ -1,4 +1,4 @@
-"""Benchmark the neighbour-list backends of pyg_equireann.neighbors.
+"""Benchmark the neighbour-list backends of pyg_equireann.graph.neighbors.
 
 Times (median over interleaved repeats, after warm-up, torch.set_num_threads(2)):
 
@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pyg_equireann import neighbors as nb  # noqa: E402
+from pyg_equireann.graph import neighbors as nb  # noqa: E402
 
 
 def find_aspirin() -> Path:

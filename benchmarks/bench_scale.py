@@ -36,8 +36,8 @@ def worker(size: int, model_path: str, dtype: str, repeats: int, skin: float) ->
     import torch
     from ase.build import bulk
 
-    from pyg_equireann.ase import load_potential
-    from pyg_equireann.neighbors import radius_graph_pbc
+    from pyg_equireann.deploy.ase import load_potential
+    from pyg_equireann.graph.neighbors import radius_graph_pbc
 
     potential = load_potential(model_path, "cpu", dtype)
     atoms = bulk("Cu", "fcc", a=3.59, cubic=True).repeat(REPEATS[size])

@@ -3,7 +3,7 @@
 Two targets, both the scan energies of data/cumulene/cumulene_scan.xyz (n = 4..8, 0-90 degrees):
   relaxed  the scan's own geometries (bond lengths change with the twist);
   rigid    each chain's twist = 0 geometry with only the last CH2 rotated to the scanned angle, so
-           every 3 A neighbourhood is the same for every angle (pyg_equireann.cumulene.rigid_scan).
+           every 3 A neighbourhood is the same for every angle (pyg_equireann.experiments.cumulene.rigid_scan).
 Prints the twist-resolved MAE (meV) per chain length after full-batch Adam on energies only.
 
 Variants: EquiREANN (the paper's fixed passing), EquiREANN with learned passing weights
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from datamodules.presets import CUMULENE_E0
-from datamodules.structures import atoms_to_data, attach_edges
+from pyg_equireann.datamodules.presets import CUMULENE_E0
+from pyg_equireann.datamodules.structures import atoms_to_data, attach_edges
 from pyg_equireann import EquiREANN
-from pyg_equireann.cumulene import fit_twist, rigid_scan, twist_curves, twist_mae
+from pyg_equireann.experiments.cumulene import fit_twist, rigid_scan, twist_curves, twist_mae
 
 SCAN = Path(__file__).resolve().parents[1] / "data" / "cumulene" / "cumulene_scan.xyz"
 

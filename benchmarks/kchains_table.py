@@ -7,8 +7,8 @@ Random weights (non-zero last layers), float64, cutoff 1.75 Å with 1.0 Å bonds
 import argparse
 
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.kchains import model_factory as factory
-from pyg_equireann.kchains import separation_table
+from pyg_equireann.experiments.kchains import model_factory as factory
+from pyg_equireann.experiments.kchains import separation_table
 
 
 def main():

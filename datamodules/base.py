@@ -12,11 +12,11 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from torch_geometric.loader import DataLoader
 
-from pyg_equireann.elements import MAX_Z
-from pyg_equireann.statistics import UnitIssue, check_energy_units, compute_statistics, frame_pair_work
+from pyg_equireann.nn.elements import MAX_Z
+from pyg_equireann.training.statistics import UnitIssue, check_energy_units, compute_statistics, frame_pair_work
 
 from . import cache as _cache
-from .structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
+from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
 
 #: Project data folder (shipped datasets).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ class PotentialDataModule(L.LightningDataModule):
     """Base class: splits, statistics, element checks and data loaders.
 
     Subclasses implement :meth:`_load` returning ``(train, val, {name: test})`` datasets of
-    :class:`~datamodules.structures.StructureDataset` (subsets allowed). After :meth:`setup`:
+    :class:`~pyg_equireann.datamodules.structures.StructureDataset` (subsets allowed). After :meth:`setup`:
     ``train_dataset``, ``val_dataset``, ``test_datasets`` (dict), ``test_names``, ``elements``
     (sorted Z of the training set) and ``statistics`` (:func:`pyg_equireann.compute_statistics`
     on the training set only; cached on disk).
@@ -107,7 +107,7 @@ class PotentialDataModule(L.LightningDataModule):
         progress: show progress bars when processing long files.
         check_units: ``True`` (default): energies and forces in inconsistent units stop :meth:`setup`
             with a ValueError when the evidence is unambiguous and warn otherwise; ``"warn"``: always
-            warn; ``False``: no unit check (:func:`pyg_equireann.statistics.check_energy_units`).
+            warn; ``False``: no unit check (:func:`pyg_equireann.training.statistics.check_energy_units`).
     """
 
     energy_key: str = "energy"
@@ -229,8 +229,8 @@ class PotentialDataModule(L.LightningDataModule):
         return _cache.cached(train.source, "statistics", key, compute, self.cache)
 
     def _unit_warnings(self, train: StructureDataset, atomic_energies_given: bool) -> List[UnitIssue]:
-        """:func:`~pyg_equireann.statistics.check_energy_units` on the training set (from the collated storage),
-        with :func:`~pyg_equireann.statistics.frame_pair_work` between its frames when it has forces."""
+        """:func:`~pyg_equireann.training.statistics.check_energy_units` on the training set (from the collated storage),
+        with :func:`~pyg_equireann.training.statistics.frame_pair_work` between its frames when it has forces."""
         data, base = train._data, train.base_indices()
         graph = train.atom_graph()
         counts = torch.zeros(train.slices["z"].numel() - 1, MAX_Z + 1, dtype=torch.float64)
@@ -247,7 +247,7 @@ class PotentialDataModule(L.LightningDataModule):
     @staticmethod
     def _pair_frames(train: StructureDataset):
         """Per-frame atomic numbers, positions, forces and cells (None: molecule) of ``train`` for
-        :func:`~pyg_equireann.statistics.frame_pair_work`; partly periodic frames get a cell-less marker
+        :func:`~pyg_equireann.training.statistics.frame_pair_work`; partly periodic frames get a cell-less marker
         of their own so that they are never paired."""
         data, slices = train._data, train.slices
         numbers, positions, forces, cells = [], [], [], []

@@ -34,11 +34,11 @@ import numpy as np
 from ase import units
 from torch_geometric.datasets.md17 import MD17 as _PyGMD17
 
-from pyg_equireann.elements import MAX_Z
+from pyg_equireann.nn.elements import MAX_Z
 
 from . import cache as _cache
-from .base import DATA_ROOT, AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
-from .structures import StructureDataset, attach_edges, check_finite, dtype_name, make_data
+from pyg_equireann.datamodules.base import DATA_ROOT, AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
+from pyg_equireann.datamodules.structures import StructureDataset, attach_edges, check_finite, dtype_name, make_data
 
 #: 1 kcal/mol in eV (= 0.0433641...). The only unit conversion of MD17 data.
 KCAL_PER_MOL: float = units.kcal / units.mol
@@ -176,7 +176,7 @@ class MD17DataModule(PotentialDataModule):
         molecule: e.g. ``"ethanol"``, ``"aspirin"``, ``"salicylic"`` (see :func:`available_molecules`).
         root: data folder (default: the project's ``data/``).
         download: ``None`` (download missing files if the server is reachable), ``True``, ``False``.
-        **kwargs: :class:`~datamodules.base.PotentialDataModule` arguments.
+        **kwargs: :class:`~pyg_equireann.datamodules.base.PotentialDataModule` arguments.
     """
 
     def __init__(
@@ -194,7 +194,7 @@ class MD17DataModule(PotentialDataModule):
     ) -> None:
         super().__init__(atomic_energies=atomic_energies, **kwargs)
         self.save_hyperparameters()
-        from .structures import plain_hparams
+        from pyg_equireann.datamodules.structures import plain_hparams
 
         plain_hparams(self)  # plain types only: checkpoints load with torch.load(weights_only=True)
         v = VARIANTS.get(str(variant).lower())

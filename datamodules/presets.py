@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import DATA_ROOT
-from .xyz import XYZDataModule
+from pyg_equireann.datamodules.base import DATA_ROOT
+from pyg_equireann.datamodules.xyz import XYZDataModule
 
 #: GFN2-xTB isolated-atom energies of the cumulene data (eV), from data/cumulene/README.md.
 CUMULENE_E0 = {1: -10.70721, 6: -48.79808}

@@ -5,7 +5,7 @@ Every structure is a :class:`torch_geometric.data.Data` with
 * ``z`` (N,) long, ``pos`` (N, 3) Å in the module dtype, ``energy`` (1,) float64 eV,
 * ``forces`` (N, 3) eV/Å and ``stress`` (1, 3, 3) eV/Å³ (ASE sign convention) when present,
 * ``cell`` (1, 3, 3) Å and ``pbc`` (1, 3) bool for periodic structures (omitted for molecules),
-* ``edge_index`` (2, E) long from :func:`pyg_equireann.neighbors.build_graph` (row 0 neighbour j,
+* ``edge_index`` (2, E) long from :func:`pyg_equireann.graph.neighbors.build_graph` (row 0 neighbour j,
   row 1 centre i) and ``cell_offsets`` (E, 3) for periodic structures,
 * ``idx`` (1,) long: the frame index in its source file.
 
@@ -26,9 +26,9 @@ from torch_geometric.data import Data, InMemoryDataset
 from torch_geometric.data.collate import collate
 from tqdm.auto import tqdm
 
-from pyg_equireann.neighbors import build_graph
+from pyg_equireann.graph.neighbors import build_graph
 from pyg_equireann.utils import plain
-from pyg_equireann.validation import MIN_DISTANCE
+from pyg_equireann.graph.checks import MIN_DISTANCE
 
 #: Molecules per batched neighbour-list call while processing.
 GRAPH_CHUNK = 512
@@ -158,7 +158,7 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
     The result equals ``build_graph(d.pos, cutoff, None, d.cell, d.pbc)`` per structure; molecules
     are processed in batches (one neighbour-list call per :data:`GRAPH_CHUNK` structures) because
     that is several times faster. Atoms closer than
-    :data:`~pyg_equireann.validation.MIN_DISTANCE` raise a ValueError naming ``source``, frame and atoms.
+    :data:`~pyg_equireann.graph.checks.MIN_DISTANCE` raise a ValueError naming ``source``, frame and atoms.
     """
     n = len(data_list)
     bar = tqdm(total=n, desc=desc, unit="struct", disable=not progress or n < PROGRESS_MIN_FRAMES, leave=False)

@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as _cache
-from .base import AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
-from .structures import (StructureDataset, atoms_to_data, attach_edges, available_keys, dtype_name,
+from pyg_equireann.datamodules.base import AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
+from pyg_equireann.datamodules.structures import (StructureDataset, atoms_to_data, attach_edges, available_keys, dtype_name,
                          harmonize_cells, plain_hparams)
 
 PathLike = Union[str, os.PathLike]
@@ -73,7 +73,7 @@ class XYZDataModule(PotentialDataModule):
         num_train, num_val, num_test: caps (random subsets drawn with ``seed``); ``num_test``
             applies to every test set.
         format: ASE file format (guessed from the extension when None).
-        **kwargs: :class:`~datamodules.base.PotentialDataModule` arguments (cutoff, batch_size, ...).
+        **kwargs: :class:`~pyg_equireann.datamodules.base.PotentialDataModule` arguments (cutoff, batch_size, ...).
 
     Without ``train_file`` the module holds only the test sets (``setup("test")``): enough to evaluate
     a checkpoint, which carries its own E0 and scaling, on new files.

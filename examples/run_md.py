@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     thermalize_momenta = None
 from ase.md.verlet import VelocityVerlet
 
-from pyg_equireann.ase import EquiREANNCalculator
+from pyg_equireann.deploy.ase import EquiREANNCalculator
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"ethanol": ROOT / "examples/models/ethanol_equireann.pt", "cu": ROOT / "examples/models/cu_emt_equireann.pt"}

@@ -12,8 +12,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from pyg_equireann import EquiREANN, energy_forces_stress
-from pyg_equireann.ase import EquiREANNCalculator, load_potential
-from pyg_equireann.deploy import deploy
+from pyg_equireann.deploy.ase import EquiREANNCalculator, load_potential
+from pyg_equireann.deploy.torchscript import deploy
 
 from .conftest import DATA, make_model
 

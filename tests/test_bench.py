@@ -10,12 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from pyg_equireann.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot, speed_markdown,
+from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot, speed_markdown,
                                         speed_plot, write_csv)
-from pyg_equireann.bench.speed import energy_and_forces, peak_memory, run_speed
-from pyg_equireann.bench.systems import aspirin_batch, build_system, water_box
+from pyg_equireann.experiments.bench.speed import energy_and_forces, peak_memory, run_speed
+from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
 from pyg_equireann.cli.bench import model_configs
-from pyg_equireann.cli.train import prepare_model_config
+from pyg_equireann.training.prepare import prepare_model_config
 
 from .test_pipeline import BIN, SMALL, cli_env, compose_train, ethanol_datamodule, make_module
 
@@ -62,7 +62,7 @@ def test_every_model_takes_a_training_step_through_the_same_module(model, tmp_pa
 def test_mace_wrapper_is_an_invariant_periodic_potential():
     """MACE through the wrapper: rotation invariance, forces = −∇E (finite differences), and a periodic
     box equals half of its 2×1×1 supercell (the shift convention of MACE's edges is right)."""
-    from pyg_equireann.lightning import build_model
+    from pyg_equireann.training.module import build_model
 
     torch.manual_seed(0)
     config = dict(small_config("mace"), elements=[1, 8], avg_num_neighbors=8.0, cutoff=3.0)
@@ -99,7 +99,7 @@ def test_mace_wrapper_is_an_invariant_periodic_potential():
 
 def test_mace_import_leaves_torch_load_safe():
     """mace-torch's own import sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD for the whole process; ours does not."""
-    from pyg_equireann.mace_compat import import_mace
+    from pyg_equireann.models.mace import import_mace
 
     import_mace()
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ

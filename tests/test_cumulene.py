@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import cumulene_datamodule
+from pyg_equireann.datamodules import cumulene_datamodule
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.cumulene import fit_twist, frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
+from pyg_equireann.experiments.cumulene import fit_twist, frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
 
 from .conftest import DATA, make_model
 
@@ -125,8 +125,8 @@ def test_twist_curves_and_mae():
 
 def _rigid_scan_slice(n: int):
     """The clean scan of chain length n rebuilt by rigid twists of its φ = 0 chain, labelled with the
-    scan energies (:func:`pyg_equireann.cumulene.rigid_scan`): only the far CH2 orientation changes."""
-    from datamodules.structures import atoms_to_data, attach_edges
+    scan energies (:func:`pyg_equireann.experiments.cumulene.rigid_scan`): only the far CH2 orientation changes."""
+    from pyg_equireann.datamodules.structures import atoms_to_data, attach_edges
 
     scan = [a for a in ase.io.read(CUMULENE / "cumulene_scan.xyz", index=":") if a.info["n_carbon"] == n]
     structures = rigid_scan(scan)

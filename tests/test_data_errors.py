@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-import datamodules
+import pyg_equireann.datamodules
 
 from .conftest import DATA
 from .test_pipeline import TINY, cli
@@ -74,7 +74,7 @@ def _bad_root(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_broken_npz_names_file_and_defect(tmp_path, case):
     bad = _bad_root(tmp_path, case)
-    dm = datamodules.MD17DataModule(molecule="ethanol", root=tmp_path, num_train=5, num_val=2, download=False,
+    dm = pyg_equireann.datamodules.MD17DataModule(molecule="ethanol", root=tmp_path, num_train=5, num_val=2, download=False,
                                     progress=False, cache=True)
     with pytest.raises((ValueError, KeyError)) as err:
         dm.setup()
@@ -89,7 +89,7 @@ def test_original_md17_broken_file(tmp_path):
     (tmp_path / "md17").mkdir()
     bad = tmp_path / "md17" / "md17_ethanol.npz"
     bad.write_bytes(b"")
-    dm = datamodules.MD17DataModule(molecule="ethanol", variant="original", root=tmp_path, num_train=5, num_val=2,
+    dm = pyg_equireann.datamodules.MD17DataModule(molecule="ethanol", variant="original", root=tmp_path, num_train=5, num_val=2,
                                     num_test=5, download=False, progress=False)
     with pytest.raises(ValueError, match=rf"^{bad}: cannot read it as an npz archive \(0 bytes\): the file is empty$"):
         dm.setup()

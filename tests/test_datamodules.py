@@ -12,10 +12,10 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from torch_geometric.data import Batch
 
-import datamodules
-from datamodules import MD17DataModule, XYZDataModule, acac_datamodule, cumulene_datamodule
-from datamodules import md17 as md17_module
-from pyg_equireann.neighbors import build_graph
+import pyg_equireann.datamodules
+from pyg_equireann.datamodules import MD17DataModule, XYZDataModule, acac_datamodule, cumulene_datamodule
+from pyg_equireann.datamodules import md17 as md17_module
+from pyg_equireann.graph.neighbors import build_graph
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # 1 kcal/mol in eV by hand: 4184 J / N_A / e (CODATA 2018; ASE uses CODATA 2014, 8e-9 relative difference)
@@ -57,8 +57,8 @@ def check_graphs(batch, cutoff):
 def test_md17_units_against_raw_file(rmd17_root):
     dm = MD17DataModule("ethanol", root=rmd17_root, num_train=20, num_val=5, num_test=10, download=False, progress=False)
     dm.setup()
-    assert datamodules.KCAL_PER_MOL == pytest.approx(KCAL_MOL_EV, rel=1e-7)
-    assert datamodules.KCAL_PER_MOL == pytest.approx(0.0433641, rel=1e-6)
+    assert pyg_equireann.datamodules.KCAL_PER_MOL == pytest.approx(KCAL_MOL_EV, rel=1e-7)
+    assert pyg_equireann.datamodules.KCAL_PER_MOL == pytest.approx(0.0433641, rel=1e-6)
     raw = {s: np.load(rmd17_root / "rmd17" / f"rmd17_ethanol_{s}_01.npz") for s in ("train", "test")}
     for split, ds in (("train", dm.train_dataset), ("train", dm.val_dataset), ("test", dm.test_datasets["test"])):
         d = ds[3]
@@ -393,7 +393,7 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
 
     monkeypatch.setattr(XYZDataModule, "_process_file", counting)
     stats_calls = []
-    import datamodules.base as base_module
+    import pyg_equireann.datamodules.base as base_module
 
     real_stats = base_module.compute_statistics
 
@@ -425,7 +425,7 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_cache_fallback_when_data_dir_not_writable(tmp_path, monkeypatch):
-    from datamodules import cache as cache_module
+    from pyg_equireann.datamodules import cache as cache_module
 
     f = tmp_path / "data" / "mols.xyz"
     f.parent.mkdir()
@@ -447,7 +447,7 @@ def test_shipped_presets():
     acac.setup()
     assert acac.test_names == ["MD_300K", "MD_600K", "dihedral"]
     assert len(acac.train_dataset) == 30 and all(len(ds) == 10 for ds in acac.test_datasets.values())
-    iso = datamodules.read_isolated_atoms(DATA / "acac" / "isolated_atoms.xyz")
+    iso = pyg_equireann.datamodules.read_isolated_atoms(DATA / "acac" / "isolated_atoms.xyz")
     assert acac.statistics["atomic_energies"] == iso and sorted(iso) == [1, 6, 8]
     check_graphs(next(iter(acac.train_dataloader())), acac.cutoff)
 

@@ -15,8 +15,8 @@ import torch
 
 from pyg_equireann import REANN, EquiREANN, energy_forces_stress, radius_graph_pbc
 from pyg_equireann.cli.export import export, read_metadata
-from pyg_equireann.deploy import DeployedPotential, deploy
-from pyg_equireann.lightning import PotentialModule
+from pyg_equireann.deploy.torchscript import DeployedPotential, deploy
+from pyg_equireann.training.module import PotentialModule
 
 from .conftest import DATA, make_model, small_periodic_system
 
@@ -110,7 +110,7 @@ def test_exported_model_needs_only_torch(cu_run, exported, tmp_path):
     np.savez(tmp_path / "frame.npz", pos=atoms.positions, z=atoms.numbers, cell=atoms.cell.array)
     script = textwrap.dedent(f"""
         import sys
-        for name in ("pyg_equireann", "torch_geometric", "ase", "datamodules", "vesin"):
+        for name in ("pyg_equireann", "torch_geometric", "ase", "pyg_equireann.datamodules", "vesin"):
             sys.modules[name] = None  # any import of these fails
         import numpy as np, torch
         d = np.load({str(tmp_path / 'frame.npz')!r})

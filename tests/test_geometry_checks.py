@@ -8,9 +8,9 @@ import torch
 from ase import Atoms
 
 from pyg_equireann import EquiREANN, energy_forces_stress
-from pyg_equireann.ase import EquiREANNCalculator
-from pyg_equireann.deploy import DeployedPotential, deploy, script_error
-from pyg_equireann.validation import format_float
+from pyg_equireann.deploy.ase import EquiREANNCalculator
+from pyg_equireann.deploy.torchscript import DeployedPotential, deploy, script_error
+from pyg_equireann.graph.checks import format_float
 
 from .conftest import load_rmd17, make_model, small_periodic_system
 

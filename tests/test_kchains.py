@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyg_equireann import EquiREANN, REANN
-from pyg_equireann.kchains import kchain_pair, model_factory, separates, smallest_separating_iterations
+from pyg_equireann.experiments.kchains import kchain_pair, model_factory, separates, smallest_separating_iterations
 
 CUTOFF = 1.75  # bonded neighbours (1.0 Å) only; nearest non-bonded pair 1.79 Å
 

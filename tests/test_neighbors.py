@@ -1,4 +1,4 @@
-"""Tests for pyg_equireann.neighbors (float64, CPU)."""
+"""Tests for pyg_equireann.graph.neighbors (float64, CPU)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from ase import Atoms
 from ase.neighborlist import neighbor_list
 
-from pyg_equireann import neighbors as nb
-from pyg_equireann.neighbors import build_graph, radius_graph, radius_graph_pbc
+from pyg_equireann.graph import neighbors as nb
+from pyg_equireann.graph.neighbors import build_graph, radius_graph, radius_graph_pbc
 
 DT = torch.float64
 

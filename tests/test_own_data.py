@@ -18,11 +18,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import datamodules
-from datamodules import XYZDataModule
+import pyg_equireann.datamodules
+from pyg_equireann.datamodules import XYZDataModule
 from pyg_equireann.cli import CONF_DIR, user_errors
 from pyg_equireann.cli.evaluate import run as eval_run
-from pyg_equireann.lightning import AUTO_STRESS_WEIGHT, PotentialModule
+from pyg_equireann.training.module import AUTO_STRESS_WEIGHT, PotentialModule
 
 from .test_pipeline import cli, hydra_app, read_csv
 
@@ -246,7 +246,7 @@ def test_data_module_hyperparameters_are_plain(files):
                                             f"data.test_files={{a:{files / 'mixed.xyz'},b:{{path:{files / 'scan.xyz'},energy_key:E_dft}}}}"]),
                 compose("train", overrides=["data=rmd17"])]
     GlobalHydra.instance().clear()
-    modules = [instantiate(c.data) for c in cfgs] + [datamodules.acac_datamodule(), datamodules.MD17DataModule()]
+    modules = [instantiate(c.data) for c in cfgs] + [pyg_equireann.datamodules.acac_datamodule(), pyg_equireann.datamodules.MD17DataModule()]
     for dm in modules:
         loaded = torch.load(_saved(dm, files), weights_only=True)
         assert loaded == dict(dm.hparams)

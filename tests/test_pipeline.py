@@ -23,11 +23,11 @@ from hydra.core.utils import JobStatus
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import datamodules
+import pyg_equireann.datamodules
 from pyg_equireann.cli import CONF_DIR
-from pyg_equireann.cli.train import prepare_model_config
+from pyg_equireann.training.prepare import prepare_model_config
 from pyg_equireann.cli.train import run as train_run
-from pyg_equireann.lightning import PotentialModule
+from pyg_equireann.training.module import PotentialModule
 
 BIN = Path(sys.executable).parent
 #: tiny data and a quiet, single-threaded trainer for every run in this file
@@ -51,9 +51,9 @@ MODEL_TARGETS = {
     "equireann_nopassing": "pyg_equireann.EquiREANN",
     "reann": "pyg_equireann.REANN",
     "schnet": "torch_geometric.nn.models.SchNet",
-    "dimenetpp": "pyg_equireann.pyg_compat.DimeNetPlusPlusPotential",
-    "visnet": "pyg_equireann.pyg_compat.ViSNetPotential",
-    "mace": "pyg_equireann.mace_compat.MACEPotential",
+    "dimenetpp": "pyg_equireann.models.pyg.DimeNetPlusPlusPotential",
+    "visnet": "pyg_equireann.models.pyg.ViSNetPotential",
+    "mace": "pyg_equireann.models.mace.MACEPotential",
 }
 
 
@@ -128,7 +128,7 @@ def ethanol_datamodule(**kwargs):
     args = dict(molecule="ethanol", num_train=20, num_val=10, num_test=10, batch_size=5, cutoff=4.0,
                 dtype="float64", progress=False, download=False)
     args.update(kwargs)
-    dm = datamodules.MD17DataModule(**args)
+    dm = pyg_equireann.datamodules.MD17DataModule(**args)
     dm.setup("fit")
     return dm
 
@@ -185,9 +185,9 @@ def test_compose_data(data, tmp_path):
     d = task["data"]
     assert d["cutoff"] == 3.5 and d["dtype"] == "float64" and d["seed"] == 7
     assert callable(get_object(d["_target_"]))
-    expected = {"rmd17": "datamodules.MD17DataModule", "md17": "datamodules.MD17DataModule",
-                "xyz": "datamodules.XYZDataModule", "acac": "datamodules.acac_datamodule",
-                "cumulene": "datamodules.cumulene_datamodule"}[data]
+    expected = {"rmd17": "pyg_equireann.datamodules.MD17DataModule", "md17": "pyg_equireann.datamodules.MD17DataModule",
+                "xyz": "pyg_equireann.datamodules.XYZDataModule", "acac": "pyg_equireann.datamodules.acac_datamodule",
+                "cumulene": "pyg_equireann.datamodules.cumulene_datamodule"}[data]
     assert d["_target_"] == expected
     if data in ("rmd17", "md17", "acac", "cumulene"):
         assert Path(d["root"]).resolve() == (Path(CONF_DIR).parent / "data").resolve()
@@ -241,11 +241,11 @@ def test_compose_experiment(experiment, tmp_path):
     task = resolved_task(cfg)
     assert task["data"]["cutoff"] == task["model"]["cutoff"]
     if experiment.startswith("rmd17"):
-        assert task["data"]["_target_"] == "datamodules.MD17DataModule"
+        assert task["data"]["_target_"] == "pyg_equireann.datamodules.MD17DataModule"
         assert task["data"]["molecule"] == experiment.split("_")[1]
         assert task["trainer"]["max_epochs"] == 300
     elif experiment == "acac_300K":
-        assert task["data"]["_target_"] == "datamodules.acac_datamodule"
+        assert task["data"]["_target_"] == "pyg_equireann.datamodules.acac_datamodule"
         assert task["run_name"] == "equireann_acac"
         assert task["trainer"]["max_epochs"] == 200
     else:
@@ -488,8 +488,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from pyg_equireann.cli import CONF_DIR
-from pyg_equireann.cli.train import prepare_model_config
-from pyg_equireann.lightning import PotentialModule
+from pyg_equireann.training.prepare import prepare_model_config
+from pyg_equireann.training.module import PotentialModule
 
 
 class Grab(L.Callback):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pyg_equireann import REANN, EquiREANN, energy_forces_stress
-from pyg_equireann.validation import cell_density_message
+from pyg_equireann.graph.checks import cell_density_message
 
 from .conftest import make_model, random_rotation
 

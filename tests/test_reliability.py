@@ -23,15 +23,15 @@ from ase.units import Hartree, kcal, mol
 from omegaconf import OmegaConf
 from torch_geometric.data import Batch
 
-import datamodules
-from datamodules import XYZDataModule
+import pyg_equireann.datamodules
+from pyg_equireann.datamodules import XYZDataModule
 from pyg_equireann import REANN, EquiREANN, energy_forces_stress
-from pyg_equireann.checkpoint import AtomicCheckpointIO, atomic_torch_save
-from pyg_equireann.cli.evaluate import check_elements
-from pyg_equireann.cli.train import prepare_model_config
+from pyg_equireann.training.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from pyg_equireann.training.evaluation import check_elements
+from pyg_equireann.training.prepare import prepare_model_config
 from pyg_equireann.cli.train import run as train_run
-from pyg_equireann.lightning import PotentialModule
-from pyg_equireann.reference import ReferencedModel
+from pyg_equireann.training.module import PotentialModule
+from pyg_equireann.nn.reference import ReferencedModel
 from pyg_equireann.utils import environment_info, git_state
 
 from .conftest import DATA, load_rmd17, make_model
@@ -157,7 +157,7 @@ def test_unit_mixup_stops_training(tmp_path):
     (tmp_path / "rmd17").mkdir()
     np.savez(tmp_path / "rmd17" / "rmd17_ethanol_test_01.npz", **raw)
     np.savez(tmp_path / "rmd17" / "rmd17_ethanol_train_01.npz", **dict(raw, forces=raw["forces"] * KCAL))
-    dm = datamodules.MD17DataModule(molecule="ethanol", root=tmp_path, num_train=25, num_val=5, download=False,
+    dm = pyg_equireann.datamodules.MD17DataModule(molecule="ethanol", root=tmp_path, num_train=25, num_val=5, download=False,
                                     progress=False, cache=False)
     with pytest.raises(ValueError, match=r"rmd17_ethanol_train_01\.npz: energies and forces have inconsistent units"):
         dm.setup()
@@ -193,8 +193,8 @@ def test_shipped_data_pass_unit_check():
     """Every shipped data set in its own units: no unit warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        for dm in (datamodules.acac_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
-                   datamodules.cumulene_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
+        for dm in (pyg_equireann.datamodules.acac_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
+                   pyg_equireann.datamodules.cumulene_datamodule(num_train=200, num_val=20, num_test=5, progress=False),
                    XYZDataModule(DATA / "cu_emt" / "train.xyz", progress=False),
                    ethanol_datamodule(num_train=200),
                    ethanol_datamodule(molecule="aspirin", num_train=20),
@@ -242,7 +242,7 @@ def test_model_rejects_nonfinite_and_overlapping_atoms():
 def test_referenced_model_rejects_unseen_element_and_nan():
     from torch_geometric.nn.models import SchNet
 
-    from pyg_equireann.pyg_compat import RadiusInteractionGraph
+    from pyg_equireann.models.pyg import RadiusInteractionGraph
 
     schnet = SchNet(hidden_channels=8, num_filters=8, num_interactions=1, num_gaussians=8,
                     interaction_graph=RadiusInteractionGraph(5.0))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pyg_equireann.checkpoint import atomic_torch_save
+from pyg_equireann.training.checkpoint import atomic_torch_save
 from pyg_equireann.cli.train import run as train_run
 
 from .test_pipeline import BIN, TINY, cli_env, compose_train, hydra_app, last_epoch_values, read_csv

@@ -14,15 +14,15 @@ import pytest
 import torch
 from ase import Atoms
 
-import pyg_equireann.checkpoint as checkpoint_module
-from pyg_equireann.ase import EquiREANNCalculator
-from pyg_equireann.checkpoint import read_checkpoint, register_model_class
+import pyg_equireann.training.checkpoint as checkpoint_module
+from pyg_equireann.deploy.ase import EquiREANNCalculator
+from pyg_equireann.training.checkpoint import read_checkpoint, register_model_class
 from pyg_equireann.cli import _ckpt_model_cutoff
 from pyg_equireann.cli.evaluate import run as eval_run
 from pyg_equireann.cli.export import export
 from pyg_equireann.cli.export import run as export_run
 from pyg_equireann.cli.train import run as train_run
-from pyg_equireann.lightning import PotentialModule
+from pyg_equireann.training.module import PotentialModule
 
 from .conftest import DATA
 from .test_pipeline import TINY, cli, hydra_app
@@ -64,7 +64,7 @@ def files(tmp_path_factory):
 
     craft("pickled", extra=Payload(marker))
     craft("torch_load", {"_target_": "torch.load", "f": str(out["pickled"]), "weights_only": False})
-    craft("own_loader", {"_target_": "pyg_equireann.lightning.PotentialModule.from_checkpoint",
+    craft("own_loader", {"_target_": "pyg_equireann.training.module.PotentialModule.from_checkpoint",
                          "ckpt_path": str(out["pickled"])})
     craft("nested", dict(config, radial={"_target_": "builtins.open", "file": str(marker), "mode": "w"}))
     craft("args", dict(config, _args_=[{"_target_": "builtins.open", "file": str(marker), "mode": "w"}]))
@@ -75,7 +75,7 @@ def files(tmp_path_factory):
 HOSTILE = ["pickled", "torch_load", "own_loader", "nested", "args", "resolver"]
 EXPECTED = {"pickled": "contains pickled Python objects that are not allowed",
             "torch_load": "model config entry _target_: 'torch.load' is not an allowed model class",
-            "own_loader": "'pyg_equireann.lightning.PotentialModule.from_checkpoint' is not an allowed model class",
+            "own_loader": "'pyg_equireann.training.module.PotentialModule.from_checkpoint' is not an allowed model class",
             "nested": "model config entry radial._target_: 'builtins.open' is not an allowed model class",
             "args": "model config entry _args_: Hydra's _args_ is not allowed",
             "resolver": "model config entry cutoff: interpolation"}

@@ -4,7 +4,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn.models import SchNet
 
 from pyg_equireann import EquiREANN, compute_statistics, radius_graph
-from pyg_equireann.pyg_compat import RadiusInteractionGraph
+from pyg_equireann.models.pyg import RadiusInteractionGraph
 
 from .conftest import load_rmd17, random_rotation
 

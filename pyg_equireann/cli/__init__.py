@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import difflib
 import functools
+import importlib.resources
 import logging
 import os
 import re
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = str(PROJECT_ROOT / "conf")
+CONF_DIR = str(Path(importlib.resources.files("pyg_equireann.conf")))  # conf/ in a checkout, inside the wheel installed
+PROJECT_ROOT = Path(CONF_DIR).parent
 
 
 def _resume_dir(ckpt_path, default):
@@ -58,8 +59,8 @@ def _record_subdir(output_dir):
 
 
 def _ckpt_model_cutoff(ckpt_path):
-    """The model cutoff (Å) of a checkpoint, read safely (:func:`~pyg_equireann.checkpoint.read_checkpoint`)."""
-    from ..checkpoint import read_checkpoint
+    """The model cutoff (Å) of a checkpoint, read safely (:func:`~pyg_equireann.training.checkpoint.read_checkpoint`)."""
+    from pyg_equireann.training.checkpoint import read_checkpoint
 
     cutoff = read_checkpoint(ckpt_path)["hyper_parameters"]["model_config"].get("cutoff", 5.0)
     if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)):

@@ -80,9 +80,9 @@ def model_configs(names: List[str], overrides: Dict[str, Any]) -> Dict[str, Dict
 
 
 def run_speed_mode(cfg: DictConfig, out_dir: Path) -> str:
-    from ..bench.report import speed_markdown, speed_plot, write_csv
-    from ..bench.speed import run_speed
-    from ..bench.systems import build_system
+    from pyg_equireann.experiments.bench.report import speed_markdown, speed_plot, write_csv
+    from pyg_equireann.experiments.bench.speed import run_speed
+    from pyg_equireann.experiments.bench.systems import build_system
 
     speed = cfg.speed
     torch.set_num_threads(int(speed.threads))
@@ -102,8 +102,8 @@ def run_speed_mode(cfg: DictConfig, out_dir: Path) -> str:
 
 
 def run_accuracy_mode(cfg: DictConfig, out_dir: Path) -> str:
-    from ..bench.accuracy import run_accuracy
-    from ..bench.report import accuracy_markdown, accuracy_rows, learning_curve_plot, write_csv
+    from pyg_equireann.experiments.bench.accuracy import run_accuracy
+    from pyg_equireann.experiments.bench.report import accuracy_markdown, accuracy_rows, learning_curve_plot, write_csv
 
     acc = cfg.accuracy
     models = _select(OmegaConf.to_container(acc.model_overrides), list(cfg.models), "model")

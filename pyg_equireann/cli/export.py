@@ -1,6 +1,6 @@
 """``equireann-export``: turn a training checkpoint into a TorchScript model that needs only torch.
 
-The file holds a :class:`~pyg_equireann.deploy.DeployedPotential` (EMA weights of the checkpoint)
+The file holds a :class:`~pyg_equireann.deploy.torchscript.DeployedPotential` (EMA weights of the checkpoint)
 and a ``metadata.json`` (cutoff, elements, dtype, model config, interface version); inputs and
 outputs are described in ``docs/deployment.md``.
 """
@@ -32,7 +32,7 @@ def check_structures(elements, seed: int = 0):
 
 def compare(model, exported, elements) -> Dict[str, float]:
     """Largest relative deviation of energy, forces (and stress) of ``exported`` from ``model``."""
-    from ..forces import energy_forces_stress
+    from pyg_equireann.graph.forces import energy_forces_stress
 
     dtype = exported.center_weight_table.dtype
     out = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
@@ -53,8 +53,8 @@ def compare(model, exported, elements) -> Dict[str, float]:
 def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True) -> Dict[str, float]:
     """Export the checkpoint's model to ``out``; returns the deviations of :func:`compare` (if checked)."""
     from .. import __version__
-    from ..deploy import INTERFACE_VERSION, DeployedPotential
-    from ..lightning import PotentialModule
+    from pyg_equireann.deploy.torchscript import INTERFACE_VERSION, DeployedPotential
+    from pyg_equireann.training.module import PotentialModule
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")

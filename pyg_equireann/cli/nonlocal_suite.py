@@ -30,9 +30,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import hydra_entry, user_errors
-from .evaluate import evaluate, load_checkpoint
-from .plots import learning_curve
-from .train import build_module, build_trainer, prepare_model_config
+from pyg_equireann.training.evaluation import evaluate, load_checkpoint
+from pyg_equireann.training.plots import learning_curve
+from pyg_equireann.cli.train import build_trainer
+from pyg_equireann.training.prepare import build_module, prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 
@@ -97,9 +98,9 @@ def rigid_twist_predictions(module, scan_file: Path, angles, cutoff: float) -> D
     import ase.io
     from torch_geometric.data import Batch
 
-    from datamodules.structures import atoms_to_data, attach_edges
+    from pyg_equireann.datamodules.structures import atoms_to_data, attach_edges
 
-    from ..cumulene import rigid_twist
+    from pyg_equireann.experiments.cumulene import rigid_twist
 
     frames = [a for a in ase.io.read(str(scan_file), index=":") if float(a.info["twist"]) == 0.0]
     dtype = next(module.parameters()).dtype
@@ -127,7 +128,7 @@ def _fmt(value: float) -> str:
 def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Path, scan_file: Path) -> Path:
     """Tables (Markdown, CSV) and plots from every ``<run_dir>/<model>/predictions.npz``; chain lengths
     and twist angles from the extxyz info of ``test_file`` and ``scan_file``."""
-    from ..cumulene import frame_info, plot_twist_curves, twist_curves, twist_mae
+    from pyg_equireann.experiments.cumulene import frame_info, plot_twist_curves, twist_curves, twist_mae
 
     names = [n for n in order if (run_dir / n / "predictions.npz").is_file()]
     names += sorted(p.parent.name for p in run_dir.glob("*/predictions.npz") if p.parent.name not in names)

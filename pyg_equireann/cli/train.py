@@ -5,7 +5,7 @@ second): ``.hydra/`` (composed config, overrides), ``config_resolved.yaml``, ``l
 ``learning_curve.png``, ``train_summary.json`` (epochs, steps, parameters, training time, why it stopped),
 ``test_metrics.json``, ``train.log`` and ``run_info.json`` (package versions, git
 commit, platform, torch settings; ``run_info_resumed_<time>.json`` for each resumption). Checkpoints are
-written atomically (:class:`~pyg_equireann.checkpoint.AtomicCheckpointIO`); ``last.ckpt`` is the last
+written atomically (:class:`~pyg_equireann.training.checkpoint.AtomicCheckpointIO`); ``last.ckpt`` is the last
 epoch (or the state at an interrupt), ``best.ckpt`` the best by validation loss.
 
 Resuming (``ckpt_path=<run>/checkpoints/last.ckpt``) continues in the run's folder with the run's recorded
@@ -33,38 +33,20 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import EpochLog, TrainingBudget
-from ..checkpoint import AtomicCheckpointIO
+from pyg_equireann.training.callbacks import EpochLog, TrainingBudget
+from pyg_equireann.training.checkpoint import AtomicCheckpointIO, upgrade_targets
 from . import CONF_DIR, _log_to_files, check_writable, hydra_entry, user_errors
-from .plots import learning_curve
+from pyg_equireann.training.plots import learning_curve
+from pyg_equireann.training.evaluation import metrics_table
+from pyg_equireann.training.prepare import build_module, prepare_model_config
 
 log = logging.getLogger("equireann-train")
-
-
-def prepare_model_config(model_cfg: DictConfig, datamodule) -> Dict[str, Any]:
-    """Resolve ``auto`` entries (``elements``, ``avg_num_neighbors``) from the training data."""
-    config = OmegaConf.to_container(model_cfg, resolve=True)
-    if config.get("elements") == "auto":
-        config["elements"] = list(datamodule.elements)
-    if config.get("avg_num_neighbors") == "auto":
-        config["avg_num_neighbors"] = float(datamodule.statistics["avg_num_neighbors"])
-    return config
-
-
-def metrics_table(metrics: Dict[str, float]) -> str:
-    from ..lightning import UNITS
-
-    lines = ["| metric | value | unit |", "|---|---|---|"]
-    for key, value in metrics.items():
-        unit = next((u for k, u in UNITS.items() if key.endswith(k)), "")
-        lines.append(f"| {key} | {value:.3f} | {unit} |")
-    return "\n".join(lines)
 
 
 def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer, config: Optional[Path] = None) -> Path:
     """``run_info.json`` (``run_info_resumed_<time>.json`` when resuming): environment, seed, trainer flags and
     ``config``, the resolved config this start ran with (relative to ``out_dir``)."""
-    from ..utils import environment_info
+    from pyg_equireann.utils import environment_info
 
     now = datetime.datetime.now()
     resumed = cfg.get("ckpt_path") not in (None, "", "None", "null")
@@ -79,33 +61,9 @@ def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer, config: O
     return path
 
 
-def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,
-                 calibrate_densities: bool = True):
-    """A :class:`~pyg_equireann.lightning.PotentialModule` for ``model_cfg`` with loss/optimiser settings
-    ``module_cfg``, the energy statistics (E0, scale, shift) of the data module's training set and, for
-    EquiREANN/REANN with ``calibrate_densities``, densities scaled to unit RMS on the first training structures."""
-    from ..lightning import PotentialModule
-
-    model_config = prepare_model_config(model_cfg, datamodule)
-    module = PotentialModule(model=model_config, **OmegaConf.to_container(module_cfg, resolve=True))
-    stats = datamodule.statistics
-    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
-                                       shift=stats["shift"])
-    if float64:
-        module = module.double()
-    if calibrate_densities and hasattr(module.model, "calibrate_density_scale"):
-        scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
-        log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
-                 ", ".join(f"{s:.3g}" for s in scales.tolist()))
-    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
-        raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
-                         "the data module caches the neighbour list")
-    return module
-
-
 def build_trainer(cfg: DictConfig, out_dir: Path):
     """The Lightning trainer of ``cfg.trainer`` with the loggers and callbacks of ``cfg`` (plus a
-    :class:`~pyg_equireann.callbacks.TrainingBudget` when ``cfg.budget.minutes`` is set), writing to
+    :class:`~pyg_equireann.training.callbacks.TrainingBudget` when ``cfg.budget.minutes`` is set), writing to
     ``out_dir``; returns ``(trainer, callbacks)``."""
     loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -172,10 +130,10 @@ def _conf_targets() -> set:
 def check_recorded_config(run_dir: Path, recorded: Any, original: List[str], ours: List[str]) -> None:
     """A run folder is as untrusted as a checkpoint (it may come from someone else): ``ValueError`` unless every
     object that the run's config record (``recorded``, ``original`` overrides) builds is one that the package's
-    configs name or an allowed model class (:func:`~pyg_equireann.checkpoint.register_model_class`), or is
+    configs name or an allowed model class (:func:`~pyg_equireann.training.checkpoint.register_model_class`), or is
     repeated on this command line (``ours``); resolvers that create config nodes (``oc.decode``, ``oc.create``)
     likewise."""
-    from ..checkpoint import _allowed_target
+    from pyg_equireann.training.checkpoint import _allowed_target
 
     known, repeated = _conf_targets(), {o.lstrip("+~") for o in ours}
     unsafe = lambda text: any(k in text for k in _BUILD_KEYS) or "oc.decode" in text or "oc.create" in text  # noqa: E731
@@ -226,7 +184,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     original = _run_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
     ours = _run_overrides(hydra_cfg.overrides.task)
-    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    recorded = upgrade_targets(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml")))
     check_recorded_config(run_dir, recorded, original, ours)
     # what this command's overrides change, composed both ways with today's conf/
     before = _leaves(OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=original)))
@@ -295,7 +253,7 @@ def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
     trainer config (not one given on the command line, nor one that an epoch-wise cosine schedule
     anneals over: then the cap may stop training before the budget is used, and the stop line says so);
     outside a terminal (nohup, batch jobs, ``| tee``) the progress bar is off, the per-epoch log lines of
-    :class:`~pyg_equireann.callbacks.EpochLog` take its place."""
+    :class:`~pyg_equireann.training.callbacks.EpochLog` take its place."""
     explicit, adjust = command_line_keys(cfg), {}
     epoch_schedule = (cfg.get("module") or {}).get("scheduler") == "cosine"
     if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit and not epoch_schedule:
@@ -322,7 +280,7 @@ def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def run(cfg: DictConfig) -> Optional[float]:
-    from ..checkpoint import check_model_config, read_checkpoint
+    from pyg_equireann.training.checkpoint import check_model_config, read_checkpoint
 
     cfg = resume_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def build_bench_model(config: Mapping[str, Any], elements: Sequence[int], avg_num_neighbors: float,
                       seed: int = 0) -> nn.Module:
     """A model from its Hydra config with ``auto`` entries filled in (untrained weights)."""
-    from ..lightning import build_model
+    from pyg_equireann.training.module import build_model
 
     config = dict(config)
     if config.get("elements") == "auto":

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .elements import MAX_Z, check_atomic_numbers
+from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers
 
 
 class EnergyReference(nn.Module):
@@ -36,7 +36,7 @@ class EnergyReference(nn.Module):
     ) -> None:
         """Set per-element reference energies E0 ({Z: eV} or a (119,) tensor), the energy scale s (eV)
         and per-atom shift b (eV), and the average neighbour count used for normalisation, e.g. from
-        :func:`pyg_equireann.statistics.compute_statistics`."""
+        :func:`pyg_equireann.training.statistics.compute_statistics`."""
         if atomic_energies is not None:
             if isinstance(atomic_energies, dict):
                 for z, e0 in atomic_energies.items():

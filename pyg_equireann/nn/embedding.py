@@ -4,8 +4,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .elements import MAX_Z
-from .mlp import MLP
+from pyg_equireann.nn.elements import MAX_Z
+from pyg_equireann.nn.mlp import MLP
 
 
 def _gaussian_init(num_radial: int, cutoff: float) -> Tuple[Tensor, Tensor]:

@@ -4,16 +4,16 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .contraction import OrbitalContraction
-from .conv import EquiREANNConv
-from .cutoff import CosineCutoff
-from .elements import MAX_Z, check_atomic_numbers, element_mask, species_index
-from .embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
-from .harmonics import AngularBasis
-from .mlp import MLP, ElementMLPs
-from .neighbors import build_graph
-from .reference import EnergyReference
-from .validation import MIN_DISTANCE, check_geometry, check_structure
+from pyg_equireann.nn.contraction import OrbitalContraction
+from pyg_equireann.nn.conv import EquiREANNConv
+from pyg_equireann.nn.cutoff import CosineCutoff
+from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers, element_mask, species_index
+from pyg_equireann.nn.embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
+from pyg_equireann.nn.harmonics import AngularBasis
+from pyg_equireann.nn.mlp import MLP, ElementMLPs
+from pyg_equireann.graph.neighbors import build_graph
+from pyg_equireann.nn.reference import EnergyReference
+from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry, check_structure
 
 
 def _graph_kwargs(batch) -> Dict[str, Tensor]:
@@ -223,7 +223,7 @@ class EquiREANN(EnergyReference):
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
         """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None.
-        ValueError for cells too dense for a neighbour list (:func:`~pyg_equireann.validation.check_cell_density`)."""
+        ValueError for cells too dense for a neighbour list (:func:`~pyg_equireann.graph.checks.check_cell_density`)."""
         if cell is not None:
             check_structure(pos.detach(), self.cutoff, batch, cell, pbc)
         return build_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)

@@ -5,8 +5,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .elements import MAX_Z
-from .neighbors import build_graph
+from pyg_equireann.nn.elements import MAX_Z
+from pyg_equireann.graph.neighbors import build_graph
 
 
 def compute_statistics(

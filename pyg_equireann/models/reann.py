@@ -1,7 +1,7 @@
 """REANN, the invariant predecessor of EquiREANN, in the same code base."""
 from typing import Optional, Sequence
 
-from .equireann import EquiREANN
+from pyg_equireann.models.equireann import EquiREANN
 
 
 class REANN(EquiREANN):

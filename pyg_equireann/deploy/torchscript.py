@@ -14,15 +14,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .elements import MAX_Z
-from .validation import MAX_ATOM_DENSITY, MIN_DISTANCE, cell_density_message, geometry_message
+from pyg_equireann.nn.elements import MAX_Z
+from pyg_equireann.graph.checks import MAX_ATOM_DENSITY, MIN_DISTANCE, cell_density_message, geometry_message
 
 #: Interface version written into exported files (``metadata.json``).
 INTERFACE_VERSION = 1
 
 
 class _ScriptableElementMLPs(nn.Module):
-    """Scriptable form of :class:`~pyg_equireann.mlp.ElementMLPs` (same networks, same output)."""
+    """Scriptable form of :class:`~pyg_equireann.nn.mlp.ElementMLPs` (same networks, same output)."""
 
     def __init__(self, mlps: nn.Module):
         super().__init__()
@@ -48,7 +48,7 @@ class _SharedScriptableMLP(nn.Module):
 
 
 def _scriptable_mlp(module: nn.Module) -> nn.Module:
-    from .mlp import ElementMLPs
+    from pyg_equireann.nn.mlp import ElementMLPs
 
     if isinstance(module, ElementMLPs):
         return _ScriptableElementMLPs(module)
@@ -57,7 +57,7 @@ def _scriptable_mlp(module: nn.Module) -> nn.Module:
 
 class _AngularBasis(nn.Module):
     """Scriptable angular basis: real spherical harmonics of the unit vector or Cartesian powers of the
-    raw vector, identical to :class:`~pyg_equireann.harmonics.AngularBasis`."""
+    raw vector, identical to :class:`~pyg_equireann.nn.harmonics.AngularBasis`."""
 
     def __init__(self, max_l: int, kind: str):
         super().__init__()
@@ -98,7 +98,7 @@ class _AngularBasis(nn.Module):
 
 
 class _Iteration(nn.Module):
-    """One :class:`~pyg_equireann.conv.EquiREANNConv` iteration with ``index_add_`` aggregation."""
+    """One :class:`~pyg_equireann.nn.conv.EquiREANNConv` iteration with ``index_add_`` aggregation."""
 
     def __init__(self, conv: nn.Module):
         super().__init__()
@@ -149,7 +149,7 @@ class DeployedPotential(nn.Module):
     Must be called with autograd enabled (not under ``torch.no_grad()``). :meth:`neighbor_list` and
     :meth:`compute` build the neighbour list in pure torch for single structures.
 
-    Bad input raises ``ValueError`` with the Python model's text (:mod:`pyg_equireann.validation`):
+    Bad input raises ``ValueError`` with the Python model's text (:mod:`pyg_equireann.graph.checks`):
     NaN/inf positions, atoms or images closer than ``min_distance`` (0.01 Å), and in
     :meth:`neighbor_list` cells denser than ``max_atom_density`` (1 atom/Å³). Scripted, torch reports
     it as ``torch.jit.Error`` whose last line is ``builtins.ValueError: <text>``; :func:`script_error`

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .forces import energy_forces_stress
-from .reference import EnergyReference, ReferencedModel
-from .utils import plain
+from pyg_equireann.graph.forces import energy_forces_stress
+from pyg_equireann.nn.reference import EnergyReference, ReferencedModel
+from pyg_equireann.utils import plain
 
 UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
          "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
@@ -23,16 +23,17 @@ AUTO_STRESS_WEIGHT = 1000.0
 def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str] = None) -> nn.Module:
     """An nn.Module from a module or a Hydra-style config ``{"_target_": ..., ...}``. Models without
     per-element reference energies (PyG's SchNet, DimeNet++, ViSNet) are wrapped in
-    :class:`~pyg_equireann.reference.ReferencedModel` so every model learns the same targets.
+    :class:`~pyg_equireann.nn.reference.ReferencedModel` so every model learns the same targets.
     ``source``: the file a config was read from; it is then instantiated only if every ``_target_``
-    is an allowed model class (:func:`~pyg_equireann.checkpoint.check_model_targets`)."""
+    is an allowed model class (:func:`~pyg_equireann.training.checkpoint.check_model_targets`)."""
     if isinstance(model, Mapping):
         from hydra.utils import instantiate
 
         model = plain(model)
         if source is not None:
-            from .checkpoint import check_model_targets
+            from pyg_equireann.training.checkpoint import check_model_targets, upgrade_targets
 
+            model = upgrade_targets(model)
             check_model_targets(model, source)
         model = instantiate(model)
     if not isinstance(model, EnergyReference):
@@ -122,9 +123,9 @@ class PotentialModule(L.LightningModule):
         """Rebuild the module and its model from a training checkpoint (the EMA weights when the
         EMA callback was on), read with ``torch.load(weights_only=True)``. Missing, truncated, corrupt
         or foreign files, files with other pickled objects and model configs naming classes that are not
-        allowed (:func:`~pyg_equireann.checkpoint.register_model_class`) raise FileNotFoundError or
+        allowed (:func:`~pyg_equireann.training.checkpoint.register_model_class`) raise FileNotFoundError or
         ValueError naming the file; with ``model_config``, so does a checkpoint of another model."""
-        from .checkpoint import check_model_config, read_checkpoint
+        from pyg_equireann.training.checkpoint import check_model_config, read_checkpoint
 
         checkpoint = read_checkpoint(ckpt_path, map_location)
         if model_config is not None:
@@ -137,9 +138,9 @@ class PotentialModule(L.LightningModule):
                              weights_only: Optional[bool] = True, **kwargs) -> "PotentialModule":
         """Lightning's ``load_from_checkpoint``, but with ``weights_only=True`` unless asked otherwise and,
         without a ``model`` argument, the model rebuilt from the checkpoint's own model config after the
-        checks of :func:`~pyg_equireann.checkpoint.read_checkpoint` (prefer :meth:`from_checkpoint`)."""
+        checks of :func:`~pyg_equireann.training.checkpoint.read_checkpoint` (prefer :meth:`from_checkpoint`)."""
         if "model" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
-            from .checkpoint import read_checkpoint
+            from pyg_equireann.training.checkpoint import read_checkpoint
 
             checkpoint = read_checkpoint(checkpoint_path, map_location or "cpu")
             kwargs["model"] = checkpoint["hyper_parameters"]["model_config"]

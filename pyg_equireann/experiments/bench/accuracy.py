@@ -50,7 +50,7 @@ def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ..lightning import PotentialModule
+    from pyg_equireann.training.module import PotentialModule
     from . import quiet_lightning
 
     snapshots = sorted((run_dir / "snapshots").glob("t*min.ckpt"))

@@ -1,7 +1,7 @@
 """MACE (the ``mace-torch`` package, optional extra ``pip install pyg_equireann[mace]``) with the
 SchNet-style signature ``forward(z, pos, batch) -> (B,)``, so that it is trained by the same
-:class:`~pyg_equireann.lightning.PotentialModule`, on the same targets (E0, scale and shift from
-:class:`~pyg_equireann.reference.ReferencedModel`) and benchmarked in the same harness as every model.
+:class:`~pyg_equireann.training.module.PotentialModule`, on the same targets (E0, scale and shift from
+:class:`~pyg_equireann.nn.reference.ReferencedModel`) and benchmarked in the same harness as every model.
 
 mace-torch 0.3.x imports e3nn 0.4.4, which ``torch.load``-s a pickled constants file at import and
 fails under torch >= 2.6 (``weights_only`` by default); mace's ``__init__`` works around it by setting
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .neighbors import build_graph
+from pyg_equireann.graph.neighbors import build_graph
 
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 

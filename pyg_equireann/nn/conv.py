@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
-from .contraction import OrbitalContraction
+from pyg_equireann.nn.contraction import OrbitalContraction
 
 
 class EquiREANNConv(MessagePassing):

@@ -4,8 +4,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from .neighbors import build_graph
-from .validation import check_structure
+from pyg_equireann.graph.neighbors import build_graph
+from pyg_equireann.graph.checks import check_structure
 
 
 def energy_forces_stress(
@@ -37,8 +37,8 @@ def energy_forces_stress(
         create_graph: keep the graph of the derivatives (for training on forces).
         edge_index, cell_offsets: a precomputed neighbour list (e.g. cached by a data module) with
             integer cell offsets for periodic graphs; built here when None, after
-            :func:`~pyg_equireann.validation.check_structure` (ValueError for NaN/inf positions and cells
-            denser than :data:`~pyg_equireann.validation.MAX_ATOM_DENSITY`).
+            :func:`~pyg_equireann.graph.checks.check_structure` (ValueError for NaN/inf positions and cells
+            denser than :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY`).
     """
     rc = float(cutoff if cutoff is not None else model.cutoff)
     if batch is None:

@@ -2,7 +2,7 @@
 of silent NaN or an exploding neighbour list.
 
 The message builders (:func:`geometry_message`, :func:`cell_density_message`) compile with
-``torch.jit.script``, so an exported model (:mod:`pyg_equireann.deploy`) raises the same text as the
+``torch.jit.script``, so an exported model (:mod:`pyg_equireann.deploy.torchscript`) raises the same text as the
 Python model.
 """
 import math

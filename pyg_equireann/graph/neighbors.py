@@ -79,7 +79,7 @@ def _check_pos(pos: Tensor, batch: Tensor | None = None) -> None:
     if not pos.is_floating_point():
         raise ValueError(f"pos must be a floating-point tensor, got dtype {pos.dtype}")
     if not bool(torch.isfinite(pos).all()):  # the text of the model's geometry check, naming the atom
-        from .validation import nonfinite_message
+        from pyg_equireann.graph.checks import nonfinite_message
 
         if not (isinstance(batch, Tensor) and batch.shape == pos.shape[:1]):
             batch = None  # checked later, with its own error
@@ -166,7 +166,7 @@ def _vesin_neighbor_list(cutoff: float):
     try:
         import vesin
     except ImportError as exc:  # pragma: no cover - vesin is a hard dependency
-        raise ImportError("pyg_equireann.neighbors needs `vesin` (pip install vesin)") from exc
+        raise ImportError("pyg_equireann.graph.neighbors needs `vesin` (pip install vesin)") from exc
     return vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False, n_threads=VESIN_NUM_THREADS)
 
 

@@ -54,7 +54,7 @@ def smallest_separating_iterations(make_model: Callable[[int], torch.nn.Module],
 def model_factory(cls, seed: int = 0, cutoff: float = 1.75, **kwargs) -> Callable[[int], torch.nn.Module]:
     """``num_iterations -> model``: float64 ``cls(cutoff=cutoff, num_iterations=T, **kwargs)`` with
     seeded random weights (including the output layers) for the separation experiments."""
-    from .utils import perturb_parameters
+    from pyg_equireann.utils import perturb_parameters
 
     def make(num_iterations: int) -> torch.nn.Module:
         torch.manual_seed(seed)

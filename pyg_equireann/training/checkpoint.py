@@ -187,6 +187,7 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, 
     config = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
     if config is None or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a pyg_equireann training checkpoint (no state_dict and model_config)")
+    config = checkpoint["hyper_parameters"]["model_config"] = upgrade_targets(config)
     check_model_targets(config, path)
     return checkpoint
 
@@ -196,14 +197,48 @@ def read_checkpoint(path: "str | os.PathLike", map_location="cpu") -> Dict[str, 
 #: their parts), both as the configs spell them and as ``module.qualname``. Anything else could run code
 #: when instantiated (``_target_: os.system``), so it needs :func:`register_model_class`.
 _ALLOWED_TARGETS = {
-    "pyg_equireann.EquiREANN", "pyg_equireann.equireann.EquiREANN",
-    "pyg_equireann.REANN", "pyg_equireann.reann.REANN",
-    "pyg_equireann.pyg_compat.DimeNetPlusPlusPotential",
-    "pyg_equireann.pyg_compat.ViSNetPotential",
-    "pyg_equireann.pyg_compat.RadiusInteractionGraph",
-    "pyg_equireann.mace_compat.MACEPotential",
+    "pyg_equireann.EquiREANN", "pyg_equireann.models.equireann.EquiREANN",
+    "pyg_equireann.REANN", "pyg_equireann.models.reann.REANN",
+    "pyg_equireann.models.pyg.DimeNetPlusPlusPotential",
+    "pyg_equireann.models.pyg.ViSNetPotential",
+    "pyg_equireann.models.pyg.RadiusInteractionGraph",
+    "pyg_equireann.models.mace.MACEPotential",
     "torch_geometric.nn.SchNet", "torch_geometric.nn.models.SchNet", "torch_geometric.nn.models.schnet.SchNet",
 }
+#: Module paths before the package was split into nn/, graph/, models/, training/, deploy/ (0.1.0): old
+#: checkpoints and run folders name their classes there; :func:`upgrade_targets` reads them as the new names.
+LEGACY_MODULES = {
+    "pyg_equireann.equireann": "pyg_equireann.models.equireann",
+    "pyg_equireann.reann": "pyg_equireann.models.reann",
+    "pyg_equireann.pyg_compat": "pyg_equireann.models.pyg",
+    "pyg_equireann.mace_compat": "pyg_equireann.models.mace",
+    "pyg_equireann.callbacks": "pyg_equireann.training.callbacks",
+    "pyg_equireann.checkpoint": "pyg_equireann.training.checkpoint",
+    "pyg_equireann.lightning": "pyg_equireann.training.module",
+    "datamodules": "pyg_equireann.datamodules",
+}
+
+
+def upgrade_targets(config: Any) -> Any:
+    """``config`` with every ``_target_`` in an old module path (:data:`LEGACY_MODULES`) renamed; the
+    same object when nothing changed."""
+    if isinstance(config, Mapping):
+        out = {k: upgrade_targets(v) for k, v in config.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            module, _, name = target.rpartition(".")
+            for old, new in LEGACY_MODULES.items():
+                if module == old or module.startswith(old + "."):
+                    out["_target_"] = f"{new}{module[len(old):]}.{name}"
+                    break
+        return out if any(out[k] is not config[k] for k in out) or out.get("_target_") != config.get("_target_") \
+            else config
+    if isinstance(config, list):
+        out = [upgrade_targets(v) for v in config]
+        return out if any(a is not b for a, b in zip(out, config)) else config
+    return config
+
+
 #: Hydra keys with a meaning for ``instantiate`` other than ``_target_``: never in a saved model config.
 _HYDRA_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
 
@@ -255,7 +290,7 @@ def check_model_targets(config: Any, source: "str | os.PathLike") -> None:
     Python (str, int, float, bool, None, lists, dicts)."""
     def fail(where: str, what: str):
         raise ValueError(f"{source}: model config entry {where}: {what}; a model config read from a file may only "
-                         "name pyg_equireann's model classes (allow your own with pyg_equireann.checkpoint."
+                         "name pyg_equireann's model classes (allow your own with pyg_equireann.training.checkpoint."
                          "register_model_class or PYG_EQUIREANN_ALLOWED_MODELS=pkg.module.Class)")
 
     def walk(node: Any, where: str) -> None:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch_geometric.nn.models import DimeNetPlusPlus, ViSNet
 from torch_geometric.utils import scatter
 
-from .neighbors import radius_graph
+from pyg_equireann.graph.neighbors import radius_graph
 
 
 class RadiusInteractionGraph(nn.Module):

@@ -1,0 +1,1 @@
+"""Hydra configs shipped with pyg_equireann (installed from the top-level conf/ folder)."""

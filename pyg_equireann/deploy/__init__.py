@@ -1,0 +1,1 @@
+"""Deployment: the exported (TorchScript) potential and the ASE calculator."""

@@ -1,0 +1,2 @@
+"""Training: the Lightning module (loss, metrics, optimiser), callbacks, checkpoints, training-set
+statistics and model preparation."""

@@ -5,7 +5,7 @@ Every structure is a PyG ``Data`` with ``z``, ``pos`` (Å), ``energy`` (eV, floa
 ``cell_offsets``) from :func:`pyg_equireann.build_graph`, and ``idx`` (frame in its source file).
 Processed graphs and training-set statistics are cached next to the data.
 """
-from pyg_equireann.datamodules.base import DATA_ROOT, PotentialDataModule, read_isolated_atoms
+from pyg_equireann.datamodules.base import PotentialDataModule, default_data_root, read_isolated_atoms
 from pyg_equireann.datamodules.md17 import KCAL_PER_MOL, MD17DataModule, available_molecules
 from pyg_equireann.datamodules.presets import acac_datamodule, cumulene_datamodule
 from pyg_equireann.datamodules.structures import StructureDataset
@@ -21,5 +21,5 @@ __all__ = [
     "available_molecules",
     "read_isolated_atoms",
     "KCAL_PER_MOL",
-    "DATA_ROOT",
+    "default_data_root",
 ]

@@ -14,13 +14,39 @@ from torch_geometric.loader import DataLoader
 
 from pyg_equireann.nn.elements import MAX_Z
 from pyg_equireann.training.statistics import UnitIssue, check_energy_units, compute_statistics, frame_pair_work
+from pyg_equireann.utils import source_checkout
 
 from . import cache as _cache
 from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
 
-#: Project data folder (shipped datasets).
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = PROJECT_ROOT / "data"
+#: Environment variable naming the data folder (:func:`default_data_root`).
+DATA_ENV = "PYG_EQUIREANN_DATA"
+
+
+def default_data_root() -> Path:
+    """The data folder of the dataset configs and presets: ``$PYG_EQUIREANN_DATA`` if set, else the
+    checkout's ``data/`` when running from a source checkout, else ``./data`` in the working directory.
+    Read at each call (``${data_root:}`` in ``conf/data/*.yaml``)."""
+    return _data_root()[0]
+
+
+def _data_root() -> Tuple[Path, str]:
+    """(data folder, where it comes from)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser(), f"${DATA_ENV}"
+    checkout = source_checkout()
+    if checkout is not None and (checkout / "data").is_dir():
+        return checkout / "data", "the source checkout's data/"
+    return Path.cwd() / "data", "./data in the working directory"
+
+
+def data_root_hint(path: str | os.PathLike) -> str:
+    """For a missing ``path`` inside the default data folder: which folder that is and how to choose another
+    (to end an error message), else ``""``."""
+    root, source = _data_root()
+    if not Path(path).expanduser().resolve().is_relative_to(root.expanduser().resolve()):
+        return ""
+    return f" (data folder {root}: {source}; set {DATA_ENV}=<folder> for another)"
 
 AtomicEnergiesSpec = Union[None, str, os.PathLike, Mapping[Any, float]]
 

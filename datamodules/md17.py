@@ -37,7 +37,8 @@ from torch_geometric.datasets.md17 import MD17 as _PyGMD17
 from pyg_equireann.nn.elements import MAX_Z
 
 from . import cache as _cache
-from pyg_equireann.datamodules.base import DATA_ROOT, AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
+from pyg_equireann.datamodules.base import (AtomicEnergiesSpec, PotentialDataModule, data_root_hint, default_data_root,
+                                            random_subset, subset)
 from pyg_equireann.datamodules.structures import StructureDataset, attach_edges, check_finite, dtype_name, make_data
 
 #: 1 kcal/mol in eV (= 0.0433641...). The only unit conversion of MD17 data.
@@ -174,7 +175,7 @@ class MD17DataModule(PotentialDataModule):
 
     Args:
         molecule: e.g. ``"ethanol"``, ``"aspirin"``, ``"salicylic"`` (see :func:`available_molecules`).
-        root: data folder (default: the project's ``data/``).
+        root: data folder (default: :func:`~pyg_equireann.datamodules.base.default_data_root`).
         download: ``None`` (download missing files if the server is reachable), ``True``, ``False``.
         **kwargs: :class:`~pyg_equireann.datamodules.base.PotentialDataModule` arguments.
     """
@@ -183,7 +184,7 @@ class MD17DataModule(PotentialDataModule):
         self,
         molecule: str = "ethanol",
         variant: str = "revised",
-        root: str | os.PathLike = DATA_ROOT,
+        root: str | os.PathLike | None = None,
         num_train: int = 950,
         num_val: int = 50,
         num_test: Optional[int] = None,
@@ -203,7 +204,7 @@ class MD17DataModule(PotentialDataModule):
         self.variant = v
         self.pyg_name = _pyg_name(molecule, v)
         self.molecule = molecule
-        self.root = Path(root).expanduser()
+        self.root = Path(default_data_root() if root is None else root).expanduser()
         self.num_train, self.num_val, self.num_test = int(num_train), int(num_val), num_test
         if self.num_train < 1 or self.num_val < 0:
             raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
@@ -250,6 +251,9 @@ class MD17DataModule(PotentialDataModule):
         return REVISED_URL if self.variant == "revised" else f"{GDML_URL}/{self._file_name}"
 
     def _missing_message(self, reason: str) -> str:
+        return self._missing_files(reason) + data_root_hint(self.root)
+
+    def _missing_files(self, reason: str) -> str:
         r, s = self.root.resolve(), f"{self.split:02d}"
         if self.variant == "revised":
             return (

@@ -4,24 +4,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pyg_equireann.datamodules.base import DATA_ROOT
+from pyg_equireann.datamodules.base import default_data_root
 from pyg_equireann.datamodules.xyz import XYZDataModule
 
 #: GFN2-xTB isolated-atom energies of the cumulene data (eV), from data/cumulene/README.md.
 CUMULENE_E0 = {1: -10.70721, 6: -48.79808}
 
 
-def _folder(root: str | os.PathLike, name: str, marker: str) -> Path:
-    """``root`` itself if it holds ``marker``, else ``root/name``."""
-    root = Path(root).expanduser()
+def _folder(root: str | os.PathLike | None, name: str, marker: str) -> Path:
+    """``root`` (default: :func:`~pyg_equireann.datamodules.base.default_data_root`) itself if it holds
+    ``marker``, else ``root/name``."""
+    root = Path(default_data_root() if root is None else root).expanduser()
     return root if (root / marker).is_file() else root / name
 
 
-def acac_datamodule(root: str | os.PathLike = DATA_ROOT, **kwargs) -> XYZDataModule:
+def acac_datamodule(root: str | os.PathLike | None = None, **kwargs) -> XYZDataModule:
     """Acetylacetone (BOTNet): train on ``train_300K.xyz`` (5 % random validation), test sets
     ``MD_300K``, ``MD_600K``, ``dihedral``; E0 from ``isolated_atoms.xyz``.
 
-    ``root``: folder with the acac files, or its parent (default: the project's ``data/``).
+    ``root``: folder with the acac files, or its parent (default: the data folder,
+    :func:`~pyg_equireann.datamodules.base.default_data_root`).
     ``kwargs`` override any :class:`XYZDataModule` argument.
     """
     d = _folder(root, "acac", "train_300K.xyz")
@@ -38,11 +40,12 @@ def acac_datamodule(root: str | os.PathLike = DATA_ROOT, **kwargs) -> XYZDataMod
     return XYZDataModule(**args)
 
 
-def cumulene_datamodule(root: str | os.PathLike = DATA_ROOT, **kwargs) -> XYZDataModule:
+def cumulene_datamodule(root: str | os.PathLike | None = None, **kwargs) -> XYZDataModule:
     """Cumulene twist benchmark (GFN2-xTB): train/val files, test sets ``test`` and ``scan``
     (twist scans); E0 = GFN2-xTB isolated atoms (:data:`CUMULENE_E0`).
 
-    ``root``: folder with the cumulene files, or its parent (default: the project's ``data/``).
+    ``root``: folder with the cumulene files, or its parent (default: the data folder,
+    :func:`~pyg_equireann.datamodules.base.default_data_root`).
     """
     d = _folder(root, "cumulene", "cumulene_train.xyz")
     args = dict(

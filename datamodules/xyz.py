@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as _cache
-from pyg_equireann.datamodules.base import AtomicEnergiesSpec, PotentialDataModule, random_subset, subset
+from pyg_equireann.datamodules.base import AtomicEnergiesSpec, PotentialDataModule, data_root_hint, random_subset, subset
 from pyg_equireann.datamodules.structures import (StructureDataset, atoms_to_data, attach_edges, available_keys, dtype_name,
                          harmonize_cells, plain_hparams)
 
@@ -34,7 +34,7 @@ def read_frames(path: Path, format: Optional[str] = None) -> list:
     import ase.io
 
     if not path.is_file():
-        raise FileNotFoundError(f"structure file not found: {path}")
+        raise FileNotFoundError(f"structure file not found: {path}{data_root_hint(path)}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: file is empty (no structures)")
     try:
@@ -215,7 +215,7 @@ class XYZDataModule(PotentialDataModule):
         select = None if not select else {str(k): v for k, v in select.items()}
         path = path.expanduser().resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"structure file not found: {path}")
+            raise FileNotFoundError(f"structure file not found: {path}{data_root_hint(path)}")
         key = _cache.make_key(
             "xyz", _cache.file_fingerprint(path), self.cutoff, energy_key, forces_key,
             stress_key, dtype_name(self.dtype), format, self.config_type_key, select,

@@ -27,16 +27,17 @@ except ImportError:  # pragma: no cover
     thermalize_momenta = None
 from ase.md.verlet import VelocityVerlet
 
+from pyg_equireann.datamodules.base import default_data_root
 from pyg_equireann.deploy.ase import EquiREANNCalculator
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"ethanol": ROOT / "examples/models/ethanol_equireann.pt", "cu": ROOT / "examples/models/cu_emt_equireann.pt"}
+HERE = Path(__file__).resolve().parent
+MODELS = {"ethanol": HERE / "models/ethanol_equireann.pt", "cu": HERE / "models/cu_emt_equireann.pt"}
 
 
 def make_system(name: str, repeat: int = 3) -> Atoms:
     """The first rMD17 ethanol training frame, or a cubic fcc Cu supercell (a = 3.59 Å) of repeat³ cells."""
     if name == "ethanol":
-        d = np.load(ROOT / "data/rmd17/rmd17_ethanol_train_01.npz")
+        d = np.load(default_data_root() / "rmd17/rmd17_ethanol_train_01.npz")
         return Atoms(numbers=d["nuclear_charges"], positions=d["coords"][0])
     if name == "cu":
         return bulk("Cu", "fcc", a=3.59, cubic=True).repeat(repeat)

@@ -1,5 +1,6 @@
 """Small helpers shared by tests, benchmarks and examples."""
 import os
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -45,12 +46,18 @@ PACKAGES = ("pyg_equireann", "torch", "torch_geometric", "lightning", "hydra-cor
             "vesin", "scipy", "torch-cluster", "torch-scatter")
 
 
+def source_checkout() -> Optional[Path]:
+    """The repository folder when pyg_equireann runs from a source checkout (editable install: the package
+    folder next to ``pyproject.toml`` and ``datamodules/``), else None (an installed wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "datamodules").is_dir() else None
+
+
 def git_state(folder) -> Optional[Dict[str, object]]:
     """``{"commit", "dirty", "root"}`` of the git work tree whose top level is ``folder``; None without
     git, outside a repository, or when ``folder`` is inside some other repository (e.g. an installed
     copy in a virtual environment that lives in the user's project)."""
     import subprocess
-    from pathlib import Path
 
     def git(*args):
         r = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
@@ -75,8 +82,8 @@ def environment_info() -> Dict[str, object]:
     import platform
     import sys
     from importlib import metadata
-    from pathlib import Path
 
+    checkout = source_checkout()
     versions = {}
     for name in PACKAGES:
         try:
@@ -89,7 +96,7 @@ def environment_info() -> Dict[str, object]:
         "machine": platform.machine(),
         "hostname": platform.node(),
         "packages": versions,
-        "git": git_state(Path(__file__).resolve().parents[1]),
+        "git": None if checkout is None else git_state(checkout),
         "torch": {
             "num_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),

@@ -16,7 +16,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 CONF_DIR = str(Path(importlib.resources.files("pyg_equireann.conf")))  # conf/ in a checkout, inside the wheel installed
-PROJECT_ROOT = Path(CONF_DIR).parent
 
 
 def _resume_dir(ckpt_path, default):
@@ -68,13 +67,22 @@ def _ckpt_model_cutoff(ckpt_path):
     return float(cutoff)
 
 
+def _data_root() -> str:
+    """``${data_root:}``: :func:`~pyg_equireann.datamodules.base.default_data_root`."""
+    from pyg_equireann.datamodules.base import default_data_root
+
+    return str(default_data_root())
+
+
 def register_resolvers() -> None:
     resolvers = {
         "resume_dir": _resume_dir,
         "run_dir": _run_dir,
         "new_dir": _new_dir,
         "record_subdir": _record_subdir,
-        "project_root": lambda: str(PROJECT_ROOT),
+        "data_root": _data_root,
+        # run folders recorded before ${data_root:} name ${project_root:}/data: the same folder
+        "project_root": lambda: str(Path(_data_root()).parent),
         "dtype": lambda float64: "float64" if float64 else "float32",
         "ckpt_cutoff": _ckpt_model_cutoff,
         # a resumed run logs into a new folder so the first part's metrics.csv is kept

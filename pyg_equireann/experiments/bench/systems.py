@@ -12,12 +12,13 @@ WATER_VOLUME = 29.9  # Å³ per molecule at 1 g/cm³
 def aspirin_batch(num_molecules: int = 32, data_root: Optional[str] = None) -> Dict[str, Tensor]:
     """``num_molecules`` rMD17 aspirin frames (split 01 training file) as one batch:
     ``z`` (N,), ``pos`` (N, 3) Å float64, ``batch`` (N,), no cell."""
-    from pyg_equireann.datamodules.base import DATA_ROOT
+    from pyg_equireann.datamodules.base import data_root_hint, default_data_root
 
-    root = Path(data_root) if data_root else Path(DATA_ROOT)
+    root = Path(data_root) if data_root else default_data_root()
     path = root / "rmd17" / "rmd17_aspirin_train_01.npz"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the aspirin benchmark reads rMD17 split 01 from the data folder")
+        raise FileNotFoundError(f"{path} not found: the aspirin benchmark reads rMD17 split 01 from the data folder"
+                                + data_root_hint(path))
     data = np.load(path)
     z = torch.as_tensor(data["nuclear_charges"], dtype=torch.long)
     pos = torch.as_tensor(data["coords"][:num_molecules], dtype=torch.float64)

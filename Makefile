@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test train bench bench-quick clean
+.PHONY: setup test train bench bench-quick wheel clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(VENV)/bin/equireann-bench bench=quick
 
+# dist/pyg_equireann-<version>-py3-none-any.whl: the package with its configs (no data, no tests)
+wheel: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

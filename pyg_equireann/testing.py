@@ -487,12 +487,17 @@ class PhysicsTests:
 
 
 def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequence[int] = (1, 6, 8),
-                      avg_num_neighbors: float = 4.0, seed: int = 0) -> nn.Module:
+                      avg_num_neighbors: float = 4.0, seed: int = 0,
+                      build_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``conf/model/<name>.yaml`` as ``equireann-train`` builds it (Hydra composition with
     ``overrides`` such as ``model.num_channels=8``, ``auto`` entries filled by
     :func:`~pyg_equireann.training.prepare.prepare_model_config` with ``elements`` and ``avg_num_neighbors``,
-    :func:`~pyg_equireann.training.module.build_model`), in float64 with random non-zero weights
-    (:func:`~pyg_equireann.utils.perturb_parameters`) and non-zero reference energies, scale and shift."""
+    :func:`~pyg_equireann.training.module.build_model` under the default dtype ``build_dtype``, float32 as in
+    ``equireann-train``), then in float64 with random non-zero weights
+    (:func:`~pyg_equireann.utils.perturb_parameters`) and non-zero reference energies, scale and shift.
+
+    Constants a model computes at construction (e.g. MACE's Wigner 3j symbols and contraction matrices) keep
+    the precision of ``build_dtype`` after ``.double()``."""
     from hydra import compose, initialize_config_dir
 
     from pyg_equireann.cli import CONF_DIR
@@ -503,7 +508,12 @@ def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequen
         cfg = compose("train", overrides=[f"model={name}", *overrides])
     data = SimpleNamespace(elements=list(elements), statistics={"avg_num_neighbors": avg_num_neighbors})
     torch.manual_seed(seed)
-    model = build_model(prepare_model_config(cfg.model, data)).double()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(build_dtype)
+    try:
+        model = build_model(prepare_model_config(cfg.model, data)).double()
+    finally:
+        torch.set_default_dtype(previous)
     perturb_parameters(model, seed)
     model.set_energy_statistics(atomic_energies={z: -0.5 * (i + 1) for i, z in enumerate(elements)},
                                 scale=0.7, shift=0.1)

@@ -4,7 +4,7 @@
 Checks (each raises an AssertionError naming what broke and by how much, and returns its measurements):
 
 * :func:`check_o3_invariance`: E(xRᵀ) = E(x) and F(xRᵀ) = F(x)Rᵀ for a rotation and a rotation-reflection;
-* :func:`check_forces_finite_differences`: F = −∂E/∂x against central finite differences;
+* :func:`check_forces_finite_differences`: F = −∂E/∂x against central finite differences (also in a cell);
 * :func:`check_translation`, :func:`check_permutation`: E and F under a shift and a relabelling of atoms;
 * :func:`check_batch`: a batch of several structures gives each structure's energy and forces alone;
 * :func:`check_cutoff_smoothness`: E and F continuous as a neighbour crosses ``model.cutoff``;
@@ -354,10 +354,14 @@ def check_periodic_images(model: nn.Module, structure: Structure, slab: Optional
     return errors
 
 
+#: what a model without periodic boundary conditions may raise for a cell (TypeError: no ``cell`` argument)
+REFUSALS = (ValueError, NotImplementedError, TypeError)
+
+
 def check_refuses_cell(model: nn.Module, structure: Structure) -> Dict[str, float]:
-    """A model without periodic boundary conditions raises (ValueError or NotImplementedError) when given a
-    cell, instead of returning the energy of the isolated atoms."""
-    with pytest.raises((ValueError, NotImplementedError)):
+    """A model without periodic boundary conditions raises (ValueError, NotImplementedError, or TypeError
+    without a ``cell`` argument) when given a cell, instead of returning the energy of the isolated atoms."""
+    with pytest.raises(REFUSALS):
         energy_of(model, structure.z, structure.pos, None, structure.cell[None], structure.pbc)
     return {}
 
@@ -366,12 +370,12 @@ def check_refuses_cell(model: nn.Module, structure: Structure) -> Dict[str, floa
 
 
 def supports_pbc(model: nn.Module, structure: Optional[Structure] = None) -> bool:
-    """Whether ``model`` accepts a periodic cell (does not raise ValueError/NotImplementedError for one)."""
+    """Whether ``model`` accepts a periodic cell (raises none of :data:`REFUSALS` for one)."""
     s = structure or crystal()
     try:
         with torch.no_grad():
             energy_of(model, s.z, s.pos, None, s.cell[None], s.pbc)
-    except (ValueError, NotImplementedError):
+    except REFUSALS:
         return False
     return True
 
@@ -398,6 +402,7 @@ def physics_checks(elements: Sequence[int] = (1, 6, 8), periodic: bool = False,
     if has_cutoff:
         checks["cutoff_smoothness"] = lambda m: check_cutoff_smoothness(m, elements)
     if periodic:
+        checks["forces_finite_differences_periodic"] = lambda m: check_forces_finite_differences(m, bulk)
         checks["stress_finite_strain"] = lambda m: check_stress_finite_strain(m, bulk)
         checks["periodic_images"] = lambda m: check_periodic_images(m, bulk, slab)
     else:
@@ -477,6 +482,7 @@ class PhysicsTests:
 
     def test_periodic(self, model, elements, periodic):
         if periodic:
+            self._run("forces_finite_differences_periodic", model, elements, periodic=True)
             self._run("stress_finite_strain", model, elements, periodic=True)
             self._run("periodic_images", model, elements, periodic=True)
         else:

@@ -1,7 +1,9 @@
 """The physics suite (:mod:`pyg_equireann.testing`) on every model config in ``conf/model``, baselines included,
 built as ``equireann-train`` builds them (Hydra composition, ``auto`` entries, reference-energy wrapper) with
 small sizes, float64 and random non-zero weights. ~15 s on one core for the nine configs."""
+import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -73,3 +75,54 @@ def test_mace_built_in_float64_passes_every_check():
     """MACE built under the float64 default dtype (as ``mace_run_train --default_dtype float64``) is exact."""
     results = check_model(model_from_config("mace", CONFIGS["mace"], build_dtype=torch.float64), periodic=True)
     assert results["periodic_images"]["rotated_forces"] < 1e-13
+
+
+class PairPotential(torch.nn.Module):
+    """E = Σ_{i<j} √(Z_i Z_j) e^{−d_ij} f(d_ij) with a smooth cutoff f, or with one ``defect`` that a check
+    must catch."""
+
+    def __init__(self, cutoff: float = 3.0, defect: Optional[str] = None):
+        super().__init__()
+        self.cutoff, self.defect = cutoff, defect
+
+    def forward(self, z, pos, batch=None):
+        batch = torch.zeros_like(z) if batch is None else batch
+        i, j = torch.triu_indices(len(z), len(z), 1)
+        keep = batch[i] == batch[j]
+        i, j = i[keep], j[keep]
+        vectors = pos[j] - pos[i]
+        if self.defect == "detached_forces":  # half of the distance dependence hidden from autograd
+            vectors = 0.5 * (vectors + vectors.detach())
+        d = vectors.norm(dim=1)
+        f = (0.5 * torch.cos(math.pi * d / self.cutoff) + 0.5) ** 2 * (d < self.cutoff)
+        if self.defect == "hard_cutoff":
+            f = (d < self.cutoff).to(d.dtype)
+        pair = (z[i] * z[j]).to(d.dtype).sqrt() * torch.exp(-d) * f
+        if self.defect == "absolute_position":
+            pair = pair + 1e-3 * (pos[i] + pos[j]).sum(dim=1) * f
+        energy = torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add_(0, batch[i], pair)
+        if self.defect == "chiral" and len(z) >= 4:  # a pseudoscalar: invariant under rotations, not under reflections
+            energy = energy + 0.1 * torch.linalg.det(pos[1:4] - pos[0])
+        if self.defect == "batch_leak":  # every structure sees the first one's energy
+            energy = energy + 0.01 * energy[0].detach()
+        return energy
+
+
+def test_check_model_on_a_user_model():
+    """A model with neither a cell argument nor reference energies passes, and refuses cells."""
+    results = check_model(PairPotential())
+    assert set(results) == {"o3_invariance", "forces_finite_differences", "translation", "permutation", "batch",
+                            "cutoff_smoothness", "refuses_cell"}
+    assert results["cutoff_smoothness"]["energy_jump"] < 1e-9
+
+
+@pytest.mark.parametrize("defect, failing", [
+    ("chiral", "rotation-reflection"),
+    ("detached_forces", "forces = −∇E"),
+    ("absolute_position", "translation invariance"),
+    ("hard_cutoff", "energy is discontinuous at the cutoff"),
+    ("batch_leak", "batch = each alone"),
+])
+def test_checks_catch_broken_models(defect, failing):
+    with pytest.raises(AssertionError, match=failing):
+        check_model(PairPotential(defect=defect))

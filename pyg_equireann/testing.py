@@ -30,15 +30,15 @@ or inherit them as pytest tests (as NequIP's ``BaseModelTests``), one test per c
     from pyg_equireann.testing import PhysicsTests
 
     class TestMyPotential(PhysicsTests):
-        @pytest.fixture(scope="class")
-        def model(self):
+        @pytest.fixture
+        def model(self):  # or a module-level fixture with scope="module", to build it once
             return perturb_parameters(MyPotential(...).double())
 
         @pytest.fixture
-        def periodic(self):
+        def periodic(self):  # default: whether the model accepts a cell
             return True
 
-Every model config of the package runs through :class:`PhysicsTests` in ``tests/test_physics_suite.py``, built
+The module needs pytest (the ``test`` extra). Every model config of the package runs through :class:`PhysicsTests` in ``tests/test_physics_suite.py``, built
 by :func:`model_from_config` as ``equireann-train`` builds it.
 """
 import inspect

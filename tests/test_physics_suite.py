@@ -127,3 +127,11 @@ def test_check_model_on_a_user_model():
 def test_checks_catch_broken_models(defect, failing):
     with pytest.raises(AssertionError, match=failing):
         check_model(PairPotential(defect=defect))
+
+
+class TestPairPotential(PhysicsTests):
+    """The documented way to run the suite on one's own model."""
+
+    @pytest.fixture
+    def model(self):
+        return PairPotential()

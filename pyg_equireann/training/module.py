@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from pyg_equireann.graph.forces import energy_forces_stress
-from pyg_equireann.training.evaluation import ErrorMetrics, batch_errors
 from pyg_equireann.nn.reference import EnergyReference, ReferencedModel
+from pyg_equireann.training.evaluation import ErrorMetrics, batch_errors
 from pyg_equireann.utils import plain
 
 #: stress loss weight that ``stress_weight="auto"`` uses when the training data holds stress, × (σ − σ̂)² in
@@ -296,7 +296,7 @@ class PotentialModule(L.LightningModule):
                                   for name, types in (getattr(dm, "test_config_types", None) or {}).items()}
 
     def on_test_epoch_end(self):
-        for split in [s for s in self._acc if s == "test" or s.startswith("test/")]:
+        for split in [s for s in list(self._acc) if s == "test" or s.startswith("test/")]:
             self._log_split(split)
 
     # ------------------------------------------------------------------ optimisation

@@ -3,7 +3,6 @@ way by :class:`~pyg_equireann.training.module.PotentialModule` (validation, test
 (which adds per-structure rows, ``errors.csv`` and parity plots), and the metrics table of the CLIs."""
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -13,8 +12,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
-
-log = logging.getLogger("pyg_equireann.evaluation")
 
 #: units of the metrics (keys end with these names)
 UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyg_equireann import REANN, EquiREANN, energy_forces_stress, radius_graph_pbc
-from pyg_equireann.cli.export import export, read_metadata
+from pyg_equireann.deploy.export import export, read_metadata
 from pyg_equireann.deploy.torchscript import DeployedPotential, deploy
 from pyg_equireann.training.module import PotentialModule
 

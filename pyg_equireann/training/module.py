@@ -10,11 +10,9 @@ from torch import Tensor, nn
 
 from pyg_equireann.graph.forces import energy_forces_stress
 from pyg_equireann.nn.reference import EnergyReference, ReferencedModel
+from pyg_equireann.training.evaluation import ErrorMetrics, batch_errors
 from pyg_equireann.utils import plain
 
-UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/atom",
-         "energy_per_atom_rmse": "meV/atom", "forces_mae": "meV/Å", "forces_rmse": "meV/Å",
-         "stress_mae": "meV/Å³", "stress_rmse": "meV/Å³"}
 #: stress loss weight that ``stress_weight="auto"`` uses when the training data holds stress, × (σ − σ̂)² in
 #: (eV/Å³)² (stresses are ~0.01-0.1 eV/Å³; the value of the cu_emt experiment)
 AUTO_STRESS_WEIGHT = 1000.0
@@ -39,27 +37,6 @@ def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str
     if not isinstance(model, EnergyReference):
         model = ReferencedModel(model)
     return model
-
-
-class _ErrorAccumulator:
-    """Sums of absolute and squared errors (float64) for energy, energy per atom, forces and stress."""
-
-    def __init__(self):
-        self.sums: Dict[str, Tensor] = {}
-
-    def update(self, name: str, error: Tensor) -> None:
-        error = error.detach().double().flatten()
-        s = torch.stack([error.abs().sum(), error.square().sum(), torch.tensor(float(error.numel()), dtype=torch.float64, device=error.device)])
-        self.sums[name] = self.sums[name] + s if name in self.sums else s
-
-    def compute(self, reduce) -> Dict[str, float]:
-        out = {}
-        for name, s in self.sums.items():
-            s = reduce(s)
-            if s[2] > 0:
-                out[f"{name}_mae"] = float(s[0] / s[2]) * 1e3
-                out[f"{name}_rmse"] = float((s[1] / s[2]).sqrt()) * 1e3
-        return out
 
 
 class PotentialModule(L.LightningModule):
@@ -114,8 +91,7 @@ class PotentialModule(L.LightningModule):
         self.model = build_model(model)
         self.test_names: List[str] = []
         self.test_config_types: Dict[str, List[str]] = {}
-        self._acc: Dict[str, _ErrorAccumulator] = {}
-        self._loss_sums: Dict[str, List[float]] = {}
+        self._acc: Dict[str, ErrorMetrics] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str, map_location="cpu",
@@ -204,13 +180,7 @@ class PotentialModule(L.LightningModule):
                         "(set module.stress_weight=auto or a weight to train on it; it is still reported)")
 
     def _loss_and_errors(self, batch, out) -> Dict[str, Tensor]:
-        num_atoms = torch.bincount(batch.batch, minlength=out["energy"].shape[0]).to(torch.float64)
-        energy_error = out["energy"] - batch.energy.view(-1)
-        errors = {"energy": energy_error, "energy_per_atom": energy_error / num_atoms}
-        if getattr(batch, "forces", None) is not None:
-            errors["forces"] = out["forces"] - batch.forces
-        if "stress" in out and getattr(batch, "stress", None) is not None:
-            errors["stress"] = out["stress"] - batch.stress.view(-1, 3, 3)
+        errors = batch_errors(batch, out)
         w = self._weights(batch)
         loss = w["energy"] * errors["energy_per_atom"].square().mean()
         if "forces" in errors:
@@ -271,30 +241,13 @@ class PotentialModule(L.LightningModule):
             out = self.predict_batch(batch, create_graph=False)
         loss, errors = self._loss_and_errors(batch, out)
         self.check_finite(batch, out, loss)
-        acc = self._acc.setdefault(split, _ErrorAccumulator())
-        for name, error in errors.items():
-            acc.update(name, error)
-        types = self.test_config_types.get(split) if split.startswith("test") else None
-        if types and getattr(batch, "config_type", None) is not None:
-            self._update_by_config_type(split, types, batch, errors)
-        sums = self._loss_sums.setdefault(split, [0.0, 0.0])
-        sums[0] += float(loss) * int(batch.num_graphs)
-        sums[1] += int(batch.num_graphs)
+        if split not in self._acc:  # test sets with several config types are also reported per type
+            self._acc[split] = ErrorMetrics(self.test_config_types.get(split, ()))
+        self._acc[split].update(batch, errors, loss)
         return out, errors
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
-
-    def _update_by_config_type(self, split: str, types: List[str], batch, errors: Dict[str, Tensor]) -> None:
-        """Accumulate ``errors`` also per config type, as split ``<split>/config_type=<name>``. Every type
-        of the set is updated (with no errors when absent from the batch), so that all DDP ranks hold the
-        same accumulators to reduce; types without structures are not reported."""
-        graph_type = batch.config_type.view(-1)
-        atom_type = graph_type[batch.batch]
-        for t, type_name in enumerate(types):
-            acc = self._acc.setdefault(f"{split}/config_type={type_name}", _ErrorAccumulator())
-            for name, error in errors.items():
-                acc.update(name, error[atom_type == t] if name == "forces" else error[graph_type == t])
 
     @staticmethod
     def _test_split(name: str) -> str:
@@ -310,18 +263,14 @@ class PotentialModule(L.LightningModule):
         return t.cpu()
 
     def _log_split(self, split: str) -> Optional[float]:
-        acc = self._acc.pop(split, None)
-        loss_sums = self._loss_sums.pop(split, None)
-        if acc is None:
+        """Log the metrics of ``split`` (summed over DDP ranks); returns its loss."""
+        metrics = self._acc.pop(split, None)
+        if metrics is None:
             return None
-        for key, value in acc.compute(self._reduce).items():
+        values = metrics.compute(self._reduce)
+        for key, value in values.items():
             self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=(split == "val" and key == "forces_mae"))
-        if loss_sums is None:  # a config type within a test set: errors only
-            return None
-        total = self._reduce(torch.tensor(loss_sums, dtype=torch.float64))
-        loss = float(total[0] / total[1])
-        self.log(f"{split}/loss", loss, sync_dist=False)
-        return loss
+        return values.get("loss")
 
     def on_validation_epoch_end(self):
         loss = self._log_split("val")

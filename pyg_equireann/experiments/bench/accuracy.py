@@ -43,46 +43,34 @@ def _run(cmd: List[str], run_dir: Path, threads: int) -> Dict[str, Any]:
 
 
 def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: int = 1) -> List[Dict[str, float]]:
-    """Test metrics of every ``snapshots/t<min>.ckpt`` of a run, on the first ``max_frames`` test
-    frames of the run's own data configuration: points of a learning curve at equal training time."""
-    import lightning as L
+    """Test metrics of every ``snapshots/t<min>.ckpt`` of a run, on the first ``max_frames`` frames of the
+    first test set of the run's own data configuration (as ``equireann-eval``): points of a learning curve
+    at equal training time."""
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from pyg_equireann.training.module import PotentialModule
-    from . import quiet_lightning
+    from pyg_equireann.training.evaluation import eval_datamodule, evaluate_sets, load_checkpoint
 
     snapshots = sorted((run_dir / "snapshots").glob("t*min.ckpt"))
     if not snapshots:
         return []
     torch.set_num_threads(threads)
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = instantiate(data_cfg)
-    datamodule.setup("test")
-    loaders = datamodule.test_dataloader()
-    first_name = list(datamodule.test_datasets)[0]
-    dataset = datamodule.test_datasets[first_name]
+    datamodule = eval_datamodule(cfg.data)
+    name = datamodule.test_names[0]
+    dataset = datamodule.test_datasets[name]
+    loader = datamodule.test_dataloader()[0]
     if max_frames is not None and len(dataset) > max_frames:
         from torch.utils.data import Subset
         from torch_geometric.loader import DataLoader
 
-        loaders = [DataLoader(Subset(dataset, range(max_frames)), batch_size=datamodule.eval_batch_size)]
-    else:
-        loaders = loaders[:1]
+        loader = DataLoader(Subset(dataset, range(max_frames)), batch_size=datamodule.eval_batch_size)
     points = []
-    with quiet_lightning():
-        for path in snapshots:
-            module = PotentialModule.from_checkpoint(str(path))
-            if cfg.get("float64"):
-                module = module.double()
-            trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, inference_mode=False)
-            metrics = trainer.test(module, dataloaders=loaders, verbose=False)[0]
-            minutes = float(path.stem[1:-3])
-            # keys are "test/<test set>/<metric>" ("test/test0/…" for a bare loader): keep the metric name
-            points.append({"minutes": minutes, **{k.rsplit("/", 1)[-1]: float(v) for k, v in metrics.items()}})
+    for path in snapshots:
+        module = load_checkpoint(str(path), bool(cfg.get("float64")))
+        _, metrics = evaluate_sets(module, {name: loader})
+        minutes = float(path.stem[1:-3])
+        points.append({"minutes": minutes, **{k[len(name) + 1:]: v for k, v in metrics.items()}})
     return points
 
 

@@ -14,7 +14,7 @@ from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_
                                         speed_plot, write_csv)
 from pyg_equireann.experiments.bench.speed import energy_and_forces, peak_memory, run_speed
 from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
-from pyg_equireann.cli.bench import model_configs
+from pyg_equireann.experiments.bench.speed import model_configs
 from pyg_equireann.training.prepare import prepare_model_config
 
 from .test_pipeline import BIN, SMALL, cli_env, compose_train, ethanol_datamodule, make_module

@@ -12,18 +12,35 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
+def model_configs(names: Sequence[str], overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
+                  ) -> Dict[str, Dict[str, Any]]:
+    """Model configs ``conf/model/<name>.yaml`` as Hydra composes them (``+model=<name>``), resolved, with
+    per-model changes ``overrides[name]`` merged in."""
+    from hydra.errors import MissingConfigException
+    from omegaconf import OmegaConf
+
+    from pyg_equireann.experiments.harness import compose
+
+    configs = {}
+    for name in names:
+        try:
+            cfg = compose(None, [f"+model={name}"]).model
+        except MissingConfigException as error:
+            raise ValueError(f"unknown model {name!r}: no conf/model/{name}.yaml; available: {error.options}") from None
+        if name in (overrides or {}):
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(overrides[name])))
+        configs[name] = OmegaConf.to_container(cfg, resolve=True)
+    return configs
+
+
 def build_bench_model(config: Mapping[str, Any], elements: Sequence[int], avg_num_neighbors: float,
                       seed: int = 0) -> nn.Module:
-    """A model from its Hydra config with ``auto`` entries filled in (untrained weights)."""
+    """A model from its config with ``auto`` entries filled in (untrained weights, seeded)."""
     from pyg_equireann.training.module import build_model
+    from pyg_equireann.training.prepare import fill_auto
 
-    config = dict(config)
-    if config.get("elements") == "auto":
-        config["elements"] = list(elements)
-    if config.get("avg_num_neighbors") == "auto":
-        config["avg_num_neighbors"] = float(avg_num_neighbors)
     torch.manual_seed(seed)
-    return build_model(config)
+    return build_model(fill_auto(config, elements, avg_num_neighbors))
 
 
 def energy_and_forces(model: nn.Module, system: Mapping[str, Tensor]):

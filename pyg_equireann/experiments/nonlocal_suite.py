@@ -1,10 +1,10 @@
-"""``equireann-nonlocal``: the cumulene twist benchmark (configured by ``conf/nonlocal.yaml``).
+"""The cumulene twist benchmark of ``equireann-nonlocal`` (``conf/nonlocal.yaml``, docs/nonlocal.md).
 
-Trains every model of ``cfg.models`` (those named in ``cfg.run``) on the cumulene data with the same
-short cutoff, data, loss, optimiser and budget (equal CPU time per model), each with the code of
-``equireann-train``, then evaluates the best (EMA) checkpoint. The run folder
-(``runs/nonlocal/<time>/``) gets one subfolder per model (checkpoints, logs, ``predictions.npz``,
-``summary.json``) and the report over all model subfolders present:
+Every model of ``cfg.models`` (those named in ``cfg.run``) is trained on the cumulene data with the same
+short cutoff, data, loss, optimiser and budget (equal CPU time per model) by the equal-budget harness
+(:func:`pyg_equireann.experiments.harness.train_models`, in process, one shared data module); its best
+(EMA) checkpoint is then evaluated. The run folder gets one subfolder per model (checkpoints, logs,
+``predictions.npz``, ``summary.json``) and the report over all model subfolders present:
 
 * ``report.md``: tables and target checks; ``per_length.csv``: energy/force test MAE and
   twist-resolved MAE per model and chain length; ``twist_curves.csv``: every predicted curve;
@@ -12,37 +12,29 @@ short cutoff, data, loss, optimiser and budget (equal CPU time per model), each 
 * ``rigid_twist.png``: the same on rigidly twisted chains (only the last CH2 moves), where models
   with invariant messages must be exactly flat.
 
-``equireann-nonlocal run=[mace] hydra.run.dir=<existing run folder>`` adds a model to a finished
-run and rewrites the report; ``run=[]`` only rewrites the report.
+Model names in the report are ``cfg.labels[<model>]``; the twist-MAE ratios of every model in
+``cfg.compare`` to every other model are listed as targets.
 """
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Dict, List
 
 import lightning as L
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import hydra_entry, user_errors
+from pyg_equireann.experiments.harness import train_models
 from pyg_equireann.training.evaluation import evaluate, load_checkpoint
-from pyg_equireann.training.plots import learning_curve
-from pyg_equireann.cli.train import build_trainer
-from pyg_equireann.training.prepare import build_module, prepare_model_config
+from pyg_equireann.training.prepare import prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 
-LABELS = {"equireann": "EquiREANN", "equireann_learned": "EquiREANN, learned passing",
-          "equireann_nopassing": "EquiREANN, passing off", "reann": "REANN", "schnet": "SchNet", "mace": "MACE"}
-
-
-def label(name: str) -> str:
-    return LABELS.get(name, name)
+#: top-level keys of conf/nonlocal.yaml that configure the experiment, not a training run
+EXPERIMENT_KEYS = ("models", "run", "labels", "compare", "rigid_twist_angles")
 
 
 def _model_cfg(cfg: DictConfig, name: str) -> DictConfig:
@@ -54,28 +46,20 @@ def _model_cfg(cfg: DictConfig, name: str) -> DictConfig:
     return model_cfg
 
 
-def train_one(cfg: DictConfig, name: str, datamodule, out_dir: Path) -> Dict:
-    """Train model ``name`` into ``out_dir`` and evaluate its best checkpoint; returns its summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if "checkpoint" in (sub.get("callbacks") or {}):
-        sub.callbacks.checkpoint.dirpath = str(out_dir / "checkpoints")
-    for logger_cfg in (sub.get("logger") or {}).values():
-        logger_cfg.save_dir = str(out_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    module = build_module(_model_cfg(sub, name), sub.module, datamodule, cfg.float64,
-                          cfg.get("calibrate_densities", True))
-    trainer, _ = build_trainer(sub, out_dir)
-    params = sum(p.numel() for p in module.parameters())
-    log.info("%s: %s parameters", label(name), f"{params:,}")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.fit(module, datamodule=datamodule)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    learning_curve(out_dir, out_dir / "learning_curve.png")
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
-    if best:
-        module = load_checkpoint(best, cfg.float64)
-    module.eval()
+def run_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The train config of model ``name``: ``cfg`` (resolved) with ``model = cfg.models[name]``."""
+    _model_cfg(cfg, name)
+    job = OmegaConf.to_container(cfg, resolve=True)
+    job["model"] = job["models"][name]
+    return OmegaConf.create({k: v for k, v in job.items() if k not in EXPERIMENT_KEYS})
+
+
+def predictions(cfg: DictConfig, datamodule, checkpoint: str) -> Dict[str, np.ndarray]:
+    """Per-structure test-set predictions (``<test set>/{idx,natoms,energy_ref,energy_pred,forces_mae}``) and
+    rigid-twist energies (``rigid/<n>``) of the model in ``checkpoint``."""
+    if not checkpoint:
+        raise ValueError("equireann-nonlocal evaluates the best checkpoint: keep callbacks.checkpoint")
+    module = load_checkpoint(checkpoint, cfg.float64)
     arrays = {}
     for test_name, loader in zip(datamodule.test_names, datamodule.test_dataloader()):
         r = evaluate(module, loader, test_name)
@@ -84,12 +68,7 @@ def train_one(cfg: DictConfig, name: str, datamodule, out_dir: Path) -> Dict:
                 arrays[f"{test_name}/{key}"] = r[key]
     arrays.update(rigid_twist_predictions(module, datamodule.test_files["scan"]["path"], cfg.rigid_twist_angles,
                                           datamodule.cutoff))
-    np.savez(out_dir / "predictions.npz", **arrays)
-    summary = {"model": name, "label": label(name), "parameters": params, "epochs": trainer.current_epoch,
-               "train_wall_s": wall, "train_cpu_s": cpu, "checkpoint": best}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("%s: %d epochs in %.0f s (CPU %.0f s)", label(name), trainer.current_epoch, wall, cpu)
-    return summary
+    return arrays
 
 
 def rigid_twist_predictions(module, scan_file: Path, angles, cutoff: float) -> Dict[str, np.ndarray]:
@@ -118,7 +97,9 @@ def rigid_twist_predictions(module, scan_file: Path, angles, cutoff: float) -> D
     return out
 
 
-# --------------------------------------------------------------------------- report
+def label(cfg: DictConfig, name: str) -> str:
+    """The report's name of model ``name`` (``cfg.labels``; the config key if it has none)."""
+    return str((cfg.get("labels") or {}).get(name, name))
 
 
 def _fmt(value: float) -> str:
@@ -177,10 +158,10 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
             for n, curve in c.items():
                 for t, r, q in zip(curve["twist"], curve["ref"], curve["pred"]):
                     writer.writerow([name, n, f"{t:.2f}", f"{r:.3f}", f"{q:.3f}"])
-    labelled = {label(n): curves[n] for n in names}
+    labelled = {label(cfg, n): curves[n] for n in names}
     plot_twist_curves(labelled, run_dir / "twist_curves.png", cutoff, cc, "Cumulene twist, relaxed scan")
     angles = np.asarray(cfg.rigid_twist_angles, np.float64)
-    rigid_curves = {label(n): {m: {"twist": angles, "ref": np.full_like(angles, np.nan), "pred": e}
+    rigid_curves = {label(cfg, n): {m: {"twist": angles, "ref": np.full_like(angles, np.nan), "pred": e}
                                for m, e in rigid[n].items()} for n in names}
     plot_twist_curves(rigid_curves, run_dir / "rigid_twist.png", cutoff, cc,
                       "Rigid twist of the last CH$_2$ (no reference)")
@@ -195,7 +176,7 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
            "|---|---|---|---|---|---|---|---|"]
     for n in names:
         s = summaries[n]
-        md.append(f"| {s['label']} | {s['parameters']:,} | {s['epochs']} | {s['train_wall_s']:.0f} | "
+        md.append(f"| {label(cfg, n)} | {s['parameters']:,} | {s['epochs']} | {s['train_wall_s']:.0f} | "
                   f"{s['train_cpu_s']:.0f} | {_fmt(s['test_energy_mae_meV'])} | "
                   f"{_fmt(s['test_forces_mae_meV_per_A'])} | {_fmt(s['twist_mae_nonlocal_meV'])} |")
     by = {(r["model"], r["n_carbon"]): r for r in rows}
@@ -204,7 +185,7 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
         lines = ["", f"## {title}", ""] + ([note, ""] if note else [])
         lines += ["| model | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for name in names:
-            lines.append(f"| {label(name)} | " + " | ".join(
+            lines.append(f"| {label(cfg, name)} | " + " | ".join(
                 _fmt(by[(name, n)][key]) if (name, n) in by else "–" for n in ns) + " |")
         return lines
 
@@ -220,26 +201,27 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                 "The twist = 0 chain with only the last CH2 rotated (bond lengths and angles fixed). With no "
                 "atom seeing both ends, a model with invariant messages must give 0 here; on the relaxed scan "
                 "it can still vary through the bond lengths, which change with the twist.")
-    ours = [n for n in ("equireann", "equireann_learned") if n in names]
+    ours = [n for n in (cfg.get("compare") or []) if n in names]
     if ours and nonlocal_lengths:
         md += ["", "## Targets (chains with C···C > cutoff)", ""]
         for mine in ours:
             value = summaries[mine]["twist_mae_nonlocal_meV"]
             for other in [n for n in names if n not in ours]:
                 theirs = summaries[other]["twist_mae_nonlocal_meV"]
-                md.append(f"- {label(mine)} / {label(other)} twist MAE ratio: {value / theirs:.3f} "
+                md.append(f"- {label(cfg, mine)} / {label(cfg, other)} twist MAE ratio: {value / theirs:.3f} "
                           f"({value:.1f} vs {theirs:.1f} meV)")
     skipped_file = run_dir / "skipped.json"
     if skipped_file.is_file():
-        md += ["", "Not run: " + "; ".join(f"{label(k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()
+        md += ["", "Not run: " + "; ".join(f"{label(cfg, k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()
                                            if k not in names)]
     md += ["", "![twist curves](twist_curves.png)", "", "![rigid twist](rigid_twist.png)", ""]
     (run_dir / "report.md").write_text("\n".join(md))
     return run_dir / "report.md"
 
 
-def run(cfg: DictConfig) -> Path:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run_nonlocal(cfg: DictConfig, run_dir: Path) -> Path:
+    """Train the models of ``cfg.run`` (all of ``cfg.models`` if null) into ``run_dir/<model>``, write their
+    predictions and the report over every model folder of ``run_dir``; returns the report's path."""
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
@@ -255,25 +237,17 @@ def run(cfg: DictConfig) -> Path:
         try:
             instantiate(prepare_model_config(cfg.models[name], datamodule))
         except ImportError as err:  # an optional extra (MACE) that is not installed
-            log.warning("skipping %s: %s", label(name), err)
+            log.warning("skipping %s: %s", label(cfg, name), err)
             skipped[name] = str(err).splitlines()[0]
     if skipped:
         (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
-    for name in names:
-        if name not in skipped:
-            train_one(cfg, name, datamodule, run_dir / name)
-    report = write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"]["path"],
-                          datamodule.test_files["scan"]["path"])
-    print(report.read_text())
-    print(f"run folder: {run_dir}")
-    return report
-
-
-@hydra_entry("nonlocal")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        run(cfg)
-
-
-if __name__ == "__main__":
-    main()
+    runs = {name: run_config(cfg, name) for name in names if name not in skipped}
+    results = train_models(runs, run_dir, datamodule=datamodule, progress=False)
+    for name, result in results.items():
+        np.savez(run_dir / name / "predictions.npz", **predictions(cfg, datamodule, result["checkpoint"]))
+        summary = {"model": name, "label": label(cfg, name), "parameters": result["parameters"],
+                   "epochs": result["epochs"], "train_wall_s": result["fit_wall_seconds"],
+                   "train_cpu_s": result["fit_cpu_seconds"], "checkpoint": result["checkpoint"]}
+        (run_dir / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    return write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"]["path"],
+                        datamodule.test_files["scan"]["path"])

@@ -20,6 +20,7 @@ overrides count as given on the command line (e.g. an explicit ``trainer.max_epo
 a budget).
 """
 import contextlib
+import copy
 import json
 import logging
 import multiprocessing
@@ -56,7 +57,7 @@ def _hydra_config(cfg: DictConfig, run_dir: Path):
     if "hydra" not in cfg:
         yield
         return
-    hydra_cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    hydra_cfg = copy.deepcopy(cfg)  # keeps the node's HydraConf type, which set_config checks
     with open_dict(hydra_cfg):
         hydra_cfg.hydra.runtime.output_dir = str(run_dir)
     instance = HydraConfig.instance()
@@ -150,12 +151,15 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
     return _read_results(run_dir)
 
 
-def _worker(container: Dict[str, Any], run_dir: str, threads: Optional[int], resume: bool) -> Dict[str, Any]:
+def _worker(cfg: DictConfig, run_dir: str, threads: Optional[int], resume: bool) -> Dict[str, Any]:
     """:func:`train_run` in a spawned worker process, its output in ``<run_dir>/stdout.log``."""
     import torch
 
+    from hydra.core.utils import setup_globals
+
     from pyg_equireann.cli import register_resolvers
 
+    setup_globals()  # Hydra's resolvers (hydra:, now:), as in the parent
     register_resolvers()
     if threads:
         torch.set_num_threads(threads)
@@ -166,7 +170,7 @@ def _worker(container: Dict[str, Any], run_dir: str, threads: Optional[int], res
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.INFO)
-        return train_run(OmegaConf.create(container), path, resume=resume)
+        return train_run(cfg, path, resume=resume)
 
 
 def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, threads: Optional[int] = None,
@@ -209,7 +213,7 @@ def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, t
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_worker, OmegaConf.to_container(cfg), str(out_dir / name), threads, resume): name
+        futures = {pool.submit(_worker, cfg, str(out_dir / name), threads, resume): name
                    for name, cfg in runs.items()}
         for future in tqdm(futures, desc="training", disable=not progress):
             name = futures[future]

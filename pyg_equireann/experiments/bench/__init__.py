@@ -43,7 +43,8 @@ def speed_bench(cfg: DictConfig, out_dir: Path) -> str:
 
     speed = cfg.speed
     torch.set_num_threads(int(speed.threads))
-    configs = model_configs(list(cfg.models), OmegaConf.to_container(speed.get("model_overrides") or {}))
+    overrides = OmegaConf.to_container(speed.model_overrides) if speed.get("model_overrides") else {}
+    configs = model_configs(list(cfg.models), overrides)
     systems = {name: build_system(name) for name in speed.systems}
     rows = run_speed(configs, systems, list(speed.dtypes), int(speed.repeats), int(speed.warmup),
                      float(speed.max_seconds), bool(speed.memory), str(speed.device), str(cfg.reference))

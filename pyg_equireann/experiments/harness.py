@@ -213,8 +213,11 @@ def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, t
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        for name, cfg in runs.items():
+            if resume and _finished(out_dir / name, bool(cfg.get("test"))):
+                results[name] = _read_results(out_dir / name)
         futures = {pool.submit(_worker, cfg, str(out_dir / name), threads, resume): name
-                   for name, cfg in runs.items()}
+                   for name, cfg in runs.items() if name not in results}
         for future in tqdm(futures, desc="training", disable=not progress):
             name = futures[future]
             try:

@@ -101,6 +101,7 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
     ``fit_cpu_seconds``, ``checkpoint``: the best checkpoint or ``""``, and with a budget
     ``training_minutes``, ``budget_minutes``, ``budget_clock``), the test metrics and ``run_dir``."""
     import lightning as L
+    import torch
     from hydra.utils import instantiate
 
     from pyg_equireann.cli.train import build_trainer  # moves to pyg_equireann.training with the trainer factory
@@ -115,6 +116,8 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
     with _hydra_config(cfg, run_dir):
         job = job_config(cfg, run_dir)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(job))
+        if job.get("num_threads"):
+            torch.set_num_threads(int(job.num_threads))
         L.seed_everything(job.seed, workers=True)
         if datamodule is None:
             datamodule = instantiate(job.data)

@@ -27,6 +27,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pyg_equireann.experiments.cumulene import frame_info, plot_twist_curves, rigid_twist, twist_curves, twist_mae
 from pyg_equireann.experiments.harness import train_models
 from pyg_equireann.training.evaluation import evaluate, load_checkpoint
 from pyg_equireann.training.prepare import prepare_model_config
@@ -79,8 +80,6 @@ def rigid_twist_predictions(module, scan_file: Path, angles, cutoff: float) -> D
 
     from pyg_equireann.datamodules.structures import atoms_to_data, attach_edges
 
-    from pyg_equireann.experiments.cumulene import rigid_twist
-
     frames = [a for a in ase.io.read(str(scan_file), index=":") if float(a.info["twist"]) == 0.0]
     dtype = next(module.parameters()).dtype
     out = {}
@@ -109,8 +108,6 @@ def _fmt(value: float) -> str:
 def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Path, scan_file: Path) -> Path:
     """Tables (Markdown, CSV) and plots from every ``<run_dir>/<model>/predictions.npz``; chain lengths
     and twist angles from the extxyz info of ``test_file`` and ``scan_file``."""
-    from pyg_equireann.experiments.cumulene import frame_info, plot_twist_curves, twist_curves, twist_mae
-
     names = [n for n in order if (run_dir / n / "predictions.npz").is_file()]
     names += sorted(p.parent.name for p in run_dir.glob("*/predictions.npz") if p.parent.name not in names)
     if not names:

@@ -49,6 +49,24 @@ def compose(config_name: Optional[str], overrides: Sequence[str] = (), return_hy
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def model_configs(names: Sequence[str], overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
+                  ) -> Dict[str, Dict[str, Any]]:
+    """Model configs ``conf/model/<name>.yaml`` as Hydra composes them (``+model=<name>``), resolved, with
+    per-model changes ``overrides[name]`` merged in."""
+    from hydra.errors import MissingConfigException
+
+    configs = {}
+    for name in names:
+        try:
+            cfg = compose(None, [f"+model={name}"]).model
+        except MissingConfigException as error:
+            raise ValueError(f"unknown model {name!r}: no conf/model/{name}.yaml; available: {error.options}") from None
+        if name in (overrides or {}):
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(overrides[name])))
+        configs[name] = OmegaConf.to_container(cfg, resolve=True)
+    return configs
+
+
 @contextlib.contextmanager
 def _hydra_config(cfg: DictConfig, run_dir: Path):
     """Make ``cfg.hydra`` (with its output folder set to ``run_dir``) the current HydraConfig, if ``cfg`` has one."""

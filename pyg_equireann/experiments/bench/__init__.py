@@ -38,7 +38,8 @@ def speed_bench(cfg: DictConfig, out_dir: Path) -> str:
     import torch
 
     from pyg_equireann.experiments.bench.report import write_speed_report
-    from pyg_equireann.experiments.bench.speed import model_configs, run_speed
+    from pyg_equireann.experiments.bench.speed import run_speed
+    from pyg_equireann.experiments.harness import model_configs
     from pyg_equireann.experiments.bench.systems import build_system
 
     speed = cfg.speed

@@ -12,27 +12,6 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-def model_configs(names: Sequence[str], overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
-                  ) -> Dict[str, Dict[str, Any]]:
-    """Model configs ``conf/model/<name>.yaml`` as Hydra composes them (``+model=<name>``), resolved, with
-    per-model changes ``overrides[name]`` merged in."""
-    from hydra.errors import MissingConfigException
-    from omegaconf import OmegaConf
-
-    from pyg_equireann.experiments.harness import compose
-
-    configs = {}
-    for name in names:
-        try:
-            cfg = compose(None, [f"+model={name}"]).model
-        except MissingConfigException as error:
-            raise ValueError(f"unknown model {name!r}: no conf/model/{name}.yaml; available: {error.options}") from None
-        if name in (overrides or {}):
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(overrides[name])))
-        configs[name] = OmegaConf.to_container(cfg, resolve=True)
-    return configs
-
-
 def build_bench_model(config: Mapping[str, Any], elements: Sequence[int], avg_num_neighbors: float,
                       seed: int = 0) -> nn.Module:
     """A model from its config with ``auto`` entries filled in (untrained weights, seeded)."""

@@ -10,7 +10,7 @@ every model gets the same data, split, loss, optimiser, budget and outputs: ``co
 
 Runs are trained in process, not as ``equireann-train`` subprocesses: a run is a composed config, not a
 command line (the non-local suite's models are config nodes with per-model changes that no override
-list expresses), and runs in one process share a data module (processed once per data config).
+list expresses), and runs in one process can share a data module (the cumulene data processed once).
 ``jobs >= 1`` trains each run in a fresh spawned worker process instead, ``jobs`` at a time: each run then
 has its own torch threads, its own ``process`` budget clock (CPU time of the whole process, which
 concurrent runs in one process would share) and its own memory, and a crashing run cannot take the
@@ -175,7 +175,6 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
 def _worker(cfg: DictConfig, run_dir: str, threads: Optional[int], resume: bool) -> Dict[str, Any]:
     """:func:`train_run` in a spawned worker process, its output in ``<run_dir>/stdout.log``."""
     import torch
-
     from hydra.core.utils import setup_globals
 
     from pyg_equireann.cli import register_resolvers
@@ -201,8 +200,8 @@ def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, t
     (:func:`train_run`; with ``record_errors`` a failed run gives ``{"error": ..., "run_dir": ...}`` instead
     of raising).
 
-    ``jobs = 0``: one after another in this process, sharing ``datamodule`` (or one data module per data
-    config); ``jobs >= 1``: each run in a fresh spawned process, ``jobs`` at a time, with ``threads`` torch
+    ``jobs = 0``: one after another in this process, sharing ``datamodule`` (a set-up data module of every
+    run's data config; none: each run builds its own); ``jobs >= 1``: each run in a fresh spawned process, ``jobs`` at a time, with ``threads`` torch
     threads each."""
     from tqdm.auto import tqdm
 
@@ -216,19 +215,9 @@ def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, t
         results[name] = {"error": f"{type(error).__name__}: {error}".strip(), "run_dir": str(out_dir / name)}
 
     if jobs <= 0:
-        from hydra.utils import instantiate
-
-        datamodules = {}
         for name, cfg in tqdm(runs.items(), desc="training", disable=not progress):
             try:
-                dm = datamodule
-                if dm is None and not (resume and _finished(out_dir / name, bool(cfg.get("test")))):
-                    key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
-                    if key not in datamodules:
-                        datamodules[key] = instantiate(cfg.data)
-                        datamodules[key].setup("fit")
-                    dm = datamodules[key]
-                results[name] = train_run(cfg, out_dir / name, dm, resume)
+                results[name] = train_run(cfg, out_dir / name, datamodule, resume)
             except Exception as error:  # recorded or re-raised by record()
                 record(name, error)
         return results

@@ -1,5 +1,9 @@
 """Benchmark suite (``equireann-bench``): speed/memory and equal-budget accuracy of EquiREANN and
-other GNN potentials, with Markdown/CSV/PNG reports."""
+other GNN potentials, with Markdown/CSV/PNG reports.
+
+:func:`run_bench` runs the modes of ``conf/bench.yaml``: :func:`speed_bench` (``speed.run_speed``, models
+from ``conf/model`` through Hydra's compose API) and :func:`accuracy_bench` (``accuracy.run_accuracy``, the
+equal-budget harness :mod:`pyg_equireann.experiments.harness`); the files are written by ``report``."""
 import contextlib
 import logging
 import warnings

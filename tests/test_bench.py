@@ -14,7 +14,7 @@ from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_
                                         speed_plot, write_csv)
 from pyg_equireann.experiments.bench.speed import energy_and_forces, peak_memory, run_speed
 from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
-from pyg_equireann.cli.bench import model_configs
+from pyg_equireann.experiments.harness import model_configs
 from pyg_equireann.training.prepare import prepare_model_config
 
 from .test_pipeline import BIN, SMALL, cli_env, compose_train, ethanol_datamodule, make_module
@@ -187,3 +187,14 @@ def test_bench_cli_quick_end_to_end(tmp_path):
     assert len(curves) == 2 and curves[0]["minutes"] < curves[1]["minutes"]
     report = (out / "report.md").read_text()
     assert "| ethanol | test | equireann |" in report and "| equireann |" in report
+
+
+def test_model_configs_compose_group_defaults_and_name_unknown_models():
+    """Model configs come from Hydra's composition (a file's defaults list included); an unknown name is one
+    ValueError listing the available configs."""
+    configs = model_configs(["equireann_nopassing", "schnet"], {"schnet": {"cutoff": 4.0}})
+    assert configs["equireann_nopassing"]["equivariant_passing"] is False
+    assert configs["equireann_nopassing"]["num_channels"] == 36  # from equireann.yaml, its default
+    assert configs["schnet"]["interaction_graph"]["cutoff"] == 4.0  # ${..cutoff} resolved after the override
+    with pytest.raises(ValueError, match="unknown model 'nope'.*equireann"):
+        model_configs(["nope"])

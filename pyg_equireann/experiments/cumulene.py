@@ -94,6 +94,31 @@ def fit_twist(model, batch, energy, n_carbon: np.ndarray, twist: np.ndarray, ste
     return twist_mae(twist_curves(pred, energy.detach().numpy(), n_carbon, twist))
 
 
+def fit_scan(frames, model_config: Mapping, steps: int, seed: int = 0) -> Dict[int, float]:
+    """Twist-resolved MAE (meV) per chain length of a fresh float64 model (``model_config``, a Hydra
+    config; graphs at its cutoff; seeded with ``seed``; cumulene E0) fitted by :func:`fit_twist` with
+    ``steps`` full-batch Adam steps to the energies of the scan ``frames`` (ase Atoms with info
+    ``n_carbon``, ``twist``, ``energy``); only the variation within each chain length counts."""
+    import torch
+    from torch_geometric.data import Batch
+
+    from pyg_equireann.datamodules.presets import CUMULENE_E0
+    from pyg_equireann.datamodules.structures import atoms_to_data, attach_edges
+    from pyg_equireann.training.module import build_model
+
+    # float64: the fitted energies drift to large offsets (the loss ignores the per-length mean),
+    # and in float32 their round-off (~1 meV steps) would show up as a fake twist curve
+    data = [atoms_to_data(a, k, "scan", torch.float64, "energy", None, None) for k, a in enumerate(frames)]
+    attach_edges(data, float(model_config["cutoff"]), progress=False)
+    batch = Batch.from_data_list(data)
+    n_carbon = np.array([a.info["n_carbon"] for a in frames])
+    twist = np.array([a.info["twist"] for a in frames])
+    torch.manual_seed(seed)
+    model = build_model(model_config).double()
+    model.set_energy_statistics(atomic_energies=CUMULENE_E0)
+    return fit_twist(model, batch, batch.energy.view(-1), n_carbon, twist, steps, per_length=True)
+
+
 def rigid_twist(atoms, angles_deg: Sequence[float]):
     """Copies of a cumulene ``atoms`` with the last CH2 group (the last two atoms) rotated rigidly by
     each angle (degrees) about the axis through the two terminal carbons; nothing else moves.

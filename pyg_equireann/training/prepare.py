@@ -2,22 +2,29 @@
 :class:`~pyg_equireann.training.module.PotentialModule` with the training set's energy statistics and
 calibrated densities."""
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("pyg_equireann.training")
 
 
+def fill_auto(config: Mapping[str, Any], elements: Sequence[int],
+              avg_num_neighbors: Optional[float]) -> Dict[str, Any]:
+    """A copy of a model config dict with its ``auto`` entries (``elements``, ``avg_num_neighbors``) set."""
+    config = dict(config)
+    if config.get("elements") == "auto":
+        config["elements"] = list(elements)
+    if config.get("avg_num_neighbors") == "auto":
+        config["avg_num_neighbors"] = float(avg_num_neighbors)
+    return config
+
+
 def prepare_model_config(model_cfg: DictConfig, datamodule) -> Dict[str, Any]:
     """Resolve ``auto`` entries (``elements``, ``avg_num_neighbors``) from the training data."""
     config = OmegaConf.to_container(model_cfg, resolve=True)
-    if config.get("elements") == "auto":
-        config["elements"] = list(datamodule.elements)
-    if config.get("avg_num_neighbors") == "auto":
-        config["avg_num_neighbors"] = float(datamodule.statistics["avg_num_neighbors"])
-    return config
-
+    neighbors = datamodule.statistics["avg_num_neighbors"] if config.get("avg_num_neighbors") == "auto" else None
+    return fill_auto(config, datamodule.elements, neighbors)
 
 
 def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,

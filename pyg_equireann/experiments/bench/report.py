@@ -1,5 +1,8 @@
 """Markdown, CSV and PNG reports of the speed and accuracy benchmarks."""
 import csv
+import json
+import os
+import platform
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -145,3 +148,55 @@ def learning_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], pat
         return None
     ylabel = {"forces_mae": "test force MAE (meV/Å)", "energy_mae": "test energy MAE (meV)"}.get(metric, metric)
     return _save_loglog(fig, ax, path, title, "training time (min)", ylabel)
+
+
+def machine() -> str:
+    """CPU model, logical CPUs, memory, Python and torch versions and torch threads, in one line."""
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, reference: str, repeats: int,
+                       warmup: int, dtype: str) -> str:
+    """``speed.csv``, ``speed.png`` (``dtype`` rows) and ``speed.md`` in ``out_dir``; returns the Markdown."""
+    write_csv(rows, out_dir / "speed.csv")
+    plot = speed_plot(rows, out_dir / "speed.png", dtype)
+    text = (f"## Speed\n\nMachine: {machine()}.\nMedian of up to {repeats} interleaved repeats after "
+            f"{warmup} warm-up calls; peak memory in a fresh process per model and system.\n\n"
+            f"{speed_markdown(rows, reference)}")
+    if plot:
+        text += f"\n![time per structure]({plot.name})\n"
+    (out_dir / "speed.md").write_text(text)
+    return text
+
+
+def write_accuracy_report(result: Mapping[str, Any], out_dir: Path, budget: Mapping[str, Any],
+                          common: Sequence[str], jobs: int, threads: int, curve_frames: Optional[int]) -> str:
+    """``accuracy.csv``, ``accuracy.json``, ``learning_curves_<dataset>.png`` and ``accuracy.md`` in ``out_dir``
+    from :func:`~pyg_equireann.experiments.bench.accuracy.run_accuracy`'s ``result``; ``budget``: minutes,
+    clock, epochs; ``common``: the shared overrides. Returns the Markdown."""
+    rows = accuracy_rows(result["runs"])
+    write_csv(rows, out_dir / "accuracy.csv")
+    (out_dir / "accuracy.json").write_text(json.dumps(result, indent=2, default=str))
+    text = (f"## Accuracy at equal budget\n\nMachine: {machine()}.\nBudget: {budget['minutes']} min of "
+            f"{'CPU' if budget['clock'] == 'process' else 'wall-clock'} time inside training steps per model "
+            f"({threads} thread(s) per run, {jobs} run(s) at a time)"
+            + (f", at most {budget['epochs']} epochs" if budget.get("epochs") else "")
+            + f". Shared settings: `{' '.join(common)}`.\n\n{accuracy_markdown(rows)}\n")
+    for dataset, curves in result["curves"].items():
+        plot = learning_curve_plot(curves, out_dir / f"learning_curves_{dataset}.png",
+                                   f"{dataset}: test force MAE ({curve_frames} frames) vs training time")
+        if plot:
+            text += f"\n![{dataset} learning curves]({plot.name})\n"
+    (out_dir / "accuracy.md").write_text(text)
+    return text

@@ -14,16 +14,12 @@ log = logging.getLogger(__name__)
 
 def build_bench_model(config: Mapping[str, Any], elements: Sequence[int], avg_num_neighbors: float,
                       seed: int = 0) -> nn.Module:
-    """A model from its Hydra config with ``auto`` entries filled in (untrained weights)."""
+    """A model from its config with ``auto`` entries filled in (untrained weights, seeded)."""
     from pyg_equireann.training.module import build_model
+    from pyg_equireann.training.prepare import fill_auto
 
-    config = dict(config)
-    if config.get("elements") == "auto":
-        config["elements"] = list(elements)
-    if config.get("avg_num_neighbors") == "auto":
-        config["avg_num_neighbors"] = float(avg_num_neighbors)
     torch.manual_seed(seed)
-    return build_model(config)
+    return build_model(fill_auto(config, elements, avg_num_neighbors))
 
 
 def energy_and_forces(model: nn.Module, system: Mapping[str, Tensor]):

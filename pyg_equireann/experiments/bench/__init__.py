@@ -4,29 +4,10 @@ other GNN potentials, with Markdown/CSV/PNG reports.
 :func:`run_bench` runs the modes of ``conf/bench.yaml``: :func:`speed_bench` (``speed.run_speed``, models
 from ``conf/model`` through Hydra's compose API) and :func:`accuracy_bench` (``accuracy.run_accuracy``, the
 equal-budget harness :mod:`pyg_equireann.experiments.harness`); the files are written by ``report``."""
-import contextlib
-import logging
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
-
-
-@contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's per-call info and warnings while many short evaluations run."""
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _select(available: Dict[str, Any], names: List[str], what: str) -> Dict[str, Any]:

@@ -16,7 +16,8 @@ from pyg_equireann.nn.elements import MAX_Z
 from pyg_equireann.training.statistics import UnitIssue, check_energy_units, compute_statistics, frame_pair_work
 
 from . import cache as _cache
-from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
+from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup
+from pyg_equireann.utils import dtype_name, resolve_dtype
 
 #: Project data folder (shipped datasets).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

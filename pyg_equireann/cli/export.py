@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from . import check_writable, hydra_entry, user_errors
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from pyg_equireann.utils import DTYPES as _DTYPES
 
 
 def check_structures(elements, seed: int = 0):
@@ -39,7 +39,7 @@ def compare(model, exported, elements) -> Dict[str, float]:
     for z, pos, cell in check_structures(elements):
         pos = pos.to(dtype)
         ref = {k: v.detach() for k, v in energy_forces_stress(model, z, pos, cell=cell, compute_stress=cell is not None).items()}
-        got = exported.compute(pos, z, cell, None, cell is not None)
+        got = exported.predict(pos, z, cell, None, cell is not None)
         out["energy"] = max(out["energy"], float(((got["energy"] - ref["energy"]).abs() / ref["energy"].abs()).max()))
         scale = float(ref["forces"].abs().max()) or 1.0
         out["forces"] = max(out["forces"], float((got["forces"] - ref["forces"]).abs().max()) / scale)

@@ -79,7 +79,7 @@ def test_export_round_trip(cu_run, exported, tmp_path):
     periodic frames to 1e-6 relative (float64); metadata describes it; float32 export; bad input."""
     meta = read_metadata(exported)
     assert meta["cutoff"] == 5.0 and meta["elements"] == [13, 29] and meta["dtype"] == "float64"
-    assert meta["model_config"]["_target_"] == "pyg_equireann.EquiREANN" and meta["interface_version"] == 1
+    assert meta["model_config"]["_target_"] == "pyg_equireann.EquiREANN" and meta["interface_version"] == 2
 
     ckpt = cu_run / "checkpoints" / "best.ckpt"
     model = PotentialModule.from_checkpoint(str(ckpt)).model.double()

@@ -26,6 +26,7 @@ from torch_geometric.data import Data, InMemoryDataset
 from torch_geometric.data.collate import collate
 from tqdm.auto import tqdm
 
+from pyg_equireann.graph.edges import edge_vectors, image_shifts
 from pyg_equireann.graph.neighbors import build_graph
 from pyg_equireann.utils import plain
 from pyg_equireann.graph.checks import MIN_DISTANCE
@@ -155,7 +156,7 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         pos = torch.cat([d.pos for d in chunk])
         batch = torch.repeat_interleave(torch.arange(len(chunk)), counts)
         edge_index, _ = build_graph(pos, cutoff, batch, None, None)
-        lengths = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1)
+        lengths = torch.linalg.vector_norm(edge_vectors(pos, edge_index), dim=1)
         _check_overlaps(chunk, edge_index - ptr[batch[edge_index[1]]], lengths, batch[edge_index[1]], source)
         # edges are sorted by centre (row 1), hence by graph
         bounds = torch.searchsorted(edge_index[1].contiguous(), ptr).tolist()
@@ -169,7 +170,8 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         edge_index, offsets = build_graph(d.pos, cutoff, None, d.cell, d.pbc)
         d.edge_index = edge_index
         d.cell_offsets = offsets
-        lengths = (d.pos[edge_index[0]] - d.pos[edge_index[1]] + offsets.to(d.pos.dtype) @ d.cell[0]).norm(dim=1)
+        shift = image_shifts(edge_index, offsets.to(d.pos.dtype), d.cell[0])
+        lengths = torch.linalg.vector_norm(edge_vectors(d.pos, edge_index, shift), dim=1)
         _check_overlaps([d], edge_index, lengths, torch.zeros_like(lengths, dtype=torch.long), source)
         bar.update(1)
     bar.close()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pyg_equireann.graph.checks import MAX_ATOM_DENSITY, MIN_DISTANCE, cell_density_message, geometry_message
 from pyg_equireann.graph.edges import edge_vectors, image_shifts
 from pyg_equireann.models.base import Potential
-from pyg_equireann.nn.elements import MAX_Z
+from pyg_equireann.nn.elements import MAX_Z, element_slots
 
 #: Interface version written into exported files (``metadata.json``). 2: the one-structure method is
 #: :meth:`DeployedPotential.predict` (``compute`` in version 1 files).
@@ -180,9 +180,7 @@ class DeployedPotential(nn.Module):
 
         species = torch.tensor(self.elements, dtype=torch.long, device=device)
         s = species.numel()
-        slot = torch.full((MAX_Z + 1,), -1, dtype=torch.long, device=device)
-        slot[species] = torch.arange(s, device=device)
-        self.register_buffer("element_slot", slot)
+        self.register_buffer("element_slot", element_slots(self.elements).to(device))
         with torch.no_grad():
             # species tables: evaluated once per element (pair), as the model does per system
             every = torch.arange(s, device=device)

@@ -11,7 +11,7 @@ from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
 from pyg_equireann.graph.edges import edge_vectors, image_shifts
 from pyg_equireann.graph.neighbors import ensure_graph
 from pyg_equireann.models.base import Potential
-from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers, element_mask, species_index
+from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots, species_index
 from pyg_equireann.nn.embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.harmonics import AngularBasis
 from pyg_equireann.nn.mlp import MLP, ElementMLPs
@@ -159,10 +159,7 @@ class EquiREANN(Potential):
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
 
         self.register_buffer("element_mask", element_mask(self.elements))
-        slots = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
-        if self.elements is not None:
-            slots[self.elements] = torch.arange(len(self.elements))
-        self.register_buffer("element_slot", slots, persistent=False)
+        self.register_buffer("element_slot", element_slots(self.elements), persistent=False)
         self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
         # ρ⁽ᵗ⁾ is divided by density_scale[t] (1 until calibrate_density_scale sets it from data)
         self.register_buffer("density_scale", torch.ones(num_iterations + 1))

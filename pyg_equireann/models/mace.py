@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pyg_equireann.graph.edges import image_shifts
 from pyg_equireann.graph.neighbors import ensure_graph
-from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers, element_mask
+from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots
 
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -80,9 +80,7 @@ class MACEPotential(nn.Module):
         modules, o3 = import_mace()
         self.cutoff = float(cutoff)
         self.elements = [int(z) for z in elements]
-        index = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
-        index[torch.tensor(self.elements)] = torch.arange(len(self.elements))
-        self.register_buffer("element_index", index, persistent=False)
+        self.register_buffer("element_index", element_slots(self.elements), persistent=False)
         self.register_buffer("element_mask", element_mask(self.elements), persistent=False)
         with warnings.catch_warnings():  # e3nn's TorchScript compilation warns about its own annotations
             warnings.filterwarnings("ignore", message=".*TorchScript type system.*")

@@ -390,6 +390,7 @@ def test_capabilities_and_referenced_model():
     schnet.load_state_dict(dict(schnet.state_dict(), avg_num_neighbors=torch.tensor(1.0)))
     with pytest.raises(ValueError, match="only EquiREANN-family models can be deployed"):
         DeployedPotential(schnet)
-    z, pos = torch.tensor([8, 1, 1]), torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=torch.float64)
+    z = torch.tensor([8, 1, 1])
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="SchNet does not support periodic cells"):
         schnet(z, pos, cell=torch.eye(3, dtype=torch.float64) * 5.0)

@@ -221,8 +221,8 @@ class EquiREANN(Potential):
     def set_energy_statistics(self, atomic_energies: Union[Dict[int, float], Tensor, None] = None,
                               scale: Optional[float] = None, shift: Optional[float] = None,
                               avg_num_neighbors: Optional[float] = None) -> None:
-        """As :meth:`~pyg_equireann.nn.reference.EnergyReference.set_energy_statistics`, and optionally the average neighbour count that
-        divides the aggregated orbitals (so that ``**compute_statistics(...)`` can be passed)."""
+        """As :meth:`~pyg_equireann.nn.reference.EnergyReference.set_energy_statistics`, and optionally the
+        average neighbour count that divides the aggregated orbitals (so ``**compute_statistics(...)`` fits)."""
         super().set_energy_statistics(atomic_energies, scale, shift)
         if avg_num_neighbors is not None:
             self.avg_num_neighbors.fill_(float(avg_num_neighbors))

@@ -1,11 +1,12 @@
 """The interface of the potentials trained here, and the capabilities that training, evaluation and
 deployment read from them."""
+import abc
 from typing import List, Optional
 
 from pyg_equireann.nn.reference import EnergyReference
 
 
-class Potential(EnergyReference):
+class Potential(EnergyReference, abc.ABC):
     """Base of every trained potential: ``forward(z (N,), pos (N, 3) Å, batch (N,) = None, cell=None,
     pbc=None) -> (B,)`` float64 energies (eV), with the per-element reference energies, energy scale and
     shift of :class:`~pyg_equireann.nn.reference.EnergyReference`.
@@ -28,6 +29,6 @@ class Potential(EnergyReference):
     calibrates_densities: bool = False
     deployable: bool = False
 
+    @abc.abstractmethod
     def known_elements(self) -> Optional[List[int]]:
         """Atomic numbers ``forward`` accepts (others raise a ValueError naming the atom); None: any."""
-        raise NotImplementedError

@@ -17,7 +17,8 @@ from pyg_equireann.training.statistics import UnitIssue, check_energy_units, com
 from pyg_equireann.utils import source_checkout
 
 from . import cache as _cache
-from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup, resolve_dtype, dtype_name
+from pyg_equireann.datamodules.structures import StructureDataset, element_name, lookup
+from pyg_equireann.utils import dtype_name, resolve_dtype
 
 #: Environment variable naming the data folder (:func:`default_data_root`).
 DATA_ENV = "PYG_EQUIREANN_DATA"

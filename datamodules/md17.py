@@ -39,7 +39,8 @@ from pyg_equireann.nn.elements import MAX_Z
 from . import cache as _cache
 from pyg_equireann.datamodules.base import (AtomicEnergiesSpec, PotentialDataModule, data_root_hint, default_data_root,
                                             random_subset, subset)
-from pyg_equireann.datamodules.structures import StructureDataset, attach_edges, check_finite, dtype_name, make_data
+from pyg_equireann.datamodules.structures import StructureDataset, attach_edges, check_finite, make_data
+from pyg_equireann.utils import dtype_name
 
 #: 1 kcal/mol in eV (= 0.0433641...). The only unit conversion of MD17 data.
 KCAL_PER_MOL: float = units.kcal / units.mol

@@ -26,6 +26,7 @@ from torch_geometric.data import Data, InMemoryDataset
 from torch_geometric.data.collate import collate
 from tqdm.auto import tqdm
 
+from pyg_equireann.graph.edges import edge_vectors, image_shifts
 from pyg_equireann.graph.neighbors import build_graph
 from pyg_equireann.utils import plain
 from pyg_equireann.graph.checks import MIN_DISTANCE
@@ -34,23 +35,6 @@ from pyg_equireann.graph.checks import MIN_DISTANCE
 GRAPH_CHUNK = 512
 #: Show progress bars for files with at least this many structures.
 PROGRESS_MIN_FRAMES = 1000
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-        return dtype
-    key = str(dtype).replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return _DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def element_name(z: int) -> str:
@@ -172,7 +156,7 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         pos = torch.cat([d.pos for d in chunk])
         batch = torch.repeat_interleave(torch.arange(len(chunk)), counts)
         edge_index, _ = build_graph(pos, cutoff, batch, None, None)
-        lengths = (pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=1)
+        lengths = torch.linalg.vector_norm(edge_vectors(pos, edge_index), dim=1)
         _check_overlaps(chunk, edge_index - ptr[batch[edge_index[1]]], lengths, batch[edge_index[1]], source)
         # edges are sorted by centre (row 1), hence by graph
         bounds = torch.searchsorted(edge_index[1].contiguous(), ptr).tolist()
@@ -186,7 +170,8 @@ def attach_edges(data_list: Sequence[Data], cutoff: float, desc: str = "graphs",
         edge_index, offsets = build_graph(d.pos, cutoff, None, d.cell, d.pbc)
         d.edge_index = edge_index
         d.cell_offsets = offsets
-        lengths = (d.pos[edge_index[0]] - d.pos[edge_index[1]] + offsets.to(d.pos.dtype) @ d.cell[0]).norm(dim=1)
+        shift = image_shifts(edge_index, offsets.to(d.pos.dtype), d.cell[0])
+        lengths = torch.linalg.vector_norm(edge_vectors(d.pos, edge_index, shift), dim=1)
         _check_overlaps([d], edge_index, lengths, torch.zeros_like(lengths, dtype=torch.long), source)
         bar.update(1)
     bar.close()

@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from . import cache as _cache
 from pyg_equireann.datamodules.base import AtomicEnergiesSpec, PotentialDataModule, data_root_hint, random_subset, subset
-from pyg_equireann.datamodules.structures import (StructureDataset, atoms_to_data, attach_edges, available_keys, dtype_name,
+from pyg_equireann.datamodules.structures import (StructureDataset, atoms_to_data, attach_edges, available_keys,
                          harmonize_cells, plain_hparams)
+from pyg_equireann.utils import dtype_name
 
 PathLike = Union[str, os.PathLike]
 TestFiles = Union[None, PathLike, Sequence[Union[PathLike, Mapping[str, Any]]], Mapping[str, Union[PathLike, Mapping[str, Any]]]]

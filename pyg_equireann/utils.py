@@ -1,7 +1,7 @@
 """Small helpers shared by tests, benchmarks and examples."""
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,30 @@ def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 1.0) -> n
             noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             p.add_(scale * noise / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.1 * scale * noise)
     return model
+
+
+#: The floating-point dtypes of models and data, by name.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPE_ALIASES = {"float": "float32", "double": "float64"}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64`` from a dtype or its name (``"float32"``, ``"torch.float64"``,
+    ``"float"``, ``"double"``); ValueError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``."""
+    return str(dtype).replace("torch.", "")
 
 
 def plain(value: Any) -> Any:

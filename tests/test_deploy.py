@@ -79,7 +79,7 @@ def test_export_round_trip(cu_run, exported, tmp_path):
     periodic frames to 1e-6 relative (float64); metadata describes it; float32 export; bad input."""
     meta = read_metadata(exported)
     assert meta["cutoff"] == 5.0 and meta["elements"] == [13, 29] and meta["dtype"] == "float64"
-    assert meta["model_config"]["_target_"] == "pyg_equireann.EquiREANN" and meta["interface_version"] == 1
+    assert meta["model_config"]["_target_"] == "pyg_equireann.EquiREANN" and meta["interface_version"] == 2
 
     ckpt = cu_run / "checkpoints" / "best.ckpt"
     model = PotentialModule.from_checkpoint(str(ckpt)).model.double()
@@ -94,7 +94,7 @@ def test_export_round_trip(cu_run, exported, tmp_path):
         assert rel(got["energy"], ref["energy"].detach()) < 1e-6
         assert rel(got["forces"], ref["forces"]) < 1e-6
         assert rel(-got["virial"][0] / torch.det(cell).abs(), ref["stress"][0]) < 1e-6
-        own = loaded.compute(pos, z, cell, None, True)  # the file's own pure-torch neighbour list
+        own = loaded.predict(pos, z, cell, None, True)  # the file's own pure-torch neighbour list
         assert rel(own["forces"], ref["forces"]) < 1e-6
 
     deviations = export(str(ckpt), str(tmp_path / "f32.pt"), "float32")
@@ -115,7 +115,7 @@ def test_exported_model_needs_only_torch(cu_run, exported, tmp_path):
         import numpy as np, torch
         d = np.load({str(tmp_path / 'frame.npz')!r})
         model = torch.jit.load({str(exported)!r})
-        out = model.compute(torch.tensor(d["pos"]), torch.tensor(d["z"]), torch.tensor(d["cell"]), None, True)
+        out = model.predict(torch.tensor(d["pos"]), torch.tensor(d["z"]), torch.tensor(d["cell"]), None, True)
         print(repr(float(out["energy"][0])), repr(float(out["forces"].abs().sum())))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -153,7 +153,7 @@ def test_deployed_matches_model(name):
     assert rel(got["energy"], ref["energy"].detach()) < 1e-12
     assert rel(got["forces"], ref["forces"]) < 1e-10
     assert rel(-got["virial"][0] / torch.det(cell).abs(), ref["stress"][0]) < 1e-10
-    own = scripted.compute(pos, z, cell)
+    own = scripted.predict(pos, z, cell)
     assert rel(own["forces"], ref["forces"]) < 1e-10
     # a list with a 1 Å skin: the extra pairs are dropped, their edge gradients are zero
     skin_index, skin_offsets = radius_graph_pbc(pos, model.cutoff + 1.0, None, cell)
@@ -184,15 +184,15 @@ def test_deployed_float32_and_errors():
     f32 = DeployedPotential(model).float()
     assert f32.atomic_energies.dtype == torch.float64  # totals keep meV precision
     z, pos, cell = small_periodic_system()
-    out = torch.jit.script(f32).compute(pos, z, cell)
+    out = torch.jit.script(f32).predict(pos, z, cell)
     ref = energy_forces_stress(model, z, pos, cell=cell)
     assert out["forces"].dtype == torch.float32 and out["energy"].dtype == torch.float64
     assert rel(out["energy"], ref["energy"].detach()) < 1e-7 and rel(out["forces"].double(), ref["forces"]) < 1e-4
     scripted = deploy(model)
     with pytest.raises(Exception, match="atom 1 has atomic number 29, which this model was not trained on"):
-        scripted.compute(pos, torch.tensor([8, 29, 1, 6]), cell)
+        scripted.predict(pos, torch.tensor([8, 29, 1, 6]), cell)
     with pytest.raises(Exception, match="torch.no_grad"):
         with torch.no_grad():
-            scripted.compute(pos, z, cell)
+            scripted.predict(pos, z, cell)
     with pytest.raises(ValueError, match="only EquiREANN-family models"):
         DeployedPotential(torch.nn.Linear(3, 1))

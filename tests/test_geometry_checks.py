@@ -83,13 +83,13 @@ def test_bad_geometry_raises_the_model_error_everywhere(model, exported, calcula
         energy_forces_stress(model, z, pos, cell=cell, pbc=pbc)
     assert str(err.value) == expected
     with pytest.raises(ValueError) as err:
-        DeployedPotential(model).compute(pos, z, cell, pbc)
+        DeployedPotential(model).predict(pos, z, cell, pbc)
     assert str(err.value) == expected
     # TorchScript (deploy(), and the file reloaded with torch.jit.load): torch.jit.Error whose last line
     # is "builtins.ValueError: <the same text>"
     for scripted in (deploy(model), loaded):
         with pytest.raises(torch.jit.Error) as err:
-            scripted.compute(pos, z, cell, pbc)
+            scripted.predict(pos, z, cell, pbc)
         assert str(err.value).splitlines()[-1] == "builtins.ValueError: " + expected
         assert isinstance(script_error(err.value), ValueError) and str(script_error(err.value)) == expected
 
@@ -119,7 +119,7 @@ def test_normal_structures_unchanged(model, exported, calculators):
     for atoms in (aspirin, Atoms(numbers=zc.numpy(), positions=posc.numpy(), cell=cellc.numpy(), pbc=True), diamond):
         z, pos, cell, pbc = inputs(atoms)
         ref = energy_forces_stress(model, z, pos, cell=cell, pbc=pbc)
-        got = loaded.compute(pos, z, cell, pbc)
+        got = loaded.predict(pos, z, cell, pbc)
         assert float(got["energy"][0]) == pytest.approx(float(ref["energy"][0].detach()), rel=1e-12)
         torch.testing.assert_close(got["forces"], ref["forces"].detach(), rtol=0, atol=1e-10)
         atoms.calc = calculators[0]

@@ -102,7 +102,7 @@ def test_cartesian_powers():
     dot = v[0] @ v[1]
     assert torch.allclose((a[13:] * b[13:]).sum(), dot**3)
     basis = AngularBasis(3, "cartesian")
-    assert basis.num_channels == 40
+    assert basis.num_angular == 40
     with pytest.raises(ValueError, match="spherical"):
         AngularBasis(2, "polar")
 

@@ -364,3 +364,33 @@ def test_any_max_l(max_l):
     z, pos = aspirin()
     R = random_rotation(2)
     assert rel(model(z, pos @ R.T), model(z, pos)) < 1e-10
+
+
+def test_capabilities_and_referenced_model():
+    """One capability protocol (models.base.Potential): EquiREANN/REANN have every capability, an
+    adapted PyG model none; known_elements has one meaning (the elements forward accepts)."""
+    from torch_geometric.nn.models import SchNet
+
+    from pyg_equireann.deploy.torchscript import DeployedPotential
+    from pyg_equireann.models import Potential, ReferencedModel
+    from pyg_equireann.models.pyg import RadiusInteractionGraph
+
+    for cls in (EquiREANN, REANN):
+        model = make_model(cls, elements=(1, 6, 8))
+        assert isinstance(model, Potential) and "avg_num_neighbors" in model.state_dict()
+        assert model.caches_graph and model.supports_pbc and model.calibrates_densities and model.deployable
+        assert model.known_elements() == [1, 6, 8]
+    schnet = ReferencedModel(SchNet(hidden_channels=8, num_filters=8, num_interactions=1, num_gaussians=8,
+                                    cutoff=3.0, interaction_graph=RadiusInteractionGraph(3.0))).double()
+    assert not (schnet.caches_graph or schnet.supports_pbc or schnet.calibrates_densities or schnet.deployable)
+    assert schnet.known_elements() is None
+    schnet.set_energy_statistics({1: -13.6, 8: -2040.0})
+    assert schnet.known_elements() == [1, 8]
+    # checkpoints written while the energy reference held avg_num_neighbors still load
+    schnet.load_state_dict(dict(schnet.state_dict(), avg_num_neighbors=torch.tensor(1.0)))
+    with pytest.raises(ValueError, match="only EquiREANN-family models can be deployed"):
+        DeployedPotential(schnet)
+    z = torch.tensor([8, 1, 1])
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="SchNet does not support periodic cells"):
+        schnet(z, pos, cell=torch.eye(3, dtype=torch.float64) * 5.0)

@@ -361,3 +361,36 @@ def test_error_messages(monkeypatch):
     monkeypatch.setattr(nb, "torch_cluster_available", lambda: False)
     with pytest.raises(ValueError, match="torch_cluster is not installed.*pip install torch-cluster --no-build-isolation"):
         radius_graph(pos, 4.0, batch, backend="torch_cluster")
+
+
+def test_edge_geometry_and_ensure_graph():
+    """graph.edges: r_ij = x_j - x_i + n_ij·cell[batch[i]] for one cell (3, 3) and per-graph cells
+    (B, 3, 3); ensure_graph passes a given list through, builds a missing one like build_graph, and
+    checks periodic input first."""
+    from pyg_equireann.graph.edges import edge_vectors, image_shifts
+    from pyg_equireann.graph.neighbors import ensure_graph
+
+    pos, batch = random_molecules([7, 9], seed=4, density=0.08)
+    cells = torch.stack([torch.eye(3, dtype=DT) * 4.0, torch.eye(3, dtype=DT) * 4.5 + 0.2])
+    ei, off = radius_graph_pbc(pos, 3.0, batch, cells)
+    shift = image_shifts(ei, off, cells, batch)
+    expected = torch.stack([off[e] @ cells[batch[ei[1, e]]] for e in range(ei.shape[1])])
+    torch.testing.assert_close(shift, expected, rtol=0, atol=1e-12)
+    lengths = torch.linalg.vector_norm(edge_vectors(pos, ei, shift), dim=-1)
+    assert lengths.max() <= 3.0 and lengths.min() > 0
+    first = batch[ei[1]] == 0
+    torch.testing.assert_close(image_shifts(ei[:, first], off[first], cells[0]), shift[first], rtol=0, atol=1e-12)
+
+    given = ensure_graph(pos, 3.0, batch, cells, None, ei, off)
+    assert given[0] is ei and given[1] is off
+    built = ensure_graph(pos, 3.0, batch, cells)
+    assert torch.equal(built[0], ei) and torch.equal(built[1], off)
+    mol = ensure_graph(pos, 3.0, batch)
+    assert torch.equal(mol[0], radius_graph(pos, 3.0, batch)) and mol[1] is None
+    with pytest.raises(ValueError, match="needs its cell_offsets"):
+        ensure_graph(pos, 3.0, batch, cells, None, ei)
+    with pytest.raises(ValueError, match="atoms/Å³"):
+        ensure_graph(pos, 3.0, batch, cells * 0.05)
+    # a skin widens the list, the density check stays at the cutoff
+    wide, _ = ensure_graph(pos, 2.5, batch, cells, skin=0.5)
+    assert torch.equal(wide, ei)

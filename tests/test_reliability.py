@@ -31,7 +31,7 @@ from pyg_equireann.training.evaluation import check_elements
 from pyg_equireann.training.prepare import prepare_model_config
 from pyg_equireann.cli.train import run as train_run
 from pyg_equireann.training.module import PotentialModule
-from pyg_equireann.nn.reference import ReferencedModel
+from pyg_equireann.models.referenced import ReferencedModel
 from pyg_equireann.utils import environment_info, git_state
 
 from .conftest import DATA, load_rmd17, make_model

@@ -11,19 +11,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from torch import nn
 
 from pyg_equireann.deploy.torchscript import DeployedPotential, script_error
-from pyg_equireann.graph.neighbors import radius_graph, radius_graph_pbc
-from pyg_equireann.graph.checks import check_cell_density, nonfinite_message
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-           torch.float64: torch.float64}
-
-
-def _resolve_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None:
-        return None
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return _DTYPES[dtype]
+from pyg_equireann.graph.edges import image_shifts
+from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.utils import resolve_dtype
 
 
 def _set_dtype(potential: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -44,7 +34,7 @@ def load_potential(model: Union[str, os.PathLike, nn.Module], device: Union[str,
     ``dtype`` (``"float32"``/``"float64"``): default float64 for checkpoints and modules, the file's
     own dtype for exported models.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = None if dtype is None else resolve_dtype(dtype)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model).expanduser()
         if not path.is_file():
@@ -122,15 +112,10 @@ class EquiREANNCalculator(Calculator):
             moved = np.sqrt(((positions - nl["positions"]) ** 2).sum(1)).max() if len(positions) else 0.0
             if moved <= 0.5 * self.skin:
                 return nl["edge_index"], nl["edge_shift"]
-        pos = torch.from_numpy(positions)
-        radius = self.cutoff + self.skin
-        if pbc.any():  # before the list can explode (one atom in a 0.05 Å cell: 4e6 neighbours)
-            check_cell_density(torch.tensor([len(positions)]), torch.from_numpy(cell).unsqueeze(0),
-                               torch.from_numpy(pbc).unsqueeze(0), self.cutoff)
-            edge_index, offsets = radius_graph_pbc(pos, radius, None, torch.from_numpy(cell), torch.from_numpy(pbc))
-            shift = (offsets @ torch.from_numpy(cell)).to(self.device, self.dtype)
-        else:
-            edge_index, shift = radius_graph(pos, radius), None
+        cell_t = torch.from_numpy(cell)
+        edge_index, offsets = ensure_graph(torch.from_numpy(positions), self.cutoff, None, cell_t,
+                                           torch.from_numpy(pbc), skin=self.skin)
+        shift = None if offsets is None else image_shifts(edge_index, offsets, cell_t).to(self.device, self.dtype)
         self._nl = {"positions": positions.copy(), "numbers": numbers.copy(), "cell": cell.copy(), "pbc": pbc.copy(),
                     "edge_index": edge_index.to(self.device), "edge_shift": shift}
         self.num_neighbor_builds += 1
@@ -143,11 +128,8 @@ class EquiREANNCalculator(Calculator):
         want_stress = bool(atoms.pbc.any()) and abs(atoms.cell.volume) > 0
         if "stress" in properties and not want_stress:
             raise PropertyNotImplementedError("stress needs a periodic cell with non-zero volume")
-        positions = atoms.get_positions()
-        if not np.isfinite(positions).all():  # the model's message, before the neighbour search
-            raise ValueError(nonfinite_message(torch.from_numpy(positions)))
-        edge_index, shift = self._neighbors(atoms)
-        pos = torch.tensor(positions, dtype=self.dtype, device=self.device)
+        edge_index, shift = self._neighbors(atoms)  # checks the positions and the cell when it builds a list
+        pos = torch.tensor(atoms.get_positions(), dtype=self.dtype, device=self.device)
         z = torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long, device=self.device)
         try:  # the potential checks the geometry (atoms or images closer than 0.01 Å)
             with torch.enable_grad():

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from pyg_equireann.deploy.ase import _resolve_dtype as resolve_dtype
+from pyg_equireann.utils import resolve_dtype
 
 
 def check_structures(elements, seed: int = 0) -> List[Tuple[Tensor, Tensor, Optional[Tensor]]]:
@@ -37,7 +37,7 @@ def compare(model, exported, elements) -> Dict[str, float]:
     for z, pos, cell in check_structures(elements):
         pos = pos.to(dtype)
         ref = {k: v.detach() for k, v in energy_forces_stress(model, z, pos, cell=cell, compute_stress=cell is not None).items()}
-        got = exported.compute(pos, z, cell, None, cell is not None)
+        got = exported.predict(pos, z, cell, None, cell is not None)
         out["energy"] = max(out["energy"], float(((got["energy"] - ref["energy"]).abs() / ref["energy"].abs()).max()))
         scale = float(ref["forces"].abs().max()) or 1.0
         out["forces"] = max(out["forces"], float((got["forces"] - ref["forces"]).abs().max()) / scale)

@@ -14,11 +14,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.nn.elements import MAX_Z
 from pyg_equireann.graph.checks import MAX_ATOM_DENSITY, MIN_DISTANCE, cell_density_message, geometry_message
+from pyg_equireann.graph.edges import edge_vectors, image_shifts
+from pyg_equireann.models.base import Potential
+from pyg_equireann.nn.elements import MAX_Z, element_slots
 
-#: Interface version written into exported files (``metadata.json``).
-INTERFACE_VERSION = 1
+#: Interface version written into exported files (``metadata.json``). 2: the one-structure method is
+#: :meth:`DeployedPotential.predict` (``compute`` in version 1 files).
+INTERFACE_VERSION = 2
 
 
 class _ScriptableElementMLPs(nn.Module):
@@ -147,7 +150,7 @@ class DeployedPotential(nn.Module):
       (symmetrised; stress = -W / V).
 
     Must be called with autograd enabled (not under ``torch.no_grad()``). :meth:`neighbor_list` and
-    :meth:`compute` build the neighbour list in pure torch for single structures.
+    :meth:`predict` build the neighbour list in pure torch for single structures.
 
     Bad input raises ``ValueError`` with the Python model's text (:mod:`pyg_equireann.graph.checks`):
     NaN/inf positions, atoms or images closer than ``min_distance`` (0.01 Å), and in
@@ -158,7 +161,7 @@ class DeployedPotential(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if not hasattr(model, "convs") or not hasattr(model, "species_embedding"):
+        if not (isinstance(model, Potential) and model.deployable):
             raise ValueError(
                 f"only EquiREANN-family models can be deployed, got {type(model).__name__}; "
                 "wrap other models in an ASE calculator from their checkpoint instead")
@@ -177,9 +180,7 @@ class DeployedPotential(nn.Module):
 
         species = torch.tensor(self.elements, dtype=torch.long, device=device)
         s = species.numel()
-        slot = torch.full((MAX_Z + 1,), -1, dtype=torch.long, device=device)
-        slot[species] = torch.arange(s, device=device)
-        self.register_buffer("element_slot", slot)
+        self.register_buffer("element_slot", element_slots(self.elements).to(device))
         with torch.no_grad():
             # species tables: evaluated once per element (pair), as the model does per system
             every = torch.arange(s, device=device)
@@ -207,6 +208,7 @@ class DeployedPotential(nn.Module):
         return self
 
     def _slots(self, atomic_numbers: Tensor) -> Tensor:
+        # TorchScript form of nn.elements.check_atomic_numbers (which formats with ASE's symbols)
         z = atomic_numbers.long()
         max_z = self.element_slot.shape[0] - 1
         bad = (z < 1) | (z > max_z)
@@ -241,12 +243,12 @@ class DeployedPotential(nn.Module):
             batch = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
         num_graphs = int(batch.max()) + 1 if num_atoms > 0 else 1
         num_edges = edge_index.shape[1]
-        vectors = pos.detach().index_select(0, edge_index[0]) - pos.detach().index_select(0, edge_index[1])
         if edge_shift is not None:
             if edge_shift.shape[0] != num_edges:
                 raise ValueError("edge_shift has " + str(edge_shift.shape[0]) + " rows but there are "
                                  + str(num_edges) + " edges")
-            vectors = vectors + edge_shift.to(dtype)
+            edge_shift = edge_shift.to(dtype)
+        vectors = edge_vectors(pos.detach(), edge_index, edge_shift)
         # the model's geometry check (finite positions, no pair closer than min_distance) and the test for
         # pairs at or beyond the cutoff, which contribute exactly zero (lists built with a skin): one sync
         squared = vectors.square().sum(-1)
@@ -364,10 +366,11 @@ class DeployedPotential(nn.Module):
                 off.append(offset.expand(ij.shape[0], 3))
         j, i = torch.cat(src), torch.cat(dst)
         integer = torch.cat(off) - wrap.index_select(0, j) + wrap.index_select(0, i)
-        return torch.stack([j, i]), integer @ box
+        edge_index = torch.stack([j, i])
+        return edge_index, image_shifts(edge_index, integer, box)
 
     @torch.jit.export
-    def compute(self, pos: Tensor, atomic_numbers: Tensor, cell: Optional[Tensor] = None,
+    def predict(self, pos: Tensor, atomic_numbers: Tensor, cell: Optional[Tensor] = None,
                 pbc: Optional[Tensor] = None, compute_virial: bool = False) -> Dict[str, Tensor]:
         """:meth:`forward` for one structure with the pure-torch :meth:`neighbor_list`."""
         edge_index, edge_shift = self.neighbor_list(pos, cell, pbc)

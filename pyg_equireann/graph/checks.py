@@ -83,6 +83,13 @@ def nonfinite_message(pos: Tensor, batch: Optional[Tensor] = None) -> str:
     return _atom_name(i, batch) + " has a non-finite position (NaN or inf): " + _format_row(pos[i])
 
 
+def check_finite_positions(pos: Tensor, batch: Optional[Tensor] = None) -> None:
+    """Raise a ValueError with :func:`nonfinite_message` if ``pos`` (N, 3) has a NaN or inf coordinate
+    (one host sync); ``batch`` (N,) or None names the structure."""
+    if not bool(torch.isfinite(pos).all()):
+        raise ValueError(nonfinite_message(pos, batch))
+
+
 def geometry_message(
     pos: Tensor,
     edge_index: Tensor,

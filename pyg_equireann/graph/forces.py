@@ -4,8 +4,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from pyg_equireann.graph.neighbors import build_graph
-from pyg_equireann.graph.checks import check_structure
+from pyg_equireann.graph.edges import image_shifts
+from pyg_equireann.graph.neighbors import ensure_graph
 
 
 def energy_forces_stress(
@@ -36,22 +36,17 @@ def energy_forces_stress(
         compute_stress: also return ``stress`` (needs ``cell``).
         create_graph: keep the graph of the derivatives (for training on forces).
         edge_index, cell_offsets: a precomputed neighbour list (e.g. cached by a data module) with
-            integer cell offsets for periodic graphs; built here when None, after
-            :func:`~pyg_equireann.graph.checks.check_structure` (ValueError for NaN/inf positions and cells
-            denser than :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY`).
+            integer cell offsets for periodic graphs; built by
+            :func:`~pyg_equireann.graph.neighbors.ensure_graph` when None (ValueError for NaN/inf positions
+            and cells denser than :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY`).
     """
     rc = float(cutoff if cutoff is not None else model.cutoff)
     if batch is None:
         batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
     if compute_stress and cell is None:
         raise ValueError("stress needs a periodic cell")
-    if edge_index is None:
-        # finite positions, and a cell that is not absurdly dense, before the neighbour list can explode
-        check_structure(pos.detach(), rc, batch, cell, pbc)
-        backend = getattr(model, "neighbor_backend", "auto")
-        edge_index, cell_offsets = build_graph(pos.detach(), rc, batch, cell, pbc, backend=backend)
-    elif cell is not None and cell_offsets is None:
-        raise ValueError("a precomputed periodic edge_index needs its cell_offsets")
+    edge_index, cell_offsets = ensure_graph(pos, rc, batch, cell, pbc, edge_index, cell_offsets,
+                                            backend=getattr(model, "neighbor_backend", "auto"))
     num_graphs = cell.view(-1, 3, 3).shape[0] if cell is not None else (int(batch.max()) + 1 if len(batch) else 1)
 
     pos = pos.detach().requires_grad_(True)
@@ -68,7 +63,7 @@ def energy_forces_stress(
         cells = cells + torch.bmm(cells, symmetric)
     edge_shift = None
     if cell_offsets is not None:
-        edge_shift = torch.einsum("ei,eij->ej", cell_offsets.to(pos.dtype), cells[batch[edge_index[1]]])
+        edge_shift = image_shifts(edge_index, cell_offsets.to(pos.dtype), cells, batch)
     energy = model(z, strained_pos, batch, edge_index=edge_index, edge_shift=edge_shift)
     grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
     out = {"energy": energy, "forces": -grads[0]}

@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_available"]
+from pyg_equireann.graph.checks import check_finite_positions, check_structure
+from pyg_equireann.graph.edges import image_shifts
+
+__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "ensure_graph", "torch_cluster_available"]
 
 #: Above this many within-graph candidate pairs (``sum_g n_g**2``) the ``"torch"`` backend
 #: hands the largest graphs to vesin until the remainder fits.
@@ -62,7 +65,7 @@ def torch_cluster_available() -> bool:
     if importlib.util.find_spec("torch_cluster") is None:
         return False
     try:
-        import torch_cluster  # noqa: F401
+        importlib.import_module("torch_cluster")
     except Exception:  # broken build / ABI mismatch
         return False
     return True
@@ -78,12 +81,9 @@ def _check_pos(pos: Tensor, batch: Tensor | None = None) -> None:
         raise ValueError(f"pos must have shape (N, 3), got {tuple(pos.shape)}")
     if not pos.is_floating_point():
         raise ValueError(f"pos must be a floating-point tensor, got dtype {pos.dtype}")
-    if not bool(torch.isfinite(pos).all()):  # the text of the model's geometry check, naming the atom
-        from pyg_equireann.graph.checks import nonfinite_message
-
-        if not (isinstance(batch, Tensor) and batch.shape == pos.shape[:1]):
-            batch = None  # checked later, with its own error
-        raise ValueError(nonfinite_message(pos, batch))
+    if not (isinstance(batch, Tensor) and batch.shape == pos.shape[:1]):
+        batch = None  # checked later, with its own error
+    check_finite_positions(pos, batch)
 
 
 def _check_cutoff(cutoff: float) -> float:
@@ -515,14 +515,16 @@ def radius_graph_pbc(
         off = s.to(device=device, dtype=dtype)
         cell_t = cell_g.to(device=device, dtype=dtype)
         periodic_graphs = np.flatnonzero(~nonper)
+        edge_index = torch.stack([j, i])
         if len(periodic_graphs) == 1 and not nonper.any():
-            shift = off @ cell_t[int(periodic_graphs[0])]
+            shift = image_shifts(edge_index, off, cell_t[int(periodic_graphs[0])])
         else:
-            shift = torch.bmm(off.unsqueeze(1), cell_t.index_select(0, batch.index_select(0, i))).squeeze(1)
+            shift = image_shifts(edge_index, off, cell_t, batch)
         keep = _keep_within(pos.t().contiguous(), i, j, cutoff, shift)
         if not bool(keep.all()):
             i, j, off = _select(keep, i, j, off)
-        return torch.stack([j, i]), off
+            edge_index = torch.stack([j, i])
+        return edge_index, off
 
 
 def _edge_order(i: Tensor, j: Tensor, s: Tensor, n: int) -> Tensor:
@@ -560,3 +562,33 @@ def build_graph(
     if pbc is not None and not bool(torch.as_tensor(pbc).any()):
         return radius_graph(pos, cutoff, batch, backend), None
     return radius_graph_pbc(pos, cutoff, batch, cell, pbc)
+
+
+def ensure_graph(
+    pos: Tensor,
+    cutoff: float,
+    batch: Tensor | None = None,
+    cell: Tensor | None = None,
+    pbc: Tensor | None = None,
+    edge_index: Tensor | None = None,
+    cell_offsets: Tensor | None = None,
+    backend: str = "auto",
+    skin: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    """The neighbour list of a batch: ``(edge_index, cell_offsets)`` as given (e.g. cached by a data
+    module), else built by :func:`build_graph` within ``cutoff + skin`` (Å).
+
+    Every model and caller that may lack a graph goes through here. Before building a periodic list,
+    :func:`~pyg_equireann.graph.checks.check_structure` rejects NaN/inf positions and cells denser than
+    :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY` within ``cutoff`` (the list could not fit in
+    memory); the neighbour search checks molecules' positions itself. A given periodic
+    ``edge_index`` needs its ``cell_offsets``.
+    """
+    if edge_index is not None:
+        if cell is not None and cell_offsets is None:
+            raise ValueError("a precomputed periodic edge_index needs its cell_offsets")
+        return edge_index, cell_offsets
+    pos = pos.detach()
+    if cell is not None:
+        check_structure(pos, cutoff, batch, cell, pbc)
+    return build_graph(pos, cutoff + skin, batch, cell, pbc, backend)

@@ -7,13 +7,14 @@ from torch import Tensor, nn
 from pyg_equireann.nn.contraction import OrbitalContraction
 from pyg_equireann.nn.conv import EquiREANNConv
 from pyg_equireann.nn.cutoff import CosineCutoff
-from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers, element_mask, species_index
+from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
+from pyg_equireann.graph.edges import edge_vectors, image_shifts
+from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.models.base import Potential
+from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots, species_index
 from pyg_equireann.nn.embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.harmonics import AngularBasis
 from pyg_equireann.nn.mlp import MLP, ElementMLPs
-from pyg_equireann.graph.neighbors import build_graph
-from pyg_equireann.nn.reference import EnergyReference
-from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry, check_structure
 
 
 def _graph_kwargs(batch) -> Dict[str, Tensor]:
@@ -24,8 +25,7 @@ def _graph_kwargs(batch) -> Dict[str, Tensor]:
     offsets = getattr(batch, "cell_offsets", None)
     if offsets is None:
         return {"edge_index": edge_index}
-    cells = batch.cell.view(-1, 3, 3).to(batch.pos.dtype)
-    shift = torch.einsum("ei,eij->ej", offsets.to(batch.pos.dtype), cells[batch.batch[edge_index[1]]])
+    shift = image_shifts(edge_index, offsets.to(batch.pos.dtype), batch.cell.view(-1, 3, 3), batch.batch)
     return {"edge_index": edge_index, "edge_shift": shift}
 
 
@@ -40,7 +40,7 @@ class _SharedMLP(nn.Module):
         return self.mlp(x)
 
 
-class EquiREANN(EnergyReference):
+class EquiREANN(Potential):
     r"""EquiREANN: equivariant recursively embedded atom neural network.
 
     Primitive orbitals of every edge (i centre, j neighbour, :math:`r_{ij} = x_j - x_i + S_{ij}`):
@@ -105,6 +105,10 @@ class EquiREANN(EnergyReference):
     """
 
     min_distance: float = MIN_DISTANCE
+    caches_graph = True
+    supports_pbc = True
+    calibrates_densities = True
+    deployable = True
 
     def __init__(
         self,
@@ -155,11 +159,8 @@ class EquiREANN(EnergyReference):
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
 
         self.register_buffer("element_mask", element_mask(self.elements))
-        slots = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
-        if self.elements is not None:
-            slots[self.elements] = torch.arange(len(self.elements))
-        self.register_buffer("element_slot", slots, persistent=False)
-        self.avg_num_neighbors.fill_(float(avg_num_neighbors or 1.0))
+        self.register_buffer("element_slot", element_slots(self.elements), persistent=False)
+        self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
         # ρ⁽ᵗ⁾ is divided by density_scale[t] (1 until calibrate_density_scale sets it from data)
         self.register_buffer("density_scale", torch.ones(num_iterations + 1))
 
@@ -216,17 +217,25 @@ class EquiREANN(EnergyReference):
                 self.density_scale[t] = rms
         return self.density_scale.clone()
 
+    @torch.no_grad()
+    def set_energy_statistics(self, atomic_energies: Union[Dict[int, float], Tensor, None] = None,
+                              scale: Optional[float] = None, shift: Optional[float] = None,
+                              avg_num_neighbors: Optional[float] = None) -> None:
+        """As :meth:`~pyg_equireann.nn.reference.EnergyReference.set_energy_statistics`, and optionally the
+        average neighbour count that divides the aggregated orbitals (so ``**compute_statistics(...)`` fits)."""
+        super().set_energy_statistics(atomic_energies, scale, shift)
+        if avg_num_neighbors is not None:
+            self.avg_num_neighbors.fill_(float(avg_num_neighbors))
+
     def known_elements(self) -> Optional[List[int]]:
         """The ``elements`` the model was built for (None: any element)."""
         return self.elements
 
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
-        """Neighbour list within the cutoff: edge_index (2, E) and integer cell offsets (E, 3) or None.
-        ValueError for cells too dense for a neighbour list (:func:`~pyg_equireann.graph.checks.check_cell_density`)."""
-        if cell is not None:
-            check_structure(pos.detach(), self.cutoff, batch, cell, pbc)
-        return build_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)
+        """Neighbour list within the cutoff (:func:`~pyg_equireann.graph.neighbors.ensure_graph`): edge_index
+        (2, E) and integer cell offsets (E, 3) or None."""
+        return ensure_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)
 
     def forward(
         self,
@@ -285,20 +294,16 @@ class EquiREANN(EnergyReference):
         if edge_index is None:
             edge_index, cell_offsets = self.build_graph(pos, batch, cell, pbc)
             if cell_offsets is not None:
-                cells = cell.view(-1, 3, 3).to(pos.dtype)
-                edge_shift = torch.einsum("ei,eij->ej", cell_offsets, cells[batch[edge_index[1]]])
-        neighbor, center = edge_index[0], edge_index[1]
-        edge_vectors = pos.index_select(0, neighbor) - pos.index_select(0, center)
-        if edge_shift is not None:
-            edge_vectors = edge_vectors + edge_shift
-        edge_lengths = torch.linalg.vector_norm(edge_vectors, dim=-1)
+                edge_shift = image_shifts(edge_index, cell_offsets, cell.view(-1, 3, 3), batch)
+        vectors = edge_vectors(pos, edge_index, edge_shift)
+        edge_lengths = torch.linalg.vector_norm(vectors, dim=-1)
         check_geometry(pos, edge_index, edge_lengths, batch, edge_shift, self.min_distance)
 
         species, atom_species = species_index(z)
         coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index, pos.dtype)
         edge_cutoff = self.cutoff_fn(edge_lengths)
         radial = torch.exp(-(alpha * (edge_lengths.unsqueeze(-1) - mu)).square())  # (E, K)
-        angular = self.angular(edge_vectors, edge_lengths) * edge_cutoff.unsqueeze(-1)  # (E, A)
+        angular = self.angular(vectors, edge_lengths) * edge_cutoff.unsqueeze(-1)  # (E, A)
         edge_orbitals = angular.unsqueeze(-1) * radial.unsqueeze(1)  # (E, A, K)
         center_weight = None
         if self.center_weight is not None:
@@ -327,7 +332,7 @@ class EquiREANN(EnergyReference):
             "densities": density_list,
             "edge_coefficients": coefficient_list,
             "edge_index": edge_index,
-            "edge_vectors": edge_vectors,
+            "edge_vectors": vectors,
         }
 
     def extra_repr(self) -> str:

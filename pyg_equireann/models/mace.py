@@ -1,7 +1,7 @@
 """MACE (the ``mace-torch`` package, optional extra ``pip install pyg_equireann[mace]``) with the
 SchNet-style signature ``forward(z, pos, batch) -> (B,)``, so that it is trained by the same
 :class:`~pyg_equireann.training.module.PotentialModule`, on the same targets (E0, scale and shift from
-:class:`~pyg_equireann.nn.reference.ReferencedModel`) and benchmarked in the same harness as every model.
+:class:`~pyg_equireann.models.referenced.ReferencedModel`) and benchmarked in the same harness as every model.
 
 mace-torch 0.3.x imports e3nn 0.4.4, which ``torch.load``-s a pickled constants file at import and
 fails under torch >= 2.6 (``weights_only`` by default); mace's ``__init__`` works around it by setting
@@ -16,7 +16,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.graph.neighbors import build_graph
+from pyg_equireann.graph.edges import image_shifts
+from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots
 
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -58,7 +60,7 @@ class MACEPotential(nn.Module):
     ``forward(z (N,), pos (N, 3) Å, batch (N,)) -> (B,)`` interaction energies (eV, before scaling).
     """
 
-    supports_pbc = True
+    supports_pbc = True  # the capability of :class:`~pyg_equireann.models.base.Potential`, read by ReferencedModel
 
     def __init__(
         self,
@@ -78,9 +80,8 @@ class MACEPotential(nn.Module):
         modules, o3 = import_mace()
         self.cutoff = float(cutoff)
         self.elements = [int(z) for z in elements]
-        index = torch.full((119,), -1, dtype=torch.long)
-        index[torch.tensor(self.elements)] = torch.arange(len(self.elements))
-        self.register_buffer("element_index", index, persistent=False)
+        self.register_buffer("element_index", element_slots(self.elements), persistent=False)
+        self.register_buffer("element_mask", element_mask(self.elements), persistent=False)
         with warnings.catch_warnings():  # e3nn's TorchScript compilation warns about its own annotations
             warnings.filterwarnings("ignore", message=".*TorchScript type system.*")
             self.mace = modules.ScaleShiftMACE(
@@ -109,20 +110,17 @@ class MACEPotential(nn.Module):
         """Energies (B,); ``cell`` (B, 3, 3) Å and ``pbc`` (B, 3) for periodic structures."""
         if batch is None:
             batch = torch.zeros_like(z)
+        check_atomic_numbers(z, self.element_mask)
         species = self.element_index[z]
-        if bool((species < 0).any()):
-            i = int((species < 0).nonzero()[0])
-            raise ValueError(f"atom {i} has atomic number {int(z[i])}, which this MACE model was not built "
-                             f"for (elements {self.elements})")
         num_graphs = int(batch.max()) + 1 if batch.numel() else 1
-        edge_index, offsets = build_graph(pos, self.cutoff, batch, cell, pbc)
+        edge_index, offsets = ensure_graph(pos, self.cutoff, batch, cell, pbc)
         if offsets is None:
             shifts = pos.new_zeros(edge_index.size(1), 3)
             cell = pos.new_zeros(num_graphs, 3, 3)
-        else:  # MACE's vector is receiver − sender image: the negative of ours
+        else:  # MACE's vector is x_receiver − x_sender + shift = −r_ij: negated offsets and shifts
             cell = cell.view(-1, 3, 3).to(pos.dtype)
+            shifts = -image_shifts(edge_index, offsets, cell, batch)
             offsets = -offsets
-            shifts = torch.einsum("ek,ekl->el", offsets, cell[batch[edge_index[1]]])
         counts = torch.bincount(batch, minlength=num_graphs)
         ptr = torch.zeros(num_graphs + 1, dtype=torch.long, device=z.device)
         ptr[1:] = torch.cumsum(counts, 0)

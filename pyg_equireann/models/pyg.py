@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from torch_geometric.nn.models import DimeNetPlusPlus, ViSNet
 from torch_geometric.utils import scatter
 
-from pyg_equireann.graph.neighbors import radius_graph
+from pyg_equireann.graph.edges import edge_vectors
+from pyg_equireann.graph.neighbors import ensure_graph
 
 
 class RadiusInteractionGraph(nn.Module):
@@ -29,9 +30,8 @@ class RadiusInteractionGraph(nn.Module):
 
     def forward(self, pos: Tensor, batch: Tensor) -> Tuple[Tensor, Tensor]:
         """pos (N, 3), batch (N,) → edge_index (2, E), edge_weight (E,) distances in Å."""
-        edge_index = radius_graph(pos, self.cutoff, batch, backend=self.backend)
-        row, col = edge_index
-        return edge_index, (pos[row] - pos[col]).norm(dim=-1)
+        edge_index, _ = ensure_graph(pos, self.cutoff, batch, backend=self.backend)
+        return edge_index, torch.linalg.vector_norm(edge_vectors(pos, edge_index), dim=-1)
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, backend={self.backend!r}"
@@ -65,7 +65,7 @@ class DimeNetPlusPlusPotential(DimeNetPlusPlus):
     constructor; ``forward(z, pos, batch)`` returns (B,) energies. Neighbours are never truncated."""
 
     def forward(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
-        edge_index = radius_graph(pos, self.cutoff, batch)
+        edge_index, _ = ensure_graph(pos, self.cutoff, batch)
         i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji = triplets(edge_index, num_nodes=z.size(0))
         dist = (pos[i] - pos[j]).pow(2).sum(dim=-1).sqrt()
         pos_jk, pos_ij = pos[idx_j] - pos[idx_k], pos[idx_i] - pos[idx_j]
@@ -92,10 +92,10 @@ class _ViSNetDistance(nn.Module):
         self.cutoff = float(cutoff)
 
     def forward(self, pos: Tensor, batch: Tensor):
-        edge_index = radius_graph(pos, self.cutoff, batch)
+        edge_index, _ = ensure_graph(pos, self.cutoff, batch)
         loops = torch.arange(pos.size(0), device=pos.device)
         edge_index = torch.cat([edge_index, torch.stack([loops, loops])], dim=1)
-        edge_vec = pos[edge_index[0]] - pos[edge_index[1]]
+        edge_vec = edge_vectors(pos, edge_index)
         mask = edge_index[0] != edge_index[1]
         edge_weight = torch.zeros(edge_vec.size(0), device=pos.device, dtype=pos.dtype)
         edge_weight[mask] = torch.norm(edge_vec[mask], dim=-1)

@@ -43,6 +43,14 @@ def element_mask(elements: Optional[Sequence[int]]) -> Tensor:
     return mask
 
 
+def element_slots(elements: Optional[Sequence[int]]) -> Tensor:
+    """(MAX_Z+1,) long: the index of each atomic number in ``elements`` (-1 if absent; all -1 when None)."""
+    slots = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
+    if elements is not None:
+        slots[torch.as_tensor(list(elements), dtype=torch.long)] = torch.arange(len(elements))
+    return slots
+
+
 def species_index(z: Tensor) -> Tuple[Tensor, Tensor]:
     """Distinct atomic numbers present (S,) and each atom's index into them (N,)."""
     species, index = torch.unique(z, sorted=True, return_inverse=True)

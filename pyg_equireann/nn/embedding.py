@@ -42,7 +42,7 @@ class PairEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         alpha, mu = _gaussian_init(self.num_radial, self.cutoff)
-        self.mlp._output_bias = torch.cat([torch.randn(self.num_radial), alpha, mu])
+        self.mlp.output_bias = torch.cat([torch.randn(self.num_radial), alpha, mu])
         self.mlp.reset_parameters()
 
     def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor,
@@ -103,7 +103,7 @@ class CenterWeight(nn.Module):
     def reset_parameters(self) -> None:
         # The reference draws N(0,1)/n̄ with n̄ a padding-buffer size (spec §9.10); the scale of Ψ is
         # handled by the neighbour normalisation instead.
-        self.mlp._output_bias = torch.randn(self.num_channels)
+        self.mlp.output_bias = torch.randn(self.num_channels)
         self.mlp.reset_parameters()
 
     def forward(self, species: Tensor, atom_species: Tensor, dtype: torch.dtype) -> Tensor:

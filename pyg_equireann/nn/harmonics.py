@@ -100,7 +100,8 @@ class AngularBasis(nn.Module):
         self.register_buffer("degrees", degrees, persistent=False)
 
     @property
-    def num_channels(self) -> int:
+    def num_angular(self) -> int:
+        """Number A of angular channels: (L+1)² spherical, Σ_l 3^l Cartesian."""
         return int(self.degrees.numel())
 
     def forward(self, edge_vectors: Tensor, edge_lengths: Tensor) -> Tensor:
@@ -110,4 +111,4 @@ class AngularBasis(nn.Module):
         return cartesian_powers(edge_vectors, self.max_l)
 
     def extra_repr(self) -> str:
-        return f"max_l={self.max_l}, kind={self.kind!r}, channels={self.num_channels}"
+        return f"max_l={self.max_l}, kind={self.kind!r}, num_angular={self.num_angular}"

@@ -36,7 +36,8 @@ class MLP(nn.Sequential):
         hidden: hidden widths [h1, …, hp] (at least one).
         out_features: output width.
         layer_norm: insert LayerNorm after each inner activation.
-        output_bias: initial bias of the output layer (default 0).
+        output_bias: initial bias of the output layer (default 0); the public attribute
+            ``output_bias`` is what :meth:`reset_parameters` restores (owners set it, then reset).
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class MLP(nn.Sequential):
         layers.append(ScaledSiLU(hidden[-1], widths[-2]))
         layers.append(nn.Linear(hidden[-1], out_features))
         super().__init__(*layers)
-        self._output_bias = output_bias
+        self.output_bias = output_bias
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,10 +73,10 @@ class MLP(nn.Sequential):
         out = linears[-1]
         nn.init.zeros_(out.weight)
         with torch.no_grad():
-            if self._output_bias is None:
+            if self.output_bias is None:
                 out.bias.zero_()
             else:
-                out.bias.copy_(torch.as_tensor(self._output_bias, dtype=out.bias.dtype))
+                out.bias.copy_(torch.as_tensor(self.output_bias, dtype=out.bias.dtype))
         for m in self:
             if isinstance(m, (ScaledSiLU, nn.LayerNorm)):
                 m.reset_parameters()

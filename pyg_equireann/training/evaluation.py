@@ -117,7 +117,7 @@ def check_elements(module, datamodule, ckpt_path) -> None:
     was not trained on."""
     from ase.data import chemical_symbols
 
-    known = module.model.known_elements() if hasattr(module.model, "known_elements") else None
+    known = module.model.known_elements()
     if known is None:
         return
     for name, ds in datamodule.test_datasets.items():

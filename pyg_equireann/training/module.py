@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from pyg_equireann.graph.forces import energy_forces_stress
-from pyg_equireann.nn.reference import EnergyReference, ReferencedModel
+from pyg_equireann.models.base import Potential
+from pyg_equireann.models.referenced import ReferencedModel
 from pyg_equireann.training.evaluation import ErrorMetrics, batch_errors
 from pyg_equireann.utils import plain
 
@@ -21,7 +22,7 @@ AUTO_STRESS_WEIGHT = 1000.0
 def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str] = None) -> nn.Module:
     """An nn.Module from a module or a Hydra-style config ``{"_target_": ..., ...}``. Models without
     per-element reference energies (PyG's SchNet, DimeNet++, ViSNet) are wrapped in
-    :class:`~pyg_equireann.nn.reference.ReferencedModel` so every model learns the same targets.
+    :class:`~pyg_equireann.models.referenced.ReferencedModel` so every model learns the same targets.
     ``source``: the file a config was read from; it is then instantiated only if every ``_target_``
     is an allowed model class (:func:`~pyg_equireann.training.checkpoint.check_model_targets`)."""
     if isinstance(model, Mapping):
@@ -34,7 +35,7 @@ def build_model(model: Union[nn.Module, Mapping[str, Any]], source: Optional[str
             model = upgrade_targets(model)
             check_model_targets(model, source)
         model = instantiate(model)
-    if not isinstance(model, EnergyReference):
+    if not isinstance(model, Potential):
         model = ReferencedModel(model)
     return model
 
@@ -131,7 +132,7 @@ class PotentialModule(L.LightningModule):
         cell = getattr(batch, "cell", None)
         stress = self._stress_weight(batch) > 0 or getattr(batch, "stress", None) is not None
         compute_stress = bool(stress and cell is not None)
-        if hasattr(self.model, "build_graph"):
+        if self.model.caches_graph:
             return energy_forces_stress(
                 self.model, batch.z, batch.pos, batch.batch, cell, getattr(batch, "pbc", None),
                 compute_stress=compute_stress, create_graph=create_graph,

@@ -41,11 +41,11 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
                                        shift=stats["shift"])
     if float64:
         module = module.double()
-    if calibrate_densities and hasattr(module.model, "calibrate_density_scale"):
+    if calibrate_densities and module.model.calibrates_densities:
         scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
         log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
                  ", ".join(f"{s:.3g}" for s in scales.tolist()))
-    if hasattr(module.model, "build_graph") and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
+    if module.model.caches_graph and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
         raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
                          "the data module caches the neighbour list")
     return module

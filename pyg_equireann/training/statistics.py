@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pyg_equireann.nn.elements import MAX_Z
-from pyg_equireann.graph.neighbors import build_graph
+from pyg_equireann.graph.neighbors import ensure_graph
 
 
 def compute_statistics(
@@ -31,7 +31,7 @@ def compute_statistics(
         dict with ``atomic_energies`` {Z: eV}, ``shift`` (mean per-atom residual energy, eV),
         ``scale`` (RMS force component, eV/Å, or the per-atom residual energy std without forces)
         and ``avg_num_neighbors`` — the keyword arguments of
-        :meth:`~pyg_equireann.EquiREANN.set_energy_statistics`.
+        :meth:`~pyg_equireann.EquiREANN.set_energy_statistics` (other models take the first three).
     """
     counts, energies, num_atoms, forces_sq, num_force, num_edges = [], [], [], 0.0, 0, 0
     for index, data in enumerate(data_list):
@@ -48,8 +48,7 @@ def compute_statistics(
             num_force += f.numel()
         edge_index = getattr(data, "edge_index", None) if precomputed_edges else None
         if edge_index is None:
-            cell = getattr(data, "cell", None)
-            edge_index, _ = build_graph(data.pos, cutoff, None, cell, getattr(data, "pbc", None))
+            edge_index, _ = ensure_graph(data.pos, cutoff, None, getattr(data, "cell", None), getattr(data, "pbc", None))
         num_edges += edge_index.shape[1]
     if not energies:
         raise ValueError("compute_statistics got no structures")

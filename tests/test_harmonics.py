@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pyg_equireann import AngularBasis, CosineCutoff, cartesian_powers, spherical_harmonics
-from pyg_equireann.nn.harmonics import cartesian_degrees, spherical_degrees
+from pyg_equireann.nn.orbitals import cartesian_degrees, spherical_degrees
 
 from .conftest import random_rotation
 

@@ -368,7 +368,7 @@ def test_edge_geometry_and_ensure_graph():
     (B, 3, 3); ensure_graph passes a given list through, builds a missing one like build_graph, and
     checks periodic input first."""
     from pyg_equireann.graph.edges import edge_vectors, image_shifts
-    from pyg_equireann.graph.neighbors import ensure_graph
+    from pyg_equireann.graph.edges import ensure_graph
 
     pos, batch = random_molecules([7, 9], seed=4, density=0.08)
     cells = torch.stack([torch.eye(3, dtype=DT) * 4.0, torch.eye(3, dtype=DT) * 4.5 + 0.2])

@@ -12,7 +12,7 @@ from torch import nn
 
 from pyg_equireann.deploy.torchscript import DeployedPotential, script_error
 from pyg_equireann.graph.edges import image_shifts
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph
 from pyg_equireann.utils import resolve_dtype
 
 

@@ -25,7 +25,7 @@ INTERFACE_VERSION = 2
 
 
 class _ScriptableElementMLPs(nn.Module):
-    """Scriptable form of :class:`~pyg_equireann.nn.mlp.ElementMLPs` (same networks, same output)."""
+    """Scriptable form of :class:`~pyg_equireann.nn.readout.ElementMLPs` (same networks, same output)."""
 
     def __init__(self, mlps: nn.Module):
         super().__init__()
@@ -51,7 +51,7 @@ class _SharedScriptableMLP(nn.Module):
 
 
 def _scriptable_mlp(module: nn.Module) -> nn.Module:
-    from pyg_equireann.nn.mlp import ElementMLPs
+    from pyg_equireann.nn.readout import ElementMLPs
 
     if isinstance(module, ElementMLPs):
         return _ScriptableElementMLPs(module)
@@ -60,7 +60,7 @@ def _scriptable_mlp(module: nn.Module) -> nn.Module:
 
 class _AngularBasis(nn.Module):
     """Scriptable angular basis: real spherical harmonics of the unit vector or Cartesian powers of the
-    raw vector, identical to :class:`~pyg_equireann.nn.harmonics.AngularBasis`."""
+    raw vector, identical to :class:`~pyg_equireann.nn.orbitals.AngularBasis`."""
 
     def __init__(self, max_l: int, kind: str):
         super().__init__()

@@ -1,15 +1,18 @@
-"""Edge geometry: the one place where edge vectors and periodic image shifts are computed.
+"""The edges of a structure: the neighbour list as given or built (:func:`ensure_graph`), and the one place
+where edge vectors and periodic image shifts are computed.
 
 Convention (as in :mod:`pyg_equireann.graph.neighbors`): ``edge_index[0] = j`` (neighbour),
 ``edge_index[1] = i`` (centre), and :math:`r_{ij} = x_j - x_i + S_{ij}` with the Cartesian image
 shift :math:`S_{ij} = n_{ij} \\cdot \\mathrm{cell}` of the integer cell offsets :math:`n_{ij}`.
 
-Both functions compile with ``torch.jit.script`` (the exported model uses them).
+``image_shifts`` and ``edge_vectors`` compile with ``torch.jit.script`` (the exported model uses them).
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from pyg_equireann.graph.checks import check_structure
 
 
 def image_shifts(edge_index: Tensor, cell_offsets: Tensor, cell: Tensor, batch: Optional[Tensor] = None) -> Tensor:
@@ -44,3 +47,35 @@ def edge_vectors(pos: Tensor, edge_index: Tensor, edge_shift: Optional[Tensor] =
     if edge_shift is not None:
         vectors = vectors + edge_shift
     return vectors
+
+
+def ensure_graph(
+    pos: Tensor,
+    cutoff: float,
+    batch: Tensor | None = None,
+    cell: Tensor | None = None,
+    pbc: Tensor | None = None,
+    edge_index: Tensor | None = None,
+    cell_offsets: Tensor | None = None,
+    backend: str = "auto",
+    skin: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    """The neighbour list of a batch: ``(edge_index, cell_offsets)`` as given (e.g. cached by a data
+    module), else built by :func:`~pyg_equireann.graph.neighbors.build_graph` within ``cutoff + skin`` (Å).
+
+    Every model and caller that may lack a graph goes through here. Before building a periodic list,
+    :func:`~pyg_equireann.graph.checks.check_structure` rejects NaN/inf positions and cells denser than
+    :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY` within ``cutoff`` (the list could not fit in
+    memory); the neighbour search checks molecules' positions itself. A given periodic
+    ``edge_index`` needs its ``cell_offsets``.
+    """
+    if edge_index is not None:
+        if cell is not None and cell_offsets is None:
+            raise ValueError("a precomputed periodic edge_index needs its cell_offsets")
+        return edge_index, cell_offsets
+    from pyg_equireann.graph.neighbors import build_graph  # the search backends use image_shifts above
+
+    pos = pos.detach()
+    if cell is not None:
+        check_structure(pos, cutoff, batch, cell, pbc)
+    return build_graph(pos, cutoff + skin, batch, cell, pbc, backend)

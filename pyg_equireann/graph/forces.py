@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from pyg_equireann.graph.edges import image_shifts
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph
 
 
 def energy_forces_stress(
@@ -37,7 +37,7 @@ def energy_forces_stress(
         create_graph: keep the graph of the derivatives (for training on forces).
         edge_index, cell_offsets: a precomputed neighbour list (e.g. cached by a data module) with
             integer cell offsets for periodic graphs; built by
-            :func:`~pyg_equireann.graph.neighbors.ensure_graph` when None (ValueError for NaN/inf positions
+            :func:`~pyg_equireann.graph.edges.ensure_graph` when None (ValueError for NaN/inf positions
             and cells denser than :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY`).
     """
     rc = float(cutoff if cutoff is not None else model.cutoff)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyg_equireann.graph.checks import check_finite_positions, check_structure
+from pyg_equireann.graph.checks import check_finite_positions
 from pyg_equireann.graph.edges import image_shifts
 
-__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "ensure_graph", "torch_cluster_available"]
+__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_available"]
 
 #: Above this many within-graph candidate pairs (``sum_g n_g**2``) the ``"torch"`` backend
 #: hands the largest graphs to vesin until the remainder fits.
@@ -562,33 +562,3 @@ def build_graph(
     if pbc is not None and not bool(torch.as_tensor(pbc).any()):
         return radius_graph(pos, cutoff, batch, backend), None
     return radius_graph_pbc(pos, cutoff, batch, cell, pbc)
-
-
-def ensure_graph(
-    pos: Tensor,
-    cutoff: float,
-    batch: Tensor | None = None,
-    cell: Tensor | None = None,
-    pbc: Tensor | None = None,
-    edge_index: Tensor | None = None,
-    cell_offsets: Tensor | None = None,
-    backend: str = "auto",
-    skin: float = 0.0,
-) -> tuple[Tensor, Tensor | None]:
-    """The neighbour list of a batch: ``(edge_index, cell_offsets)`` as given (e.g. cached by a data
-    module), else built by :func:`build_graph` within ``cutoff + skin`` (Å).
-
-    Every model and caller that may lack a graph goes through here. Before building a periodic list,
-    :func:`~pyg_equireann.graph.checks.check_structure` rejects NaN/inf positions and cells denser than
-    :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY` within ``cutoff`` (the list could not fit in
-    memory); the neighbour search checks molecules' positions itself. A given periodic
-    ``edge_index`` needs its ``cell_offsets``.
-    """
-    if edge_index is not None:
-        if cell is not None and cell_offsets is None:
-            raise ValueError("a precomputed periodic edge_index needs its cell_offsets")
-        return edge_index, cell_offsets
-    pos = pos.detach()
-    if cell is not None:
-        check_structure(pos, cutoff, batch, cell, pbc)
-    return build_graph(pos, cutoff + skin, batch, cell, pbc, backend)

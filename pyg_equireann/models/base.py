@@ -3,13 +3,13 @@ deployment read from them."""
 import abc
 from typing import List, Optional
 
-from pyg_equireann.nn.reference import EnergyReference
+from pyg_equireann.nn.readout import EnergyReference
 
 
 class Potential(EnergyReference, abc.ABC):
     """Base of every trained potential: ``forward(z (N,), pos (N, 3) Å, batch (N,) = None, cell=None,
     pbc=None) -> (B,)`` float64 energies (eV), with the per-element reference energies, energy scale and
-    shift of :class:`~pyg_equireann.nn.reference.EnergyReference`.
+    shift of :class:`~pyg_equireann.nn.readout.EnergyReference`.
 
     Capabilities are class attributes (an adapter may set them per instance), read as ``model.<name>``
     rather than by probing for methods:

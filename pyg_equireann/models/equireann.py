@@ -4,17 +4,13 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.nn.contraction import OrbitalContraction
-from pyg_equireann.nn.conv import EquiREANNConv
-from pyg_equireann.nn.cutoff import CosineCutoff
 from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
-from pyg_equireann.graph.edges import edge_vectors, image_shifts
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
 from pyg_equireann.models.base import Potential
+from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
 from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots, species_index
-from pyg_equireann.nn.embedding import CenterWeight, NeighborTableEmbedding, PairEmbedding
-from pyg_equireann.nn.harmonics import AngularBasis
-from pyg_equireann.nn.mlp import MLP, ElementMLPs
+from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
+from pyg_equireann.nn.readout import MLP, ElementMLPs
 
 
 def _graph_kwargs(batch) -> Dict[str, Tensor]:
@@ -221,7 +217,7 @@ class EquiREANN(Potential):
     def set_energy_statistics(self, atomic_energies: Union[Dict[int, float], Tensor, None] = None,
                               scale: Optional[float] = None, shift: Optional[float] = None,
                               avg_num_neighbors: Optional[float] = None) -> None:
-        """As :meth:`~pyg_equireann.nn.reference.EnergyReference.set_energy_statistics`, and optionally the
+        """As :meth:`~pyg_equireann.nn.readout.EnergyReference.set_energy_statistics`, and optionally the
         average neighbour count that divides the aggregated orbitals (so ``**compute_statistics(...)`` fits)."""
         super().set_energy_statistics(atomic_energies, scale, shift)
         if avg_num_neighbors is not None:
@@ -233,7 +229,7 @@ class EquiREANN(Potential):
 
     def build_graph(self, pos: Tensor, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None):
-        """Neighbour list within the cutoff (:func:`~pyg_equireann.graph.neighbors.ensure_graph`): edge_index
+        """Neighbour list within the cutoff (:func:`~pyg_equireann.graph.edges.ensure_graph`): edge_index
         (2, E) and integer cell offsets (E, 3) or None."""
         return ensure_graph(pos, self.cutoff, batch, cell, pbc, backend=self.neighbor_backend)
 

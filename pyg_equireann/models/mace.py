@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pyg_equireann.graph.edges import image_shifts
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph
 from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots
 
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"

@@ -8,7 +8,7 @@ from torch_geometric.nn.models import DimeNetPlusPlus, ViSNet
 from torch_geometric.utils import scatter
 
 from pyg_equireann.graph.edges import edge_vectors
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph
 
 
 class RadiusInteractionGraph(nn.Module):

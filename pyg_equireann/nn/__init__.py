@@ -3,10 +3,8 @@ embeddings, the orbital-passing convolution and contraction, MLPs and the energy
 
 Plain ``torch.nn`` modules: nothing here imports Lightning, Hydra or ASE.
 """
-from pyg_equireann.nn.contraction import OrbitalContraction
-from pyg_equireann.nn.conv import EquiREANNConv
-from pyg_equireann.nn.cutoff import CosineCutoff
-from pyg_equireann.nn.harmonics import AngularBasis, cartesian_powers, spherical_harmonics
+from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
+from pyg_equireann.nn.orbitals import AngularBasis, CosineCutoff, cartesian_powers, spherical_harmonics
 
 __all__ = ["OrbitalContraction", "EquiREANNConv", "CosineCutoff", "AngularBasis", "cartesian_powers",
            "spherical_harmonics"]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pyg_equireann.nn.elements import MAX_Z
-from pyg_equireann.graph.neighbors import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph
 
 
 def compute_statistics(

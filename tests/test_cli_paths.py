@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pyg_equireann.cli import check_writable, override_typo_message, startup_error_message, user_errors
 from pyg_equireann.cli.train import run as train_run
-from pyg_equireann.cli.train import trainer_adjustments
+from pyg_equireann.training.prepare import trainer_adjustments
 
 from .test_pipeline import BIN, TINY, cli, cli_env, compose_train, hydra_app
 

@@ -32,8 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import hydra_entry, user_errors
 from pyg_equireann.training.evaluation import evaluate, load_checkpoint
 from pyg_equireann.training.plots import learning_curve
-from pyg_equireann.cli.train import build_trainer
-from pyg_equireann.training.prepare import build_module, prepare_model_config
+from pyg_equireann.training.prepare import build_module, build_trainer, prepare_model_config
 
 log = logging.getLogger("equireann-nonlocal")
 

@@ -127,7 +127,7 @@ def test_optimiser_configs_of_a_checkpoint_build_only_torch_optim():
     schedules are built, and nothing nested in their arguments."""
     for config in ({"_target_": "os.system", "_partial_": True, "command": "true"},
                    {"_target_": "torch.optim.lr_scheduler.warnings.warn", "_partial_": True},
-                   {"_target_": "builtins.eval"}):
+                   {"_target_": "builtins.eval"}, {"_target_": "torch.optim.NoSuchOptimizer"}):
         with pytest.raises(ValueError, match="only torch.optim"):
             PotentialModule(model=TINY_MODEL, optimizer=config)
     with pytest.raises(TypeError, match="functools.partial"):

@@ -371,7 +371,7 @@ class PotentialModule(L.LightningModule):
         optimizer = make_optimizer(self.parameters())
         make_scheduler = self._lr_scheduler or build_factory(scheduler_config(
             hp.scheduler, hp.plateau_factor, hp.plateau_patience, hp.warmup_epochs, hp.min_lr,
-            (self._trainer.max_epochs or 1) if self._trainer is not None else 100), "lr_scheduler")
+            self._trainer.max_epochs if self._trainer is not None else 100), "lr_scheduler")
         if make_scheduler is None:
             return optimizer
         scheduler = make_scheduler(optimizer)

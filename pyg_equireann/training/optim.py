@@ -37,7 +37,7 @@ def optimizer_config(lr: float = 5e-3, weight_decay: float = 0.0, betas=(0.9, 0.
 
 
 def scheduler_config(scheduler: str = "plateau", plateau_factor: float = 0.8, plateau_patience: int = 10,
-                     warmup_epochs: int = 0, min_lr: float = 1e-5, max_epochs: int = 100) -> Optional[Dict[str, Any]]:
+                     warmup_epochs: int = 0, min_lr: float = 1e-5, max_epochs: Optional[int] = 100) -> Optional[Dict[str, Any]]:
     """The ``_partial_`` config of the schedule named ``scheduler``: ``"plateau"`` (ReduceLROnPlateau on the
     validation loss), ``"cosine"`` (:func:`cosine_with_warmup` over ``max_epochs``) or ``"none"`` (``None``).
     Also the resolver ``${lr_scheduler:...}`` of ``conf/module/default.yaml``."""
@@ -48,7 +48,8 @@ def scheduler_config(scheduler: str = "plateau", plateau_factor: float = 0.8, pl
                 "factor": float(plateau_factor), "patience": int(plateau_patience), "min_lr": float(min_lr)}
     if scheduler == "cosine":
         return {"_target_": "pyg_equireann.training.optim.cosine_with_warmup", "_partial_": True,
-                "max_epochs": int(max_epochs), "warmup_epochs": int(warmup_epochs), "min_lr": float(min_lr)}
+                "max_epochs": 1000 if max_epochs is None else int(max_epochs),  # None: Lightning's default
+                "warmup_epochs": int(warmup_epochs), "min_lr": float(min_lr)}
     raise ValueError(f"scheduler must be 'plateau', 'cosine' or 'none', got {scheduler!r}")
 
 
@@ -78,7 +79,12 @@ def build_factory(config: Optional[Mapping[str, Any]], what: str) -> Optional[Ca
 
     target = config.get("_target_")
     known = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    factory = get_object(target) if isinstance(target, str) and target.startswith(_ALLOWED_PREFIXES) else None
+    factory = None
+    if isinstance(target, str) and target.startswith(_ALLOWED_PREFIXES):
+        try:
+            factory = get_object(target)
+        except (ImportError, AttributeError, ValueError):
+            pass
     if not (factory is cosine_with_warmup or (isinstance(factory, type) and issubclass(factory, known))):
         raise ValueError(f"{what} config names {target!r}: only torch.optim optimisers and schedules and "
                          "pyg_equireann.training.optim.cosine_with_warmup are built")

@@ -66,8 +66,13 @@ def _user_error_message(error: BaseException) -> "str | None":
     """The message of an error caused by the user's input (a missing file, key or value, an unwritable
     folder, also when Hydra's ``instantiate`` wraps it, or a mandatory config value left unset), else None."""
     from hydra.errors import InstantiationException
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+    if isinstance(error, InterpolationResolutionError):  # a resolver's error (${lr_scheduler:...}): its message
+        cause = next((e for e in _chain(error) if not isinstance(e, InterpolationResolutionError)), None)
+        message = _user_error_message(cause) if cause is not None else None
+        if message is not None:
+            return f"{error.full_key}: {message}" if getattr(error, "full_key", None) else message
     if isinstance(error, (FileNotFoundError, KeyError, ValueError, PermissionError)):
         return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     if isinstance(error, InstantiationException) and error.__cause__ is not None:

@@ -41,24 +41,24 @@ def run(cfg: DictConfig) -> Optional[float]:
     check_output_folders(cfg, out_dir)
     config_record = write_config_record(cfg, out_dir)
     try:
-        outcome = train(cfg, out_dir, config_record)
+        result = train(cfg, out_dir, config_record)
     except SIGTERMException:  # a SystemExit without code: the job would look successful
         log.error("terminated (SIGTERM); resume with ckpt_path=%s", out_dir / "checkpoints" / "last.ckpt")
         sys.exit(128 + signal.SIGTERM)
-    trainer, summary, results = outcome["trainer"], outcome["summary"], outcome["results"]
-    if trainer.is_global_zero:
+    summary = result.summary
+    if result.trainer.is_global_zero:
         stopped = summary.get("stop_reason")
         print(f"\n{summary['model']} trained for {summary['epochs']} epochs ({summary['parameters']:,} parameters)"
               + (f"; stopped because {stopped}" if stopped else ""))
-        if results:
-            print(metrics_table(results))
-            _log_to_files(logging.INFO, "test metrics (best.ckpt)\n" + metrics_table(results))  # printed once above
+        if result.results:
+            print(metrics_table(result.results))
+            _log_to_files(logging.INFO, "test metrics (best.ckpt)\n" + metrics_table(result.results))  # printed above
         print(f"run folder: {out_dir}")
-        if outcome["curve"]:
-            print(f"learning curve: {outcome['curve']}")
+        if result.curve:
+            print(f"learning curve: {result.curve}")
     metric = cfg.get("optimized_metric")
     if metric:
-        value = trainer.callback_metrics.get(metric)
+        value = result.trainer.callback_metrics.get(metric)
         return float(value) if value is not None else float("inf")
     return None
 

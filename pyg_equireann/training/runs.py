@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -231,11 +232,23 @@ def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
         check_writable(folder, what)
 
 
-def train(cfg: DictConfig, out_dir: Path, config_record: Optional[Path] = None) -> Dict[str, Any]:
+@dataclass
+class TrainResult:
+    """What :func:`train` leaves: the trainer and module after ``fit`` (and ``test``), ``train_summary.json``'s
+    content, the test metrics (empty without ``cfg.test``) and the learning curve's file (``None``: no curve)."""
+
+    trainer: L.Trainer
+    module: L.LightningModule
+    summary: Dict[str, Any]
+    results: Dict[str, float]
+    curve: Optional[Path]
+
+
+def train(cfg: DictConfig, out_dir: Path, config_record: Optional[Path] = None) -> TrainResult:
     """Train (and test) the run ``cfg`` in ``out_dir``: data, module (:func:`~pyg_equireann.training.prepare.
     build_module`), trainer (:func:`~pyg_equireann.training.prepare.build_trainer`), ``trainer.fit`` (resuming
     from ``cfg.ckpt_path``), then ``train_summary.json``, ``learning_curve.png`` and, with ``cfg.test``, the
-    best checkpoint's ``test_metrics.json``. Returns ``{"trainer", "module", "summary", "results", "curve"}``."""
+    best checkpoint's ``test_metrics.json``."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -273,4 +286,4 @@ def train(cfg: DictConfig, out_dir: Path, config_record: Optional[Path] = None) 
             results.update({k: float(v) for k, v in entry.items()})
         if trainer.is_global_zero:
             (out_dir / "test_metrics.json").write_text(json.dumps(results, indent=2))
-    return {"trainer": trainer, "module": module, "summary": summary, "results": results, "curve": curve}
+    return TrainResult(trainer, module, summary, results, curve)

@@ -132,3 +132,15 @@ def test_optimiser_configs_of_a_checkpoint_build_only_torch_optim():
             PotentialModule(model=TINY_MODEL, optimizer=config)
     with pytest.raises(TypeError, match="functools.partial"):
         PotentialModule(model=TINY_MODEL, lr_scheduler=lambda optimizer: None)
+
+
+def test_old_checkpoint_with_string_options_loads_with_its_schedule(tmp_path):
+    """A checkpoint written before the optimiser and schedule were configs (hyperparameters: the string options,
+    no ``optimizer``/``lr_scheduler``) loads with ``from_checkpoint`` and builds its optimiser and schedule."""
+    old = PotentialModule(model=TINY_MODEL, lr=0.02, scheduler="cosine", warmup_epochs=1, min_lr=1e-4)
+    hparams = {k: v for k, v in old.hparams.items() if k not in ("optimizer", "lr_scheduler")}
+    torch.save({"state_dict": old.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"},
+               tmp_path / "old.ckpt")
+    loaded = PotentialModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert _learning_rates(loaded, max_epochs=4) == _learning_rates(old, max_epochs=4)
+    assert _learning_rates(loaded, max_epochs=4)[3][:2] == [pytest.approx(0.002), pytest.approx(0.02)]

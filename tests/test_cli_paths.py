@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pyg_equireann.cli import check_writable, override_typo_message, startup_error_message, user_errors
 from pyg_equireann.cli.train import run as train_run
-from pyg_equireann.cli.train import trainer_adjustments
+from pyg_equireann.training.prepare import trainer_adjustments
 
 from .test_pipeline import BIN, TINY, cli, cli_env, compose_train, hydra_app
 
@@ -198,6 +198,20 @@ def test_failure_text_in_train_log(tmp_path):
         hydra_app([*SMALL, *TINY, "+trainer.bogus_flag=1", f"hydra.run.dir={run_dir}"], task)
     log = (run_dir / "train.log").read_text()
     assert "failed" in log and "Traceback (most recent call last)" in log and "bogus_flag" in log, log
+
+
+def test_unknown_schedule_is_a_one_line_error(tmp_path, capsys):
+    """``module.scheduler`` picks the ``_partial_`` schedule config through a resolver; a name it does not know
+    ends the run before any data is read with one line naming the key, not OmegaConf's multi-line message."""
+    def task(cfg):
+        with user_errors():
+            return train_run(cfg)
+
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_app([*TINY, "module.scheduler=cosin", f"hydra.run.dir={tmp_path / 'run'}"], task)
+    assert exit_info.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "error: module.lr_scheduler: scheduler must be 'plateau', 'cosine' or 'none', got 'cosin'"]
 
 
 # --------------------------------------------------------------------------- 5: unwritable output folders

@@ -488,8 +488,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from pyg_equireann.cli import CONF_DIR
-from pyg_equireann.training.prepare import prepare_model_config
-from pyg_equireann.training.module import PotentialModule
+from pyg_equireann.training.prepare import build_module
 
 
 class Grab(L.Callback):
@@ -517,11 +516,7 @@ def main(mode, out, init=None):
         cfg = compose("train", overrides=overrides)
     dm = instantiate(cfg.data, progress=False)
     dm.setup("fit")
-    module = PotentialModule(model=prepare_model_config(cfg.model, dm), **cfg.module)
-    stats = dm.statistics
-    module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
-                                       shift=stats["shift"])
-    module = module.double()
+    module = build_module(cfg.model, cfg.module, dm, float64=True, calibrate_densities=False)
     # perturb every weight (the readout starts at zero, which would leave most gradients exactly zero)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from ase import Atoms
 import pyg_equireann.training.checkpoint as checkpoint_module
 from pyg_equireann.deploy.ase import EquiREANNCalculator
 from pyg_equireann.training.checkpoint import read_checkpoint, register_model_class
-from pyg_equireann.cli import _ckpt_model_cutoff
+from pyg_equireann.config import ckpt_model_cutoff
 from pyg_equireann.cli.evaluate import run as eval_run
 from pyg_equireann.cli.export import export
 from pyg_equireann.cli.export import run as export_run
@@ -96,7 +96,7 @@ ENTRY_POINTS = {
     "read_checkpoint": lambda path, tmp: read_checkpoint(path),
     "from_checkpoint": lambda path, tmp: PotentialModule.from_checkpoint(path),
     "load_from_checkpoint": lambda path, tmp: PotentialModule.load_from_checkpoint(path),
-    "ckpt_cutoff": lambda path, tmp: _ckpt_model_cutoff(str(path)),
+    "ckpt_cutoff": lambda path, tmp: ckpt_model_cutoff(str(path)),
     "calculator.ckpt": lambda path, tmp: EquiREANNCalculator(path),
     "calculator.model": lambda path, tmp: calculator_with_suffix(path, tmp, ".model"),  # not .pt/.ckpt
     "export": lambda path, tmp: export(str(path), str(tmp / "model.pt")),
@@ -152,7 +152,7 @@ def test_genuine_checkpoint_through_every_entry_point(files, tmp_path):
     direct = PotentialModule.load_from_checkpoint(genuine).model.double()
     energy = energy_forces_stress(direct, torch.tensor(atoms.numbers), torch.tensor(atoms.positions))["energy"]
     assert float(energy[0].detach()) == pytest.approx(reference, rel=1e-12)
-    assert _ckpt_model_cutoff(str(genuine)) == 4.0
+    assert ckpt_model_cutoff(str(genuine)) == 4.0
     for calc in (EquiREANNCalculator(genuine), calculator_with_suffix(genuine, tmp_path, ".model")):
         atoms.calc = calc
         assert atoms.get_potential_energy() == pytest.approx(reference, rel=1e-10)

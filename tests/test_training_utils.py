@@ -5,6 +5,7 @@ from torch_geometric.nn.models import SchNet
 
 from pyg_equireann import EquiREANN, compute_statistics, radius_graph
 from pyg_equireann.models.pyg import RadiusInteractionGraph
+from pyg_equireann.training.module import PotentialModule
 
 from .conftest import load_rmd17, random_rotation
 
@@ -57,3 +58,89 @@ def test_float32_model_sums_energies_in_float64():
         readout = model.compute(z, coords[0].float())["atomic_energies"] - model.atomic_energies[z]
     expected = 2 * -1029.987654321 + -2041.5 + 6 * -13.123456789
     assert float(energy - readout.sum()) == pytest.approx(expected, abs=1e-9)
+
+
+def _module_from_conf(overrides):
+    """conf/train.yaml's module (``_target_``, ``_partial_`` optimiser and schedule), as training/prepare.py builds it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from pyg_equireann.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return instantiate(OmegaConf.to_container(cfg.module, resolve=True), _partial_=True)(model=TINY_MODEL)
+
+
+TINY_MODEL = {"_target_": "pyg_equireann.EquiREANN", "elements": [1, 6, 8], "num_channels": 4, "max_l": 1,
+              "num_radial": 4}
+
+
+def _learning_rates(module, max_epochs, epochs=6):
+    """The optimiser's class and lr at the start of each epoch (ReduceLROnPlateau: a validation loss that never
+    improves), with a trainer of ``max_epochs``."""
+    import types
+
+    module._trainer = types.SimpleNamespace(max_epochs=max_epochs)
+    config = module.configure_optimizers()
+    optimizer, scheduler = (config["optimizer"], config["lr_scheduler"]["scheduler"]) if isinstance(config, dict) \
+        else (config, None)
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: changes nothing
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(1.0)
+        elif scheduler is not None:
+            scheduler.step()
+    monitor = config["lr_scheduler"].get("monitor") if isinstance(config, dict) else None
+    return type(optimizer).__name__, optimizer.defaults["amsgrad"], monitor, rates
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine", "none"])
+def test_optimiser_and_schedule_configs_equal_the_string_options(scheduler):
+    """conf/module/default.yaml's ``_partial_`` optimiser and schedule (chosen by ``module.scheduler``) give the
+    same optimiser and learning rate per epoch as PotentialModule's string options (old checkpoints, Python
+    callers); the hyperparameters hold their plain configs, not callables (checkpoints load weights_only)."""
+    import io
+
+    settings = dict(lr=0.01, scheduler=scheduler, warmup_epochs=2, plateau_patience=0, plateau_factor=0.5)
+    module = _module_from_conf([f"module.{k}={v}" for k, v in settings.items()] + ["trainer.max_epochs=6"])
+    legacy = PotentialModule(model=TINY_MODEL, **settings)
+    assert _learning_rates(module, max_epochs=6) == _learning_rates(legacy, max_epochs=6)
+    assert module.hparams.optimizer["_target_"].endswith("AdamW") and module.hparams.optimizer["lr"] == 0.01
+    assert (module.hparams.lr_scheduler is None) == (scheduler == "none") and legacy.hparams.lr_scheduler is None
+    buffer = io.BytesIO()
+    torch.save(dict(module.hparams), buffer)
+    buffer.seek(0)
+    hparams = torch.load(buffer, weights_only=True)
+    restored = PotentialModule(model=hparams.pop("model_config"), **hparams)  # as load_from_checkpoint does
+    assert _learning_rates(restored, max_epochs=6) == _learning_rates(legacy, max_epochs=6)
+
+
+def test_optimiser_configs_of_a_checkpoint_build_only_torch_optim():
+    """A checkpoint's optimiser or schedule config is not trusted: only torch.optim classes and the package's
+    schedules are built, and nothing nested in their arguments."""
+    for config in ({"_target_": "os.system", "_partial_": True, "command": "true"},
+                   {"_target_": "torch.optim.lr_scheduler.warnings.warn", "_partial_": True},
+                   {"_target_": "builtins.eval"}, {"_target_": "torch.optim.NoSuchOptimizer"}):
+        with pytest.raises(ValueError, match="only torch.optim"):
+            PotentialModule(model=TINY_MODEL, optimizer=config)
+    with pytest.raises(TypeError, match="functools.partial"):
+        PotentialModule(model=TINY_MODEL, lr_scheduler=lambda optimizer: None)
+
+
+def test_old_checkpoint_with_string_options_loads_with_its_schedule(tmp_path):
+    """A checkpoint written before the optimiser and schedule were configs (hyperparameters: the string options,
+    no ``optimizer``/``lr_scheduler``) loads with ``from_checkpoint`` and builds its optimiser and schedule."""
+    old = PotentialModule(model=TINY_MODEL, lr=0.02, scheduler="cosine", warmup_epochs=1, min_lr=1e-4)
+    hparams = {k: v for k, v in old.hparams.items() if k not in ("optimizer", "lr_scheduler")}
+    torch.save({"state_dict": old.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"},
+               tmp_path / "old.ckpt")
+    loaded = PotentialModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert _learning_rates(loaded, max_epochs=4) == _learning_rates(old, max_epochs=4)
+    assert _learning_rates(loaded, max_epochs=4)[3][:2] == [pytest.approx(0.002), pytest.approx(0.02)]

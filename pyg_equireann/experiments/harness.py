@@ -3,7 +3,7 @@
 
 Each run is a train config (the keys of ``conf/train.yaml``: ``model``, ``data``, ``module``, ``trainer``,
 ``logger``, ``callbacks``, ``budget``, ``seed``, ``float64``, ``test``, …) trained into its own folder by the
-code of ``equireann-train`` (:func:`~pyg_equireann.training.prepare.build_module` and ``build_trainer``), so
+code of ``equireann-train`` (:func:`~pyg_equireann.training.runs.train`), so
 every model gets the same data, split, loss, optimiser, budget and outputs: ``config_resolved.yaml``,
 ``checkpoints/{best,last}.ckpt``, ``logs/metrics.csv``, ``snapshots/`` (budget snapshots),
 ``learning_curve.png``, ``train_summary.json`` and, with ``test: true``, ``test_metrics.json``.
@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -118,14 +117,7 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
     ``train_summary.json`` (model class, parameters, epochs, steps, ``fit_wall_seconds``,
     ``fit_cpu_seconds``, ``checkpoint``: the best checkpoint or ``""``, and with a budget
     ``training_minutes``, ``budget_minutes``, ``budget_clock``), the test metrics and ``run_dir``."""
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
-
-    from pyg_equireann.cli.train import build_trainer  # moves to pyg_equireann.training with the trainer factory
-    from pyg_equireann.training.callbacks import EpochLog, TrainingBudget
-    from pyg_equireann.training.plots import learning_curve
-    from pyg_equireann.training.prepare import build_module
+    from pyg_equireann.training.runs import train
 
     run_dir = Path(run_dir)
     if resume and _finished(run_dir, bool(cfg.get("test"))):
@@ -134,41 +126,9 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
     with _hydra_config(cfg, run_dir):
         job = job_config(cfg, run_dir)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(job))
-        if job.get("num_threads"):
-            torch.set_num_threads(int(job.num_threads))
-        L.seed_everything(job.seed, workers=True)
-        if datamodule is None:
-            datamodule = instantiate(job.data)
-            datamodule.setup("fit")
-            log.info("%s", datamodule.summary())
-        module = build_module(job.model, job.module, datamodule, job.get("float64", False),
-                              job.get("calibrate_densities", True))
-        trainer, callbacks = build_trainer(job, run_dir)
-    params = sum(p.numel() for p in module.parameters())
-    log.info("%s: %s parameters, run folder %s", type(module.model).__name__, f"{params:,}", run_dir)
-    wall, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, datamodule=datamodule)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
-    summary = {"model": type(getattr(module.model, "model", module.model)).__name__, "parameters": params,
-               "epochs": trainer.current_epoch, "steps": trainer.global_step,
-               "fit_wall_seconds": time.perf_counter() - wall, "fit_cpu_seconds": time.process_time() - cpu,
-               "checkpoint": best}
-    stopped = next((c.reason for c in callbacks if isinstance(c, EpochLog)), None)
-    if stopped:
-        summary["stop_reason"] = stopped
-    timer = next((c for c in callbacks if isinstance(c, TrainingBudget)), None)
-    if timer is not None:
-        summary.update({"budget_minutes": timer.seconds / 60, "budget_clock": timer.clock,
-                        "training_minutes": timer.elapsed / 60})
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    learning_curve(run_dir, run_dir / "learning_curve.png")
-    if job.get("test"):
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
-                              weights_only=True)
-        metrics = {k: float(v) for entry in tested for k, v in entry.items()}
-        (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("%s: %d epochs in %.0f s (CPU %.0f s)", run_dir.name, trainer.current_epoch,
-             summary["fit_wall_seconds"], summary["fit_cpu_seconds"])
+        result = train(job, run_dir, datamodule=datamodule)
+    log.info("%s: %d epochs in %.0f s (CPU %.0f s)", run_dir.name, result.summary["epochs"],
+             result.summary["fit_wall_seconds"], result.summary["fit_cpu_seconds"])
     return _read_results(run_dir)
 
 

@@ -29,7 +29,8 @@ class TrainingBudget(Callback):
     fractions of the budget (for learning curves at equal time).
 
     Args:
-        minutes: the budget.
+        minutes: the budget; ``None``: no budget (the callback does nothing, so that a config can always
+            list it, ``conf/callbacks/default.yaml``).
         clock: ``"process"`` (CPU time of the process, all threads; robust to other load on the
             machine with one thread: with several, OpenMP threads spin while they wait for each other on
             a busy machine, and that time counts) or ``"wall"`` (elapsed time).
@@ -41,13 +42,13 @@ class TrainingBudget(Callback):
     The elapsed time is saved in checkpoints, so a resumed run continues the same budget.
     """
 
-    def __init__(self, minutes: float, clock: str = "process", cosine_lr: bool = False, min_lr: float = 1e-5,
-                 snapshots: Optional[Sequence[float]] = None, snapshot_dir: Optional[str] = None):
+    def __init__(self, minutes: Optional[float] = None, clock: str = "process", cosine_lr: bool = False,
+                 min_lr: float = 1e-5, snapshots: Optional[Sequence[float]] = None, snapshot_dir: Optional[str] = None):
         if clock not in ("process", "wall"):
             raise ValueError(f"clock must be 'process' or 'wall', got {clock!r}")
-        if not minutes > 0:
+        if minutes is not None and not minutes > 0:
             raise ValueError(f"the training budget must be positive, got {minutes} minutes")
-        self.seconds = 60.0 * float(minutes)
+        self.seconds = None if minutes is None else 60.0 * float(minutes)
         self.clock = clock
         self.cosine_lr = cosine_lr
         self.min_lr = float(min_lr)
@@ -62,12 +63,16 @@ class TrainingBudget(Callback):
         return time.process_time() if self.clock == "process" else time.perf_counter()
 
     @property
+    def active(self) -> bool:
+        return self.seconds is not None
+
+    @property
     def fraction(self) -> float:
-        return self.elapsed / self.seconds
+        return self.elapsed / self.seconds if self.active else 0.0
 
     @property
     def exhausted(self) -> bool:
-        return self.elapsed >= self.seconds
+        return self.active and self.elapsed >= self.seconds
 
     def describe(self) -> str:
         """E.g. ``"4.2 of 15 CPU minutes"`` (``"wall-clock minutes"`` for ``clock="wall"``)."""
@@ -75,6 +80,8 @@ class TrainingBudget(Callback):
         return f"{self.elapsed / 60:.2f} of {self.seconds / 60:g} {clock} minutes"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.active:
+            return
         if self.cosine_lr:
             optimizers = trainer.optimizers
             if self._initial_lr is None:
@@ -86,6 +93,8 @@ class TrainingBudget(Callback):
         self._start = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.active:
+            return
         if self._start is not None:
             self.elapsed += self._now() - self._start
             self._start = None
@@ -101,18 +110,27 @@ class TrainingBudget(Callback):
         trainer.save_checkpoint(str(folder / f"t{self.elapsed / 60:08.3f}min.ckpt"))
 
     def state_dict(self) -> Dict[str, Any]:
+        if not self.active:
+            return {}  # Lightning saves no state for the callback
         return {"elapsed": self.elapsed, "saved": self._saved, "initial_lr": self._initial_lr}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not self.active:
+            return
         self.elapsed = float(state_dict["elapsed"])
         self._saved = int(state_dict["saved"])
         self._initial_lr = state_dict.get("initial_lr")
 
 
+def training_budget(callbacks) -> Optional[TrainingBudget]:
+    """The active :class:`TrainingBudget` among ``callbacks`` (e.g. ``trainer.callbacks``), else ``None``."""
+    return next((c for c in callbacks if isinstance(c, TrainingBudget) and c.active), None)
+
+
 def stop_reason(trainer) -> str:
     """Why ``trainer.fit`` ended normally: the training budget, ``trainer.max_time``, early stopping,
     ``trainer.max_epochs`` or ``trainer.max_steps`` (checked in this order)."""
-    budget = next((c for c in trainer.callbacks if isinstance(c, TrainingBudget)), None)
+    budget = training_budget(trainer.callbacks)
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     early = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping) and c.stopped_epoch > 0), None)
     if budget is not None and budget.exhausted:
@@ -175,7 +193,7 @@ class EpochLog(Callback):
         if trainer.max_epochs not in (None, -1):
             epoch += f"/{trainer.max_epochs - 1}"
         parts = [epoch]
-        budget = next((c for c in trainer.callbacks if isinstance(c, TrainingBudget)), None)
+        budget = training_budget(trainer.callbacks)
         if budget is not None:
             parts.append(f"budget {100 * min(budget.fraction, 1.0):.0f}%")
         if trainer.optimizers:

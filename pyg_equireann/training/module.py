@@ -12,6 +12,7 @@ from pyg_equireann.graph.forces import energy_forces_stress
 from pyg_equireann.models.base import Potential
 from pyg_equireann.models.referenced import ReferencedModel
 from pyg_equireann.training.evaluation import ErrorMetrics, batch_errors
+from pyg_equireann.training.optim import Factory, build_factory, factory_config, optimizer_config, scheduler_config
 from pyg_equireann.utils import plain
 
 #: stress loss weight that ``stress_weight="auto"`` uses when the training data holds stress, × (σ − σ̂)² in
@@ -58,10 +59,18 @@ class PotentialModule(L.LightningModule):
             :data:`AUTO_STRESS_WEIGHT` for batches with a stress (all or no frames of a file have one), else 0.
         loss_schedule: optional ``{"start_epoch": k, "energy_weight": ..., "forces_weight": ...}``:
             weights switch at epoch k (e.g. more energy weight late in training, as MACE's stage two).
-        lr, weight_decay, betas, amsgrad: AdamW settings.
-        scheduler: ``"plateau"`` (ReduceLROnPlateau on the validation loss), ``"cosine"`` (to
-            ``min_lr`` over ``trainer.max_epochs``, with ``warmup_epochs`` of linear warm-up) or ``"none"``.
-        plateau_factor, plateau_patience, min_lr: scheduler settings.
+        optimizer: ``optimizer(params)`` → optimiser: a ``functools.partial`` (a Hydra ``_partial_`` config,
+            e.g. ``torch.optim.AdamW``) or its config; default AdamW with ``lr``, ``weight_decay``, ``betas``,
+            ``amsgrad``.
+        lr_scheduler: ``lr_scheduler(optimizer)`` → schedule stepped once per epoch (ReduceLROnPlateau on the
+            validation loss), likewise; default the schedule named by ``scheduler``.
+        lr, weight_decay, betas, amsgrad: settings of the default optimiser.
+        scheduler: the default schedule: ``"plateau"`` (ReduceLROnPlateau on the validation loss),
+            ``"cosine"`` (to ``min_lr`` over ``trainer.max_epochs``, with ``warmup_epochs`` of linear
+            warm-up, :func:`~pyg_equireann.training.optim.cosine_with_warmup`) or ``"none"``.
+        plateau_factor, plateau_patience, min_lr: settings of the default schedule.
+    The hyperparameters (and so checkpoints) hold the configs of ``optimizer`` and ``lr_scheduler``, not the
+    callables.
     """
 
     def __init__(
@@ -80,15 +89,19 @@ class PotentialModule(L.LightningModule):
         plateau_patience: int = 10,
         warmup_epochs: int = 0,
         min_lr: float = 1e-5,
+        optimizer: Factory = None,
+        lr_scheduler: Factory = None,
     ):
         super().__init__()
-        if scheduler not in ("plateau", "cosine", "none"):
-            raise ValueError(f"scheduler must be 'plateau', 'cosine' or 'none', got {scheduler!r}")
-        # plain containers only (no OmegaConf objects): checkpoints must load with weights_only=True
+        scheduler_config(scheduler)  # a clear error for an unknown name
+        # plain containers only (no OmegaConf objects, no callables): checkpoints must load with weights_only=True
         config = plain(model) if isinstance(model, Mapping) else None
         loss_schedule, betas = plain(loss_schedule), plain(betas)
-        self.save_hyperparameters(ignore=["model"])
-        self.hparams["model_config"] = config
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.hparams.update(model_config=config, optimizer=factory_config(optimizer, "optimizer"),
+                            lr_scheduler=factory_config(lr_scheduler, "lr_scheduler"))
+        self._optimizer = build_factory(self.hparams.optimizer, "optimizer")
+        self._lr_scheduler = build_factory(self.hparams.lr_scheduler, "lr_scheduler")
         self.model = build_model(model)
         self.test_names: List[str] = []
         self.test_config_types: Dict[str, List[str]] = {}
@@ -303,22 +316,19 @@ class PotentialModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                      betas=tuple(hp.betas), amsgrad=hp.amsgrad)
-        if hp.scheduler == "none":
+        make_optimizer = self._optimizer or build_factory(
+            optimizer_config(hp.lr, hp.weight_decay, hp.betas, hp.amsgrad), "optimizer")
+        optimizer = make_optimizer(self.parameters())
+        make_scheduler = self._lr_scheduler or build_factory(scheduler_config(
+            hp.scheduler, hp.plateau_factor, hp.plateau_patience, hp.warmup_epochs, hp.min_lr,
+            self._trainer.max_epochs if self._trainer is not None else 100), "lr_scheduler")
+        if make_scheduler is None:
             return optimizer
-        if hp.scheduler == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}}
-        max_epochs = max(int(self.trainer.max_epochs or 1), 1) if self.trainer is not None else 100
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(max_epochs - hp.warmup_epochs, 1), eta_min=hp.min_lr)
-        if hp.warmup_epochs > 0:
-            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=hp.warmup_epochs)
-            cosine = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[hp.warmup_epochs])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+        scheduler = make_scheduler(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -1,10 +1,17 @@
-"""Model preparation: a model config with its ``auto`` values filled from the training data, and a
-:class:`~pyg_equireann.training.module.PotentialModule` with the training set's energy statistics and
-calibrated densities."""
+"""What a training run is built of, from its config: the model config with its ``auto`` values filled from the
+training data (the one place where they are resolved), the :class:`~pyg_equireann.training.module.PotentialModule`
+(``cfg.module``, ``_target_``) with the training set's energy statistics and calibrated densities, and the
+Lightning trainer (``cfg.trainer``) with the loggers and callbacks of the config."""
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
+
+from pyg_equireann.training.checkpoint import AtomicCheckpointIO
 
 log = logging.getLogger("pyg_equireann.training")
 
@@ -21,21 +28,27 @@ def fill_auto(config: Mapping[str, Any], elements: Sequence[int],
 
 
 def prepare_model_config(model_cfg: DictConfig, datamodule) -> Dict[str, Any]:
-    """Resolve ``auto`` entries (``elements``, ``avg_num_neighbors``) from the training data."""
+    """The model config (plain, resolved) with its ``auto`` entries filled from the training data: ``elements``
+    (the training set's elements) and ``avg_num_neighbors`` (its mean neighbour count)."""
     config = OmegaConf.to_container(model_cfg, resolve=True)
     neighbors = datamodule.statistics["avg_num_neighbors"] if config.get("avg_num_neighbors") == "auto" else None
     return fill_auto(config, datamodule.elements, neighbors)
 
-
 def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,
                  calibrate_densities: bool = True):
-    """A :class:`~pyg_equireann.training.module.PotentialModule` for ``model_cfg`` with loss/optimiser settings
-    ``module_cfg``, the energy statistics (E0, scale, shift) of the data module's training set and, for
-    EquiREANN/REANN with ``calibrate_densities``, densities scaled to unit RMS on the first training structures."""
+    """The :class:`~pyg_equireann.training.module.PotentialModule` of ``module_cfg`` (``_target_``; its optimizer
+    and lr_scheduler ``_partial_`` configs become callables) for the model ``model_cfg``
+    (:func:`prepare_model_config`), with the energy statistics (E0, scale, shift) of the data module's training
+    set and, for EquiREANN/REANN with ``calibrate_densities``, densities scaled to unit RMS on the first training
+    structures. A ``module_cfg`` without ``_target_`` (an old run's record) is PotentialModule's."""
     from pyg_equireann.training.module import PotentialModule
 
     model_config = prepare_model_config(model_cfg, datamodule)
-    module = PotentialModule(model=model_config, **OmegaConf.to_container(module_cfg, resolve=True))
+    # resolved first, so that ${lr_scheduler:...} is a _partial_ config when instantiate reads it; the model
+    # config is passed after instantiate, which would build it (the module keeps it as the checkpoint's recipe)
+    module_config = {"_target_": f"{PotentialModule.__module__}.PotentialModule",
+                     **OmegaConf.to_container(module_cfg, resolve=True)}
+    module = instantiate(module_config, _partial_=True)(model=model_config)
     stats = datamodule.statistics
     module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
                                        shift=stats["shift"])
@@ -49,3 +62,34 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
         raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
                          "the data module caches the neighbour list")
     return module
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path):
+    """The Lightning trainer of ``cfg.trainer`` (``_target_``) with the loggers of ``cfg.logger`` and the callbacks
+    of ``cfg.callbacks`` (the training budget among them), atomic checkpoint writes unless a plugin of the trainer
+    config does the IO, and :func:`trainer_adjustments`, writing to ``out_dir``; returns ``(trainer, callbacks)``."""
+    loggers: List = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks: List = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    plugins: List = [instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
+                          default_root_dir=str(out_dir), **trainer_adjustments(cfg))
+    return trainer, callbacks
+
+
+def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
+    """Trainer arguments that depend on the situation: a training budget lifts the epoch cap of the
+    trainer config (not one given on the command line, nor one that an epoch-wise cosine schedule
+    anneals over: then the cap may stop training before the budget is used, and the stop line says so);
+    outside a terminal (nohup, batch jobs, ``| tee``) the progress bar is off, the per-epoch log lines of
+    :class:`~pyg_equireann.training.callbacks.EpochLog` take its place."""
+    from pyg_equireann.training.runs import command_line_keys
+
+    explicit, adjust = command_line_keys(cfg), {}
+    epoch_schedule = (cfg.get("module") or {}).get("scheduler") == "cosine"
+    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit and not epoch_schedule:
+        adjust["max_epochs"] = -1
+    if not sys.stdout.isatty() and "trainer.enable_progress_bar" not in explicit:
+        adjust["enable_progress_bar"] = False
+    return adjust

@@ -494,13 +494,13 @@ class PhysicsTests:
 
 def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequence[int] = (1, 6, 8),
                       avg_num_neighbors: float = 4.0, seed: int = 0,
-                      build_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of ``conf/model/<name>.yaml`` as ``equireann-train`` builds it (Hydra composition with
-    ``overrides`` such as ``model.num_channels=8``, ``auto`` entries filled by
+                      build_dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The model of ``conf/model/<name>.yaml`` as ``equireann-train float64=true`` builds it (Hydra composition
+    with ``overrides`` such as ``model.num_channels=8``, ``auto`` entries filled by
     :func:`~pyg_equireann.training.prepare.prepare_model_config` with ``elements`` and ``avg_num_neighbors``,
-    :func:`~pyg_equireann.training.module.build_model` under the default dtype ``build_dtype``, float32 as in
-    ``equireann-train``), then in float64 with random non-zero weights
-    (:func:`~pyg_equireann.utils.perturb_parameters`) and non-zero reference energies, scale and shift.
+    :func:`~pyg_equireann.training.module.build_model` under the default dtype ``build_dtype``), then in float64
+    with random non-zero weights (:func:`~pyg_equireann.utils.perturb_parameters`) and non-zero reference
+    energies, scale and shift.
 
     Constants a model computes at construction (e.g. MACE's Wigner 3j symbols and contraction matrices) keep
     the precision of ``build_dtype`` after ``.double()``."""

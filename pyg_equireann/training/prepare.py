@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pyg_equireann.training.checkpoint import AtomicCheckpointIO
@@ -48,7 +49,14 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
     # config is passed after instantiate, which would build it (the module keeps it as the checkpoint's recipe)
     module_config = {"_target_": f"{PotentialModule.__module__}.PotentialModule",
                      **OmegaConf.to_container(module_cfg, resolve=True)}
-    module = instantiate(module_config, _partial_=True)(model=model_config)
+    # built under the run's dtype: constants a model computes at construction (MACE's Wigner 3j symbols and
+    # contraction matrices) would stay float32-rounded by a later .double() (equivariant to ~1e-10 only)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if float64 else previous)
+    try:
+        module = instantiate(module_config, _partial_=True)(model=model_config)
+    finally:
+        torch.set_default_dtype(previous)
     stats = datamodule.statistics
     module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
                                        shift=stats["shift"])

@@ -91,7 +91,8 @@ def register_resolvers() -> None:
         "dtype": lambda float64: "float64" if float64 else "float32",
         "ckpt_cutoff": ckpt_model_cutoff,
         "log_version": log_version,
-        "lr_scheduler": scheduler_config,
+        # a DictConfig, not a dict: OmegaConf.resolve (``--cfg job --resolve``) replaces nodes only by containers
+        "lr_scheduler": lambda *args: None if (c := scheduler_config(*args)) is None else OmegaConf.create(c),
     }
     # cached: one value per composed config, however often Hydra and Lightning read it (folders are created once)
     cached = {"run_dir", "new_dir", "record_subdir", "log_version"}

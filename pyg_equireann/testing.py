@@ -506,7 +506,7 @@ def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequen
     the precision of ``build_dtype`` after ``.double()``."""
     from hydra import compose, initialize_config_dir
 
-    from pyg_equireann.cli import CONF_DIR
+    from pyg_equireann.config import CONF_DIR
     from pyg_equireann.training.module import build_model
     from pyg_equireann.training.prepare import prepare_model_config
 

@@ -40,7 +40,7 @@ def compose(config_name: Optional[str], overrides: Sequence[str] = (), return_hy
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pyg_equireann.cli import CONF_DIR
+    from pyg_equireann.config import CONF_DIR
 
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
@@ -137,7 +137,7 @@ def _worker(cfg: DictConfig, run_dir: str, threads: Optional[int], resume: bool)
     import torch
     from hydra.core.utils import setup_globals
 
-    from pyg_equireann.cli import register_resolvers
+    from pyg_equireann.config import register_resolvers
 
     setup_globals()  # Hydra's resolvers (hydra:, now:), as in the parent
     register_resolvers()

@@ -492,6 +492,27 @@ class PhysicsTests:
 # --------------------------------------------------------------------------- package models
 
 
+_SMALL_EQUIREANN = ["model.num_channels=8", "model.num_radial=4", "++model.message_hidden=[16]",
+              "++model.readout_hidden=[16]"]
+#: Hydra overrides that make each ``conf/model`` config small enough for tests (the configs' defaults are the
+#: published sizes): ``model_from_config(name, SMALL_MODEL_OVERRIDES[name])``.
+SMALL_MODEL_OVERRIDES = {
+    "equireann": _SMALL_EQUIREANN,
+    "equireann_large": ["model.num_channels=12", "model.num_radial=4", "model.message_hidden=[16,16]",
+                        "model.readout_hidden=[16,16]"],
+    "equireann_learned_passing": _SMALL_EQUIREANN,
+    "equireann_nopassing": _SMALL_EQUIREANN,
+    "reann": _SMALL_EQUIREANN,
+    "schnet": ["model.hidden_channels=16", "model.num_filters=16", "model.num_interactions=2",
+               "model.num_gaussians=16"],
+    "dimenetpp": ["model.hidden_channels=16", "model.num_blocks=1", "model.int_emb_size=8",
+                  "model.basis_emb_size=4", "model.out_emb_channels=16", "model.num_spherical=3",
+                  "model.num_radial=3"],
+    "visnet": ["model.hidden_channels=16", "model.num_layers=2", "model.num_rbf=8"],
+    "mace": ["model.hidden_irreps=8x0e+8x1o", "model.radial_mlp=[8,8]", "model.correlation=2"],
+}
+
+
 def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequence[int] = (1, 6, 8),
                       avg_num_neighbors: float = 4.0, seed: int = 0,
                       build_dtype: torch.dtype = torch.float64) -> nn.Module:

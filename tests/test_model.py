@@ -6,6 +6,8 @@ import torch
 
 from pyg_equireann import EquiREANN, REANN, energy_forces_stress, spherical_harmonics
 
+from pyg_equireann.testing import Structure, check_forces_finite_differences
+
 from .conftest import load_rmd17, make_model, random_rotation, small_periodic_system
 
 MODELS = {
@@ -99,19 +101,9 @@ def test_far_atom_changes_nothing(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forces_match_finite_differences(name):
-    model = MODELS[name]()
     z, pos = aspirin()
-    forces = energy_forces_stress(model, z, pos)["forces"]
-    h = 1e-5
-    fd = torch.zeros_like(pos)
-    with torch.no_grad():
-        for i in range(len(z)):
-            for a in range(3):
-                plus, minus = pos.clone(), pos.clone()
-                plus[i, a] += h
-                minus[i, a] -= h
-                fd[i, a] = -(model(z, plus) - model(z, minus)).item() / (2 * h)
-    assert rel(forces, fd) < 1e-6
+    measured = check_forces_finite_differences(MODELS[name](), Structure(z, pos, None, None), h=1e-5, rtol=1e-6)
+    assert measured["forces"] < 1e-6
 
 
 def periodic_models():

@@ -9,26 +9,9 @@ import pytest
 import torch
 
 from pyg_equireann.cli import CONF_DIR
-from pyg_equireann.testing import PhysicsTests, check_model, model_from_config
+from pyg_equireann.testing import SMALL_MODEL_OVERRIDES, PhysicsTests, check_model, model_from_config
 
-_EQUIREANN = ["model.num_channels=8", "model.num_radial=4", "++model.message_hidden=[16]",
-              "++model.readout_hidden=[16]"]
-#: small sizes per model config (the configs' defaults are the published sizes)
-CONFIGS = {
-    "equireann": _EQUIREANN,
-    "equireann_large": ["model.num_channels=12", "model.num_radial=4", "model.message_hidden=[16,16]",
-                        "model.readout_hidden=[16,16]"],
-    "equireann_learned_passing": _EQUIREANN,
-    "equireann_nopassing": _EQUIREANN,
-    "reann": _EQUIREANN,
-    "schnet": ["model.hidden_channels=16", "model.num_filters=16", "model.num_interactions=2",
-               "model.num_gaussians=16"],
-    "dimenetpp": ["model.hidden_channels=16", "model.num_blocks=1", "model.int_emb_size=8",
-                  "model.basis_emb_size=4", "model.out_emb_channels=16", "model.num_spherical=3",
-                  "model.num_radial=3"],
-    "visnet": ["model.hidden_channels=16", "model.num_layers=2", "model.num_rbf=8"],
-    "mace": ["model.hidden_irreps=8x0e+8x1o", "model.radial_mlp=[8,8]", "model.correlation=2"],
-}
+CONFIGS = SMALL_MODEL_OVERRIDES
 #: configs with periodic boundary conditions; the others must refuse a cell
 PERIODIC = {"equireann", "equireann_large", "equireann_learned_passing", "equireann_nopassing", "reann", "mace"}
 

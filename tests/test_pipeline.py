@@ -27,24 +27,20 @@ import pyg_equireann.datamodules
 from pyg_equireann.cli import CONF_DIR
 from pyg_equireann.training.prepare import prepare_model_config
 from pyg_equireann.cli.train import run as train_run
+from pyg_equireann.testing import SMALL_MODEL_OVERRIDES
 from pyg_equireann.training.module import PotentialModule
 
 BIN = Path(sys.executable).parent
 #: tiny data and a quiet, single-threaded trainer for every run in this file
 TINY = ["data.num_train=20", "data.num_val=10", "data.num_test=10", "trainer.enable_progress_bar=false",
         "num_threads=1"]
-#: small hidden sizes per model config (the configs' defaults are the published sizes)
+#: small hidden sizes per model config (the configs' defaults are the published sizes); the baselines as in
+#: the physics suite
 SMALL = {
     "equireann": ["model.num_channels=8"],
     "equireann_nopassing": ["model.num_channels=8"],
     "reann": ["model.num_channels=8"],
-    "schnet": ["model.hidden_channels=16", "model.num_filters=16", "model.num_interactions=2",
-               "model.num_gaussians=16"],
-    "dimenetpp": ["model.hidden_channels=16", "model.num_blocks=1", "model.int_emb_size=8",
-                  "model.basis_emb_size=4", "model.out_emb_channels=16", "model.num_spherical=3",
-                  "model.num_radial=3"],
-    "visnet": ["model.hidden_channels=16", "model.num_layers=2", "model.num_rbf=8"],
-    "mace": ["model.hidden_irreps=8x0e+8x1o", "model.radial_mlp=[8,8]", "model.correlation=2"],
+    **{name: SMALL_MODEL_OVERRIDES[name] for name in ("schnet", "dimenetpp", "visnet", "mace")},
 }
 MODEL_TARGETS = {
     "equireann": "pyg_equireann.EquiREANN",

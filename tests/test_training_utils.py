@@ -134,6 +134,28 @@ def test_optimiser_configs_of_a_checkpoint_build_only_torch_optim():
         PotentialModule(model=TINY_MODEL, lr_scheduler=lambda optimizer: None)
 
 
+class _OwnAdam(torch.optim.Adam):
+    """An optimiser class of a user's own package."""
+
+
+def test_own_optimiser_class_is_built_once_allowed():
+    """An optimiser of one's own: given by code (a partial) it is used as it is; read from a checkpoint's
+    config it is built once allowed with register_model_class."""
+    import functools
+
+    from pyg_equireann.training.checkpoint import register_model_class
+
+    module = PotentialModule(model=TINY_MODEL, optimizer=functools.partial(_OwnAdam, lr=0.01))
+    assert type(module.configure_optimizers()["optimizer"]) is _OwnAdam
+    config = dict(module.hparams.optimizer)
+    assert config == {"_target_": f"{__name__}._OwnAdam", "_partial_": True, "lr": 0.01}
+    with pytest.raises(ValueError, match="register_model_class"):
+        PotentialModule(model=TINY_MODEL, optimizer=config)
+    register_model_class(_OwnAdam)
+    optimizer = PotentialModule(model=TINY_MODEL, optimizer=config).configure_optimizers()["optimizer"]
+    assert type(optimizer) is _OwnAdam and optimizer.defaults["lr"] == 0.01
+
+
 def test_old_checkpoint_with_string_options_loads_with_its_schedule(tmp_path):
     """A checkpoint written before the optimiser and schedule were configs (hyperparameters: the string options,
     no ``optimizer``/``lr_scheduler``) loads with ``from_checkpoint`` and builds its optimiser and schedule."""

@@ -100,8 +100,11 @@ class PotentialModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
         self.hparams.update(model_config=config, optimizer=factory_config(optimizer, "optimizer"),
                             lr_scheduler=factory_config(lr_scheduler, "lr_scheduler"))
-        self._optimizer = build_factory(self.hparams.optimizer, "optimizer")
-        self._lr_scheduler = build_factory(self.hparams.lr_scheduler, "lr_scheduler")
+        # a partial given by code (Hydra's _partial_ config at training time) is used as it is; a config (from a
+        # checkpoint's hyperparameters) is built only if its class is allowed
+        self._optimizer = optimizer if callable(optimizer) else build_factory(self.hparams.optimizer, "optimizer")
+        self._lr_scheduler = (lr_scheduler if callable(lr_scheduler)
+                              else build_factory(self.hparams.lr_scheduler, "lr_scheduler"))
         self.model = build_model(model)
         self.test_names: List[str] = []
         self.test_config_types: Dict[str, List[str]] = {}

@@ -71,8 +71,10 @@ def factory_config(factory: Factory, what: str) -> Optional[Dict[str, Any]]:
 
 def build_factory(config: Optional[Mapping[str, Any]], what: str) -> Optional[Callable]:
     """The callable of a ``_partial_`` config (:func:`factory_config`). A config may come from a checkpoint,
-    which is not trusted: ``ValueError`` unless it names a ``torch.optim`` optimiser or schedule class or a
-    schedule of this module; its arguments are passed as they are (nothing nested is built)."""
+    which is not trusted: ``ValueError`` unless it names a ``torch.optim`` optimiser or schedule class, a
+    schedule of this module or a class of your own allowed with
+    :func:`~pyg_equireann.training.checkpoint.register_model_class` (or ``PYG_EQUIREANN_ALLOWED_MODELS``); its
+    arguments are passed as they are (nothing nested is built)."""
     if config is None:
         return None
     from hydra.utils import get_object
@@ -86,6 +88,11 @@ def build_factory(config: Optional[Mapping[str, Any]], what: str) -> Optional[Ca
         except (ImportError, AttributeError, ValueError):
             pass
     if not (factory is cosine_with_warmup or (isinstance(factory, type) and issubclass(factory, known))):
-        raise ValueError(f"{what} config names {target!r}: only torch.optim optimisers and schedules and "
-                         "pyg_equireann.training.optim.cosine_with_warmup are built")
+        from pyg_equireann.training.checkpoint import _allowed_target
+
+        if not (isinstance(target, str) and _allowed_target(target)):
+            raise ValueError(f"{what} config names {target!r}: only torch.optim optimisers and schedules, "
+                             "pyg_equireann.training.optim.cosine_with_warmup and classes allowed with "
+                             "pyg_equireann.training.checkpoint.register_model_class are built")
+        factory = get_object(target)
     return functools.partial(factory, **{k: v for k, v in config.items() if k not in _HYDRA_KEYS})

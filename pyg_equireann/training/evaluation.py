@@ -137,7 +137,7 @@ def evaluate(module, loader: Iterable, name: str, metrics: Optional[ErrorMetrics
     The errors of every batch are also added to ``metrics``."""
     rows = {k: [] for k in ("idx", "natoms", "config_type", "energy_ref", "energy_pred", "forces_mae", "forces_rmse")}
     forces_ref, forces_pred = [], []
-    for batch in tqdm(loader, desc=f"evaluating {name}", leave=False, disable=None)  # None: only in a terminal:
+    for batch in tqdm(loader, desc=f"evaluating {name}", leave=False, disable=None):  # None: only in a terminal
         with torch.enable_grad():
             out = module.predict_batch(batch, create_graph=False)
         errors = batch_errors(batch, out)

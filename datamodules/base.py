@@ -49,6 +49,7 @@ def data_root_hint(path: str | os.PathLike) -> str:
         return ""
     return f" (data folder {root}: {source}; set {DATA_ENV}=<folder> for another)"
 
+
 AtomicEnergiesSpec = Union[None, str, os.PathLike, Mapping[Any, float]]
 
 

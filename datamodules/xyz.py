@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import cache as _cache
 from pyg_equireann.datamodules.base import AtomicEnergiesSpec, PotentialDataModule, data_root_hint, random_subset, subset
 from pyg_equireann.datamodules.structures import (StructureDataset, atoms_to_data, attach_edges, available_keys,
-                         harmonize_cells, plain_hparams)
+                                                  harmonize_cells, plain_hparams)
 from pyg_equireann.utils import dtype_name
 
 PathLike = Union[str, os.PathLike]

@@ -38,8 +38,9 @@ or inherit them as pytest tests (as NequIP's ``BaseModelTests``), one test per c
         def periodic(self):  # default: whether the model accepts a cell
             return True
 
-The module needs pytest (the ``test`` extra). Every model config of the package runs through :class:`PhysicsTests` in ``tests/test_physics_suite.py``, built
-by :func:`model_from_config` as ``equireann-train`` builds it.
+The module needs pytest (the ``test`` extra). Every model config of the package runs through
+:class:`PhysicsTests` in ``tests/test_physics_suite.py``, built by :func:`model_from_config` as
+``equireann-train float64=true`` builds it.
 """
 import inspect
 import math
@@ -256,8 +257,9 @@ def check_batch(model: nn.Module, structures: Sequence[Structure], rtol: float =
         cell = torch.stack([s.cell for s in structures])
         pbc = torch.stack([torch.as_tensor(s.pbc) for s in structures])
     both = evaluate(model, z, pos, batch, cell, pbc)
-    return {"energy": _within("batch = each alone", "energies", rel(both["energy"], torch.cat([s["energy"] for s in single])), rtol),
-            "forces": _within("batch = each alone", "forces", rel(both["forces"], torch.cat([s["forces"] for s in single])), rtol)}
+    alone = {k: torch.cat([s[k] for s in single]) for k in ("energy", "forces")}
+    return {"energy": _within("batch = each alone", "energies", rel(both["energy"], alone["energy"]), rtol),
+            "forces": _within("batch = each alone", "forces", rel(both["forces"], alone["forces"]), rtol)}
 
 
 def check_cutoff_smoothness(model: nn.Module, elements: Sequence[int] = (1, 6, 8), cutoff: Optional[float] = None,
@@ -493,7 +495,7 @@ class PhysicsTests:
 
 
 _SMALL_EQUIREANN = ["model.num_channels=8", "model.num_radial=4", "++model.message_hidden=[16]",
-              "++model.readout_hidden=[16]"]
+                    "++model.readout_hidden=[16]"]
 #: Hydra overrides that make each ``conf/model`` config small enough for tests (the configs' defaults are the
 #: published sizes): ``model_from_config(name, SMALL_MODEL_OVERRIDES[name])``.
 SMALL_MODEL_OVERRIDES = {

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot, speed_markdown,
-                                        speed_plot, write_csv)
+from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot,
+                                                    speed_markdown, speed_plot, write_csv)
 from pyg_equireann.experiments.bench.speed import energy_and_forces, peak_memory, run_speed
 from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
 from pyg_equireann.experiments.harness import model_configs

@@ -161,8 +161,8 @@ def train_models(runs: Mapping[str, DictConfig], out_dir: Path, jobs: int = 0, t
     of raising).
 
     ``jobs = 0``: one after another in this process, sharing ``datamodule`` (a set-up data module of every
-    run's data config; none: each run builds its own); ``jobs >= 1``: each run in a fresh spawned process, ``jobs`` at a time, with ``threads`` torch
-    threads each."""
+    run's data config; none: each run builds its own); ``jobs >= 1``: each run in a fresh spawned process,
+    ``jobs`` at a time, with ``threads`` torch threads each."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)

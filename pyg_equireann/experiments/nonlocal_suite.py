@@ -159,7 +159,7 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
     plot_twist_curves(labelled, run_dir / "twist_curves.png", cutoff, cc, "Cumulene twist, relaxed scan")
     angles = np.asarray(cfg.rigid_twist_angles, np.float64)
     rigid_curves = {label(cfg, n): {m: {"twist": angles, "ref": np.full_like(angles, np.nan), "pred": e}
-                               for m, e in rigid[n].items()} for n in names}
+                                    for m, e in rigid[n].items()} for n in names}
     plot_twist_curves(rigid_curves, run_dir / "rigid_twist.png", cutoff, cc,
                       "Rigid twist of the last CH$_2$ (no reference)")
 

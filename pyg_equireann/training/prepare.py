@@ -35,6 +35,7 @@ def prepare_model_config(model_cfg: DictConfig, datamodule) -> Dict[str, Any]:
     neighbors = datamodule.statistics["avg_num_neighbors"] if config.get("avg_num_neighbors") == "auto" else None
     return fill_auto(config, datamodule.elements, neighbors)
 
+
 def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, float64: bool = False,
                  calibrate_densities: bool = True):
     """The :class:`~pyg_equireann.training.module.PotentialModule` of ``module_cfg`` (``_target_``; its optimizer

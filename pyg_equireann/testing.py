@@ -51,8 +51,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.graph.forces import energy_forces_stress
-from pyg_equireann.utils import perturb_parameters
+from pyg_equireann.graph.forces import energy_forces_stress, strained_inputs
+from pyg_equireann.utils import default_dtype, perturb_parameters
 
 #: relative tolerance (max |difference| / max |reference|) of exact symmetries in float64
 SYMMETRY_RTOL = 1e-10
@@ -146,15 +146,8 @@ def evaluate(model: nn.Module, z: Tensor, pos: Tensor, batch: Optional[Tensor] =
     if batch is None:
         batch = torch.zeros(len(z), dtype=torch.long, device=z.device)
     pos = pos.detach().requires_grad_(True)
-    inputs, strained_pos, cells = [pos], pos, None
-    if cell is not None:
-        cells = cell.view(-1, 3, 3).to(pos.dtype)
-    if stress:
-        strain = torch.zeros(len(cells), 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
-        inputs.append(strain)
-        symmetric = 0.5 * (strain + strain.transpose(1, 2))
-        strained_pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[batch])
-        cells = cells + torch.bmm(cells, symmetric)
+    num_graphs = 1 if cell is None else cell.view(-1, 3, 3).shape[0]
+    inputs, strained_pos, cells = strained_inputs(pos, batch, cell, num_graphs, stress)
     energy = energy_of(model, z, strained_pos, batch, cells, pbc)
     grads = torch.autograd.grad(energy.sum(), inputs)
     out = {"energy": energy.detach(), "forces": -grads[0]}
@@ -537,12 +530,8 @@ def model_from_config(name: str, overrides: Sequence[str] = (), elements: Sequen
         cfg = compose("train", overrides=[f"model={name}", *overrides])
     data = SimpleNamespace(elements=list(elements), statistics={"avg_num_neighbors": avg_num_neighbors})
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(build_dtype)
-    try:
+    with default_dtype(build_dtype):
         model = build_model(prepare_model_config(cfg.model, data)).double()
-    finally:
-        torch.set_default_dtype(previous)
     perturb_parameters(model, seed)
     model.set_energy_statistics(atomic_energies={z: -0.5 * (i + 1) for i, z in enumerate(elements)},
                                 scale=0.7, shift=0.1)

@@ -1,7 +1,8 @@
 """Small helpers shared by tests, benchmarks and examples."""
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,17 @@ def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 1.0) -> n
 #: The floating-point dtypes of models and data, by name.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DTYPE_ALIASES = {"float": "float32", "double": "float64"}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block (None: unchanged), restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:

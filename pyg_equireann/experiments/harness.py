@@ -129,7 +129,7 @@ def train_run(cfg: DictConfig, run_dir: Path, datamodule=None, resume: bool = Fa
         result = train(job, run_dir, datamodule=datamodule)
     log.info("%s: %d epochs in %.0f s (CPU %.0f s)", run_dir.name, result.summary["epochs"],
              result.summary["fit_wall_seconds"], result.summary["fit_cpu_seconds"])
-    return _read_results(run_dir)
+    return {"run_dir": str(run_dir), **result.summary, **result.results}  # what _read_results reads back
 
 
 def _worker(cfg: DictConfig, run_dir: str, threads: Optional[int], resume: bool) -> Dict[str, Any]:

@@ -1,11 +1,24 @@
 """Forces and stress by automatic differentiation of any ``model(z, pos, batch, ...)`` energy."""
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from pyg_equireann.graph.edges import image_shifts
-from pyg_equireann.graph.edges import ensure_graph
+from pyg_equireann.graph.edges import ensure_graph, image_shifts
+
+
+def strained_inputs(pos: Tensor, batch: Tensor, cell: Optional[Tensor], num_graphs: int, strain: bool
+                    ) -> Tuple[List[Tensor], Tensor, Optional[Tensor]]:
+    r"""What forces and stress are derivatives with respect to: ``([pos] or [pos, ε], positions, cells)``.
+    With ``strain``, a zero symmetric strain :math:`\varepsilon` (B, 3, 3) deforms positions (N, 3) and
+    cells (B, 3, 3) as :math:`x \to x(1+\varepsilon)`; ``pos`` must require grad."""
+    cells = None if cell is None else cell.view(-1, 3, 3).to(pos.dtype)
+    if not strain:
+        return [pos], pos, cells
+    epsilon = torch.zeros(num_graphs, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
+    symmetric = 0.5 * (epsilon + epsilon.transpose(1, 2))
+    strained_pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[batch])
+    return [pos, epsilon], strained_pos, cells + torch.bmm(cells, symmetric)
 
 
 def energy_forces_stress(
@@ -50,17 +63,7 @@ def energy_forces_stress(
     num_graphs = cell.view(-1, 3, 3).shape[0] if cell is not None else (int(batch.max()) + 1 if len(batch) else 1)
 
     pos = pos.detach().requires_grad_(True)
-    inputs = [pos]
-    strained_pos = pos
-    cells = None
-    if cell is not None:
-        cells = cell.view(-1, 3, 3).to(pos.dtype)
-    if compute_stress:
-        strain = torch.zeros(num_graphs, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
-        inputs.append(strain)
-        symmetric = 0.5 * (strain + strain.transpose(1, 2))
-        strained_pos = pos + torch.einsum("ni,nij->nj", pos, symmetric[batch])
-        cells = cells + torch.bmm(cells, symmetric)
+    inputs, strained_pos, cells = strained_inputs(pos, batch, cell, num_graphs, compute_stress)
     edge_shift = None
     if cell_offsets is not None:
         edge_shift = image_shifts(edge_index, cell_offsets.to(pos.dtype), cells, batch)

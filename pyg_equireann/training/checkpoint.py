@@ -220,23 +220,20 @@ LEGACY_MODULES = {
 
 
 def upgrade_targets(config: Any) -> Any:
-    """``config`` with every ``_target_`` in an old module path (:data:`LEGACY_MODULES`) renamed; the
-    same object when nothing changed."""
-    if isinstance(config, Mapping):
-        out = {k: upgrade_targets(v) for k, v in config.items()}
-        target = out.get("_target_")
-        if isinstance(target, str):
-            module, _, name = target.rpartition(".")
-            for old, new in LEGACY_MODULES.items():
-                if module == old or module.startswith(old + "."):
-                    out["_target_"] = f"{new}{module[len(old):]}.{name}"
-                    break
-        return out if any(out[k] is not config[k] for k in out) or out.get("_target_") != config.get("_target_") \
-            else config
+    """A copy of ``config`` with every ``_target_`` in an old module path (:data:`LEGACY_MODULES`) renamed."""
     if isinstance(config, list):
-        out = [upgrade_targets(v) for v in config]
-        return out if any(a is not b for a, b in zip(out, config)) else config
-    return config
+        return [upgrade_targets(v) for v in config]
+    if not isinstance(config, Mapping):
+        return config
+    out = {k: upgrade_targets(v) for k, v in config.items()}
+    target = out.get("_target_")
+    if isinstance(target, str):
+        module, _, name = target.rpartition(".")
+        for old, new in LEGACY_MODULES.items():
+            if module == old or module.startswith(old + "."):
+                out["_target_"] = f"{new}{module[len(old):]}.{name}"
+                break
+    return out
 
 
 #: Hydra keys with a meaning for ``instantiate`` other than ``_target_``: never in a saved model config.

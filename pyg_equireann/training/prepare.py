@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pyg_equireann.training.checkpoint import AtomicCheckpointIO
+from pyg_equireann.utils import default_dtype
 
 log = logging.getLogger("pyg_equireann.training")
 
@@ -52,12 +53,8 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
                      **OmegaConf.to_container(module_cfg, resolve=True)}
     # built under the run's dtype: constants a model computes at construction (MACE's Wigner 3j symbols and
     # contraction matrices) would stay float32-rounded by a later .double() (equivariant to ~1e-10 only)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64 if float64 else previous)
-    try:
+    with default_dtype(torch.float64 if float64 else None):
         module = instantiate(module_config, _partial_=True)(model=model_config)
-    finally:
-        torch.set_default_dtype(previous)
     stats = datamodule.statistics
     module.model.set_energy_statistics(atomic_energies=stats["atomic_energies"], scale=stats["scale"],
                                        shift=stats["shift"])

@@ -166,3 +166,18 @@ def test_old_checkpoint_with_string_options_loads_with_its_schedule(tmp_path):
     loaded = PotentialModule.from_checkpoint(tmp_path / "old.ckpt")
     assert _learning_rates(loaded, max_epochs=4) == _learning_rates(old, max_epochs=4)
     assert _learning_rates(loaded, max_epochs=4)[3][:2] == [pytest.approx(0.002), pytest.approx(0.02)]
+
+
+def test_checkpoint_naming_old_module_paths_loads(tmp_path):
+    """Checkpoints written before the package was split into nn/, graph/, models/, training/ name their model
+    classes by the old module paths (``pyg_equireann.equireann.EquiREANN``, ``pyg_equireann.pyg_compat...``):
+    they load as the classes' new paths, with the same energies."""
+    module = PotentialModule(model=TINY_MODEL)
+    hparams = dict(module.hparams)
+    hparams["model_config"] = {**TINY_MODEL, "_target_": "pyg_equireann.equireann.EquiREANN"}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"},
+               tmp_path / "old.ckpt")
+    loaded = PotentialModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.hparams.model_config["_target_"] == "pyg_equireann.models.equireann.EquiREANN"
+    z, pos = torch.tensor([8, 1, 1]), torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+    assert torch.equal(loaded.model(z, pos), module.model(z, pos))

@@ -73,8 +73,8 @@ def train_step_bench(cfg: DictConfig, out_dir: Path) -> str:
                           str(step.device), bool(step.float64), str(cfg.reference), module)
     dtype = "float64" if step.float64 else "float32"
     return write_train_step_report(rows, out_dir, str(cfg.reference), int(step.repeats), int(step.warmup),
-                                   f"{step.dataset} ({' '.join(step.data_overrides) or 'training split'}), "
-                                   f"{dtype}, {int(step.threads)} thread(s)")
+                                   f"{step.dataset} training data" + "".join(f", {o}" for o in step.data_overrides)
+                                   + f", {dtype}")
 
 
 def accuracy_bench(cfg: DictConfig, out_dir: Path) -> str:

@@ -193,7 +193,7 @@ def machine() -> str:
     import psutil
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
@@ -201,7 +201,7 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''}")
 
 
 def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, reference: str, repeats: int,

@@ -1,4 +1,5 @@
-"""Speed and memory of energy+forces, every model in one process, interleaved."""
+"""Speed and memory of energy+forces, every model in one process, interleaved by :func:`interleaved_timings`
+(which also times the training step, :mod:`~pyg_equireann.experiments.bench.train_step`), out-of-memory safe."""
 import functools
 import gc
 import logging

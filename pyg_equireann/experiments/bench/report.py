@@ -66,8 +66,8 @@ def speed_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equirean
 
 def train_step_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equireann") -> str:
     """One table per batch size: ms per training step (median and minimum), structures per second, step time
-    ÷ the reference model's, parameters and peak memory of a step (CUDA; ``n/a`` on CPU), then the ratios
-    in one line."""
+    ÷ the reference model's, parameters and peak memory of a step (CUDA; ``n/a`` on CPU), then the ratios of
+    the medians and of the minima (less sensitive to other load on the machine) in one line."""
     out = []
     groups: Dict[int, List[Mapping[str, Any]]] = {}
     for row in rows:
@@ -90,7 +90,8 @@ def train_step_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equ
                        f"{_fmt(row['ms_per_step_min'])} | {_fmt(row['structures_per_s'])} | "
                        f"{'–' if ratio is None else f'{ratio:.2f}'} | {memory} |")
             if ratio is not None and row["model"] != reference:
-                ratios.append(f"{row['model']} / {reference} = {ratio:.2f}")
+                ratios.append(f"{row['model']} / {reference} = {ratio:.2f} "
+                              f"(minima: {row['ratio_to_reference_min']:.2f})")
         out.append("")
         if ratios:
             out += [f"Step time at batch {batch_size}: " + "; ".join(ratios) + ".", ""]

@@ -66,9 +66,9 @@ def run_train_step(model_configs: Mapping[str, Mapping[str, Any]], data_override
                    reference: str = "equireann", module_overrides: Optional[Mapping[str, Any]] = None,
                    progress: bool = True) -> List[Dict[str, Any]]:
     """The training-step table: one row per (batch size, model) with the median (and minimum) ms per step,
-    structures per second, step time ÷ ``reference``'s, parameters and, on CUDA, ``peak_mb`` (the most memory
-    allocated during a step beyond what was allocated before it: activations, gradients, temporaries; not the
-    weights, optimiser state or batches). Each model gets a data module at its own cutoff (cached neighbour
+    structures per second, step time ÷ ``reference``'s (of the medians, and of the minima), parameters and, on
+    CUDA, ``peak_mb`` (the most memory allocated during the last warm-up step beyond what was allocated before
+    it: activations, gradients, temporaries; not the weights, optimiser state or batches). Each model gets a data module at its own cutoff (cached neighbour
     list, as in training) and steps through its first ``warmup + repeats`` batches in turn; models are
     interleaved after ``warmup`` steps each. Models that run out of memory are reported as ``OOM``."""
     from omegaconf import OmegaConf
@@ -94,7 +94,7 @@ def run_train_step(model_configs: Mapping[str, Mapping[str, Any]], data_override
             modules[name], calls[name] = module, (lambda step=step, cycle=cycle: step(next(cycle)))
             atoms[name] = sum(int(b.num_nodes) for b in batches) / len(batches)
         timings = interleaved_timings(calls, repeats, warmup, max_seconds, str(device))
-        ref = timings.get(reference, {}).get("median_s")
+        ref, ref_min = (timings.get(reference, {}).get(key) for key in ("median_s", "min_s"))
         for name, result in timings.items():
             row = {"batch_size": int(batch_size), "atoms_per_step": atoms[name], "model": name,
                    "parameters": sum(p.numel() for p in modules[name].parameters()), "device": device.type,
@@ -105,6 +105,7 @@ def run_train_step(model_configs: Mapping[str, Mapping[str, Any]], data_override
                     "ms_per_step_min": 1e3 * result["min_s"],
                     "structures_per_s": batch_size / result["median_s"],
                     "ratio_to_reference": result["median_s"] / ref if ref else None,
+                    "ratio_to_reference_min": result["min_s"] / ref_min if ref_min else None,
                     "repeats": len(result["samples"]),
                     "peak_mb": result.get("peak_mb"),
                 })

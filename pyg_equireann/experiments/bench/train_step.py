@@ -68,9 +68,10 @@ def run_train_step(model_configs: Mapping[str, Mapping[str, Any]], data_override
     """The training-step table: one row per (batch size, model) with the median (and minimum) ms per step,
     structures per second, step time ÷ ``reference``'s (of the medians, and of the minima), parameters and, on
     CUDA, ``peak_mb`` (the most memory allocated during the last warm-up step beyond what was allocated before
-    it: activations, gradients, temporaries; not the weights, optimiser state or batches). Each model gets a data module at its own cutoff (cached neighbour
-    list, as in training) and steps through its first ``warmup + repeats`` batches in turn; models are
-    interleaved after ``warmup`` steps each. Models that run out of memory are reported as ``OOM``."""
+    it: activations, gradients, temporaries; not the weights, optimiser state or batches). Each model gets a
+    data module at its own cutoff (cached neighbour list, as in training) and steps through its first
+    ``warmup + repeats`` batches in turn; models are interleaved after ``warmup`` steps each. Models that run
+    out of memory are reported as ``OOM``."""
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 

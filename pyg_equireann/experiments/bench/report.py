@@ -43,23 +43,25 @@ def speed_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equirean
         groups.setdefault((row["system"], row["dtype"]), []).append(row)
     for (system, dtype), group in groups.items():
         atoms, structures = group[0]["atoms"], group[0]["structures"]
+        rss = any(row.get("rss_mb") is not None for row in group)
         gpu = any(row.get("peak_mb") is not None for row in group)
+        columns = [("peak RSS (MB)", "rss_mb"), ("peak RSS increase (MB)", "rss_increase_mb")] if rss else []
+        columns += [("peak GPU memory of a call (MB)", "peak_mb")] if gpu else []
         out.append(f"**{system}** ({structures} structure{'s' if structures > 1 else ''}, {atoms:,} atoms), {dtype}, "
                    "energy + forces incl. neighbour list")
         out.append("")
-        out.append(f"| model | parameters | ms / structure | µs / atom | time ÷ {reference} | peak RSS (MB) | "
-                   "peak RSS increase (MB) |" + (" peak GPU memory of a call (MB) |" if gpu else ""))
-        out.append("|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+        out.append(f"| model | parameters | ms / structure | µs / atom | time ÷ {reference} |"
+                   + "".join(f" {title} |" for title, _ in columns))
+        out.append("|---|---|---|---|---|" + "---|" * len(columns))
         for row in group:
             if row["status"] != "ok":
                 out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {row['status']}: {row.get('note', '')} "
-                           "| | | | |" + (" |" if gpu else ""))
+                           "| | |" + " |" * len(columns))
                 continue
             ratio = row.get("ratio_to_reference")
             out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {_fmt(row['ms_per_structure'])} | "
-                       f"{_fmt(row['us_per_atom'])} | {'–' if ratio is None else f'{ratio:.2f}'} | "
-                       f"{_fmt(row.get('rss_mb'))} | {_fmt(row.get('rss_increase_mb'))} |"
-                       + (f" {_fmt(row.get('peak_mb'))} |" if gpu else ""))
+                       f"{_fmt(row['us_per_atom'])} | {'–' if ratio is None else f'{ratio:.2f}'} |"
+                       + "".join(f" {_fmt(row.get(key))} |" for _, key in columns))
         out.append("")
     return "\n".join(out)
 
@@ -210,8 +212,14 @@ def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, referen
     """``speed.csv``, ``speed.png`` (``dtype`` rows) and ``speed.md`` in ``out_dir``; returns the Markdown."""
     write_csv(rows, out_dir / "speed.csv")
     plot = speed_plot(rows, out_dir / "speed.png", dtype)
+    memory = []
+    if any(row.get("rss_mb") is not None for row in rows):
+        memory.append("peak resident memory in a fresh process per model and system")
+    if any(row.get("peak_mb") is not None for row in rows):
+        memory.append("peak GPU memory of a call: `torch.cuda.max_memory_allocated` during the last warm-up call "
+                      "minus the memory allocated before it")
     text = (f"## Speed\n\nMachine: {machine()}.\nMedian of up to {repeats} interleaved repeats after "
-            f"{warmup} warm-up calls; peak memory in a fresh process per model and system.\n\n"
+            f"{warmup} warm-up calls; {'; '.join(memory) or 'memory not measured (speed.memory=false)'}.\n\n"
             f"{speed_markdown(rows, reference)}")
     if plot:
         text += f"\n![time per structure]({plot.name})\n"

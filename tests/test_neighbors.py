@@ -147,9 +147,9 @@ def test_vesin_fallback_for_large_graph(monkeypatch):
     calls = []
     orig = nb._vesin_subset
 
-    def spy(pos_, batch_, node_idx, cutoff):
+    def spy(pos_, batch_, node_idx, *args):
         calls.append(None if node_idx is None else node_idx.numel())
-        return orig(pos_, batch_, node_idx, cutoff)
+        return orig(pos_, batch_, node_idx, *args)
 
     monkeypatch.setattr(nb, "_vesin_subset", spy)
     monkeypatch.setattr(nb, "TORCH_MAX_GRAPH_ATOMS", 100)
@@ -171,6 +171,9 @@ def test_vesin_fallback_for_large_graph(monkeypatch):
     ei2 = radius_graph(pos, 4.0, batch, backend="torch")
     assert calls == [300]
     assert torch.equal(ei, ei2)
+    # with CUDA positions and vesin-torch installed the large graphs go to vesin-torch on the device
+    batch_, counts, ptr, _ = nb._prepare_batch(pos, batch)
+    assert torch.equal(nb._radius_torch(pos, 4.0, batch_, counts, ptr, on_device=True), ei)
 
 
 @pytest.mark.parametrize("layout", ["flat", "dense"])

@@ -245,15 +245,21 @@ def _vesin_nonperiodic_pairs(pos64: Tensor, batch: Tensor, num_graphs: int, cuto
     return torch.from_numpy(i.astype(np.int64)), torch.from_numpy(j.astype(np.int64))
 
 
-def _vesin_subset(pos: Tensor, batch: Tensor, node_idx: Tensor | None, cutoff: float) -> tuple[Tensor, Tensor]:
-    """Non-periodic vesin pairs (i, j) (global indices, on pos.device) for atoms ``node_idx``."""
+def _vesin_subset(
+    pos: Tensor, batch: Tensor, node_idx: Tensor | None, cutoff: float, num_graphs: int, on_device: bool
+) -> tuple[Tensor, Tensor]:
+    """Non-periodic candidate pairs (i, j) (global indices, on pos.device) of the atoms ``node_idx``
+    (None: all) in one call: vesin-torch on pos.device, or vesin on the CPU."""
     sub = pos if node_idx is None else pos[node_idx]
     bsub = batch if node_idx is None else batch[node_idx]
-    i, j = _vesin_nonperiodic_pairs(sub.detach().to("cpu", torch.float64), bsub.cpu(), int(batch[-1]) + 1, cutoff)
-    i_t, j_t = i.to(pos.device), j.to(pos.device)
+    if on_device:
+        i, j = _vesin_torch_pairs(sub, bsub, num_graphs, cutoff)
+    else:
+        i, j = _vesin_nonperiodic_pairs(sub.detach().to("cpu", torch.float64), bsub.cpu(), num_graphs, cutoff)
+        i, j = i.to(pos.device), j.to(pos.device)
     if node_idx is not None:
-        i_t, j_t = node_idx[i_t], node_idx[j_t]
-    return i_t, j_t
+        i, j = node_idx[i], node_idx[j]
+    return i, j
 
 
 @functools.lru_cache(maxsize=8)
@@ -368,7 +374,7 @@ def _pairs_dense(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr:
     return src, dst
 
 
-def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor) -> Tensor:
+def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor, on_device: bool) -> Tensor:
     n = pos.shape[0]
     device = pos.device
     sq = counts * counts
@@ -398,7 +404,7 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
     if any_large:
         # all graphs with pairs are large: hand the whole batch over (no subset gathers)
         node_idx = None if num_small == 0 else large[batch].nonzero().squeeze(1)
-        i, j = _vesin_subset(pos, batch, node_idx, cutoff)
+        i, j = _vesin_subset(pos, batch, node_idx, cutoff, counts.numel(), on_device)
         i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
         src_parts.append(j)
         dst_parts.append(i)
@@ -415,10 +421,7 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
 
 def _radius_vesin(pos: Tensor, cutoff: float, batch: Tensor, num_graphs: int, on_device: bool) -> Tensor:
     """One vesin search for the whole batch: vesin-torch on pos.device, or vesin on the CPU."""
-    if on_device:
-        i, j = _vesin_torch_pairs(pos, batch, num_graphs, cutoff)
-    else:
-        i, j = _vesin_subset(pos, batch, None, cutoff)
+    i, j = _vesin_subset(pos, batch, None, cutoff, num_graphs, on_device)
     i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
     perm = _sort_key_order(i, j, pos.shape[0])
     return torch.stack([j[perm], i[perm]])
@@ -461,15 +464,14 @@ def radius_graph(pos: Tensor, cutoff: float, batch: Tensor | None = None, backen
     _check_pos(pos, batch)
     cutoff = _check_cutoff(cutoff)
     if backend == "auto":
-        # On CPU the "torch" backend was measured fastest (torch_cluster 2.2x slower, docs/neighbors.md);
-        # CUDA tensors stay on the device: vesin-torch, else torch_cluster, else "torch" with a warning.
-        if not pos.is_cuda:
-            backend = "torch"
-        elif vesin_torch_available():
-            backend = "vesin_torch"
-        else:
+        # On CPU the "torch" backend was measured fastest (torch_cluster 2.2x slower, vesin-torch 2-4x
+        # slower for small molecules, docs/neighbors.md). CUDA tensors stay on the device: "torch" with
+        # its large graphs through vesin-torch, else torch_cluster, else "torch" with a warning.
+        if pos.is_cuda and not vesin_torch_available():
             _warn_cpu_fallback()
             backend = "torch_cluster" if torch_cluster_available() else "torch"
+        else:
+            backend = "torch"
     elif backend == "torch_cluster" and not torch_cluster_available():
         raise ValueError(
             "backend='torch_cluster' was requested but torch_cluster is not installed (or fails to "
@@ -483,7 +485,7 @@ def radius_graph(pos: Tensor, cutoff: float, batch: Tensor | None = None, backen
         if pos.shape[0] < 2:
             return _empty_edges(pos.device)
         if backend == "torch":
-            return _radius_torch(pos, cutoff, batch, counts, ptr)
+            return _radius_torch(pos, cutoff, batch, counts, ptr, pos.is_cuda and vesin_torch_available())
         if backend in ("vesin", "vesin_torch"):
             return _radius_vesin(pos, cutoff, batch, num_graphs, backend == "vesin_torch")
         return _radius_torch_cluster(pos, cutoff, None if batch_in is None else batch, counts)

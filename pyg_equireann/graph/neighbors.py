@@ -576,10 +576,6 @@ def radius_graph_pbc(
         i, j, s = search(pos, cutoff, batch, ptr, num_graphs, cell_g, pbc_g, nonper)
         if i.numel() == 0:
             return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
-        # drop the (i, i, 0) pair (vesin never returns it, but be safe)
-        self_pair = i == j
-        if bool(self_pair.any()):
-            i, j, s = _select(~(self_pair & (s == 0).all(dim=1)), i, j, s)
         perm = _edge_order(i, j, s, n)
         i, j, s = i.index_select(0, perm), j.index_select(0, perm), s.index_select(0, perm)
 
@@ -593,6 +589,7 @@ def radius_graph_pbc(
         else:
             shift = image_shifts(edge_index, off, cell_t, batch)
         keep = _keep_within(pos.t().contiguous(), i, j, cutoff, shift)
+        keep &= (i != j) | (off != 0).any(dim=1)  # no (i, i, 0) pair (vesin never returns it; be safe)
         if not bool(keep.all()):
             i, j, off = _select(keep, i, j, off)
             edge_index = torch.stack([j, i])

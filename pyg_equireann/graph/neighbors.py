@@ -14,15 +14,20 @@ Backends of :func:`radius_graph` (non-periodic):
 
 * ``"torch"``: all candidate pairs *within each graph* (``sum_g n_g**2``, vectorised, no
   Python loop over graphs), filtered by distance. Graphs too large for that (see
-  :data:`TORCH_MAX_CANDIDATES`, :data:`TORCH_MAX_GRAPH_ATOMS`) go to vesin's O(N) cell list.
+  :data:`TORCH_MAX_CANDIDATES`, :data:`TORCH_MAX_GRAPH_ATOMS`) go to vesin's O(N) cell list
+  (vesin-torch on the device for CUDA tensors when installed, else vesin on the CPU).
 * ``"torch_cluster"``: ``torch_cluster.radius_graph`` (optional compiled extension).
 * ``"vesin"``: vesin cell list for the whole batch (one call, CPU, float64).
-* ``"auto"``: ``"torch_cluster"`` for CUDA tensors when it can be imported, else ``"torch"``
-  (on CPU the ``"torch"`` backend was measured faster, see ``docs/neighbors.md``).
+* ``"vesin_torch"``: the same call through vesin-torch (extra ``gpu``) on ``pos.device``.
+* ``"auto"``: ``"torch"``; for CUDA tensors without vesin-torch, ``"torch_cluster"`` when it can
+  be imported (on CPU the ``"torch"`` backend was measured fastest, see ``docs/neighbors.md``).
 
-:func:`radius_graph_pbc` always uses vesin (CPU). Every edge any backend returns is
-re-checked with the same formula in ``pos.dtype`` (``|r_ij|**2 <= cutoff**2``), so the
-backends agree except possibly for pairs exactly at the cutoff (torch_cluster).
+:func:`radius_graph_pbc` uses vesin-torch on ``pos.device`` for ``"vesin_torch"`` (and for
+``"auto"`` with CUDA tensors when vesin-torch is installed), else vesin on the CPU. CUDA tensors
+that take a CPU path because vesin-torch is missing trigger one warning per process. Every edge
+any backend returns is re-checked with the same formula in ``pos.dtype``
+(``|r_ij|**2 <= cutoff**2``), so the backends agree except possibly for pairs exactly at the
+cutoff (torch_cluster).
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ def _warn_cpu_fallback() -> None:
     """Warn once per process that CUDA positions take the CPU path."""
     warnings.warn(
         "vesin-torch is not installed: neighbour lists of CUDA positions fall back to the CPU path "
-        "(periodic structures and molecules above TORCH_MAX_GRAPH_ATOMS atoms are searched on the host); "
+        "(periodic structures, and with the 'torch' backend molecules above TORCH_MAX_GRAPH_ATOMS atoms, are "
+        "searched on the host); "
         f"install it with `{_GPU_INSTALL_HINT}`",
         RuntimeWarning,
         stacklevel=3,
@@ -277,8 +283,8 @@ def _vesin_torch_compute(cutoff: float, margin: float, points: Tensor, box: Tens
     calculator. A CUDA pair-buffer overflow (dense or tiny cells) is retried with 4x the capacity.
     """
     nl = _vesin_torch_list(cutoff + 2.0 ** math.ceil(math.log2(margin)))
-    capacity = max(128, math.ceil(cutoff**3))
     previous = os.environ.get("VESIN_CUDA_MAX_PAIRS_PER_POINT")
+    capacity = int(previous) if previous else max(128, math.ceil(cutoff**3))  # vesin's default
     try:
         while True:
             try:

@@ -16,13 +16,15 @@ batch of 32 small water boxes (one call per structure): the CPU vesin path (``ba
 float64 host copies) against vesin-torch on ``--device`` (``backend="vesin_torch"``), reporting ms
 per call and µs per atom (CUDA calls are synchronised; repeats shrink for slow calls so 1M atoms
 through the CPU path stays affordable), plus the aspirin batches of ``--molecules`` molecules with
-the ``torch`` and ``vesin_torch`` backends on ``--device``.
+the ``torch`` and ``vesin_torch`` backends on ``--device``. ``--model`` adds EquiREANN's
+energy+forces (``energy_forces_stress``) with the list built inside (``"auto"``) and given, so the
+list's share of a call can be read off.
 
 Usage::
 
     python benchmarks/bench_neighbors.py --repeats 30
     python benchmarks/bench_neighbors.py --sizes 1000 10000 100000 --threads 1
-    python benchmarks/bench_neighbors.py --device cuda --sizes 10000 100000 1000000
+    python benchmarks/bench_neighbors.py --device cuda --sizes 10000 100000 1000000 --model
 """
 
 from __future__ import annotations
@@ -115,14 +117,30 @@ def time_adaptive(fns: dict, repeats: int, sync, budget_s: float = 20.0) -> dict
 
 
 def water_batch(num_structures: int, atoms_each: int, dtype, device):
-    """``num_structures`` water boxes of ~``atoms_each`` atoms (different seeds) as one batch."""
+    """``num_structures`` water boxes of ~``atoms_each`` atoms (different seeds) as one batch:
+    z (N,), pos (N, 3), batch (N,), cell (B, 3, 3)."""
     from pyg_equireann.experiments.bench.systems import water_box
 
     boxes = [water_box(atoms_each, seed=k) for k in range(num_structures)]
+    z = torch.cat([b["z"] for b in boxes]).to(device)
     pos = torch.cat([b["pos"] for b in boxes]).to(device, dtype)
     batch = torch.cat([torch.full((b["pos"].shape[0],), k) for k, b in enumerate(boxes)]).to(device)
     cell = torch.cat([b["cell"] for b in boxes]).to(device, dtype)
-    return pos, batch, cell
+    return z, pos, batch, cell
+
+
+def model_share(z, pos, batch, cell, repeats: int, sync) -> tuple:
+    """(ms of EquiREANN energy+forces with the neighbour list built inside (backend "auto"), ms with
+    the list given) through ``energy_forces_stress``; default EquiREANN, cutoff 4 Å, untrained."""
+    from pyg_equireann import EquiREANN, energy_forces_stress
+
+    torch.manual_seed(0)
+    model = EquiREANN(cutoff=4.0, elements=(1, 8), avg_num_neighbors=25.0).to(pos.device, pos.dtype)
+    ei, off = nb.build_graph(pos, 4.0, batch, cell)
+    fns = {"built": lambda: energy_forces_stress(model, z, pos, batch, cell),
+           "given": lambda: energy_forces_stress(model, z, pos, batch, cell, edge_index=ei, cell_offsets=off)}
+    res = time_adaptive(fns, repeats, sync)
+    return res["built"], res["given"]
 
 
 def device_tables(args, dtype) -> None:
@@ -146,8 +164,9 @@ def device_tables(args, dtype) -> None:
     print("| system | atoms | edges | vesin (CPU path) ms | vesin_torch ms | vesin µs/atom | vesin_torch µs/atom | vesin / vesin_torch |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     systems = [(f"water box ~{n}", 1, n) for n in args.sizes] + [("32 water boxes of ~96 (batch)", 32, 96)]
+    shares = []
     for label, count, each in systems:
-        pos, batch, cell = water_batch(count, each, dtype, device)
+        z, pos, batch, cell = water_batch(count, each, dtype, device)
         fns = {b: (lambda b=b: nb.radius_graph_pbc(pos, 4.0, batch, cell, backend=b)) for b in ("vesin", "vesin_torch")}
         ref = fns["vesin"]()
         got = fns["vesin_torch"]()
@@ -158,6 +177,16 @@ def device_tables(args, dtype) -> None:
         us = {b: res[b] * 1e3 / n for b in res}
         print(f"| {label} | {n} | {e} | {res['vesin']:.3f} | {res['vesin_torch']:.3f} | {us['vesin']:.3f} | "
               f"{us['vesin_torch']:.4f} | {res['vesin'] / res['vesin_torch']:.2f}× |", flush=True)
+        if args.model:
+            shares.append((label, n, res["vesin_torch"], *model_share(z, pos, batch, cell, args.repeats, sync)))
+    if shares:
+        print()
+        print("| system | atoms | vesin_torch list ms | energy+forces, list built (auto) ms | list given ms | "
+              "list / built | (built - given) / built |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for label, n, t_nl, t_built, t_given in shares:
+            print(f"| {label} | {n} | {t_nl:.3f} | {t_built:.3f} | {t_given:.3f} | {t_nl / t_built:.0%} | "
+                  f"{(t_built - t_given) / t_built:.0%} |")
     print()
     print("| system | atoms | edges | torch ms | vesin_torch ms | vesin_torch / torch |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -185,6 +214,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device of the positions for --sizes (cpu, cuda)")
     ap.add_argument("--molecules", type=int, nargs="*", default=[32, 512],
                     help="with --sizes: aspirin batches of these many molecules, torch vs vesin_torch")
+    ap.add_argument("--model", action="store_true",
+                    help="with --sizes: also time EquiREANN energy+forces with the list built (auto) and given")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -53,15 +53,15 @@ def inputs(atoms):
 
 
 def model_message(model, atoms) -> str:
-    """The Python model's error text (for NaN positions: its check on a precomputed neighbour list, as
-    in training; its own neighbour search refuses NaN before that)."""
+    """The Python model's error text (for NaN positions: its check of a precomputed neighbour list,
+    ``check_inputs``; its own neighbour search refuses NaN before that)."""
     z, pos, cell, pbc = inputs(atoms)
     with pytest.raises(ValueError) as err:
         if torch.isfinite(pos).all():
             model(z, pos, cell=cell, pbc=pbc)
         else:
             edge_index, _ = model.build_graph(torch.nan_to_num(pos, nan=5.0))
-            model(z, pos, edge_index=edge_index)
+            model.check_inputs(z, pos, edge_index=edge_index)
     return str(err.value)
 
 

@@ -216,7 +216,7 @@ def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, referen
     if any(row.get("rss_mb") is not None for row in rows):
         memory.append("peak resident memory in a fresh process per model and system")
     if any(row.get("peak_mb") is not None for row in rows):
-        memory.append("peak GPU memory of a call: `torch.cuda.max_memory_allocated` during the last warm-up call "
+        memory.append("peak GPU memory of a call: `torch.cuda.max_memory_allocated` during a timed call "
                       "minus the memory allocated before it")
     text = (f"## Speed\n\nMachine: {machine()}.\nMedian of up to {repeats} interleaved repeats after "
             f"{warmup} warm-up calls; {'; '.join(memory) or 'memory not measured (speed.memory=false)'}.\n\n"
@@ -232,7 +232,7 @@ def write_train_step_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, re
     """``train_step.csv`` and ``train_step.md`` in ``out_dir``; returns the Markdown."""
     write_csv(rows, out_dir / "train_step.csv")
     device = rows[0]["device"] if rows else "cpu"
-    memory = ("peak memory: `torch.cuda.max_memory_allocated` during a warm-up step minus the memory allocated "
+    memory = ("peak memory: `torch.cuda.max_memory_allocated` during a timed step minus the memory allocated "
               "before it (activations, gradients, temporaries; not weights, optimiser state or batches)"
               if device == "cuda" else
               "peak memory: n/a on CPU (torch has no CPU counterpart of `max_memory_allocated`, and the resident "

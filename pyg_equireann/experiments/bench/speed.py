@@ -67,12 +67,13 @@ def free_memory(device: torch.device) -> None:
 def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
                         max_seconds: float = 60.0, device: str = "cpu") -> Dict[str, Dict[str, Any]]:
     """Median and minimum wall time of each ``calls[name]()`` (one unit of work, e.g. an energy+forces call or
-    a training step), calls interleaved (A B C, C B A, …) after ``warmup`` calls each. A call whose warm
-    call alone takes more than ``max_seconds`` is not timed (status ``skipped``); slow ones get fewer
-    repeats (at least 3) so each costs about ``max_seconds``. A ValueError during warm-up (e.g. "does not
-    support periodic cells") gives status ``n/a``; running out of memory at any time gives ``OOM``, frees
-    what the call held and goes on with the others. On CUDA, ``peak_mb``: the most memory allocated during
-    the last warm-up call beyond what was allocated before it (``torch.cuda.max_memory_allocated``)."""
+    a training step), calls interleaved (A B C, C B A, …) after ``warmup`` calls each. A call that takes
+    more than ``max_seconds`` after the first (which may compile) is not timed (status ``skipped``); slow ones
+    get fewer repeats (at least 3) so each costs about ``max_seconds``. A ValueError during warm-up (e.g.
+    "does not support periodic cells") gives status ``n/a``; running out of memory at any time gives ``OOM``, frees
+    what the call held and goes on with the others. On CUDA, ``peak_mb``: the most memory allocated during a
+    timed call beyond what was allocated before it (``torch.cuda.max_memory_allocated``), the largest over the
+    timed calls."""
     device = torch.device(device)
     results: Dict[str, Dict[str, Any]] = {}
     active: Dict[str, Callable[[], Any]] = {}
@@ -81,20 +82,19 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
         results[name] = {"status": "OOM", "note": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
 
     for name, call in calls.items():
-        oom = None
+        oom = False
         try:
-            start, count = time.perf_counter(), 0
-            for i in range(max(warmup, 1)):
-                if i == max(warmup, 1) - 1 and device.type == "cuda":
-                    _sync(device)
-                    before = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
+            calls_left = max(warmup, 1)
+            start = time.perf_counter()
+            call()  # the first call (lazy initialisation, torch.compile) is left out of the time per call
+            _sync(device)
+            first, count = time.perf_counter() - start, 1
+            start = time.perf_counter()
+            while count < calls_left and time.perf_counter() - start <= max_seconds:
                 call()
                 _sync(device)
                 count += 1
-                if time.perf_counter() - start > max_seconds:
-                    break
-            per_call = (time.perf_counter() - start) / count
+            per_call = (time.perf_counter() - start) / (count - 1) if count > 1 else first
         except ValueError as error:  # e.g. "does not support periodic cells"
             results[name] = {"status": "n/a", "note": str(error)}
             continue
@@ -110,8 +110,6 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
             results[name] = {"status": "skipped", "note": f"one call took {per_call:.0f} s > max_seconds"}
             continue
         results[name] = {"status": "ok", "samples": [], "repeats": int(min(repeats, max(3, max_seconds // per_call)))}
-        if device.type == "cuda" and count == max(warmup, 1):
-            results[name]["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         active[name] = call
     rounds = max((r["repeats"] for r in results.values() if r["status"] == "ok"), default=0)
     for round_ in range(rounds):
@@ -121,11 +119,17 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
         for name, call in order:
             if len(results[name]["samples"]) >= results[name]["repeats"]:
                 continue
-            oom = None
+            oom = False
             try:
+                if device.type == "cuda":
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
                 call()
                 _sync(device)
+                if device.type == "cuda":
+                    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                    results[name]["peak_mb"] = max(peak, results[name].get("peak_mb", 0.0))
             except (RuntimeError, MemoryError) as error:
                 if not is_out_of_memory(error):
                     raise

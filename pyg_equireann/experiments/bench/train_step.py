@@ -67,7 +67,7 @@ def run_train_step(model_configs: Mapping[str, Mapping[str, Any]], data_override
                    progress: bool = True) -> List[Dict[str, Any]]:
     """The training-step table: one row per (batch size, model) with the median (and minimum) ms per step,
     structures per second, step time ÷ ``reference``'s (of the medians, and of the minima), parameters and, on
-    CUDA, ``peak_mb`` (the most memory allocated during the last warm-up step beyond what was allocated before
+    CUDA, ``peak_mb`` (the most memory allocated during a timed step beyond what was allocated before
     it: activations, gradients, temporaries; not the weights, optimiser state or batches). Each model gets a
     data module at its own cutoff (cached neighbour list, as in training) and steps through its first
     ``warmup + repeats`` batches in turn; models are interleaved after ``warmup`` steps each. Models that run

@@ -42,8 +42,10 @@ def compose_training(data_overrides: Sequence[str], cutoff: float, float64: bool
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from pyg_equireann.config import register_resolvers
     from pyg_equireann.experiments.harness import compose
 
+    register_resolvers()  # ${data_root:}, ${lr_scheduler:...} outside the Hydra apps too
     cfg = compose("train", [*data_overrides, f"data.cutoff={cutoff}", f"float64={str(bool(float64)).lower()}",
                             "++data.progress=false"])
     for key, value in (module_overrides or {}).items():

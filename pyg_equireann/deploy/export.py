@@ -147,29 +147,31 @@ def model_metadata(model: nn.Module, dtype: torch.dtype, **extra) -> dict:
 
 
 def save_package(program: torch.export.ExportedProgram, path: Union[str, Path], metadata: dict,
-                 aoti: bool = False) -> Path:
+                 aoti: bool = False, inductor_configs: Optional[dict] = None) -> Path:
     """Write ``program`` to ``path`` (``.pt2``) with ``metadata.json``: ``torch.export.save`` or, with
-    ``aoti``, an AOTInductor package compiled for this machine's device and CPU."""
+    ``aoti``, an AOTInductor package compiled for this machine's device and CPU instruction set
+    (``inductor_configs``: extra options of ``torch._inductor.aoti_compile_and_package``)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(metadata, format="aoti" if aoti else "export"), indent=2)
     if aoti:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": {"metadata.json": text}})
+        configs = dict(inductor_configs or {}, **{"aot_inductor.metadata": {"metadata.json": text}})
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     else:
         torch.export.save(program, str(path), extra_files={"metadata.json": text})
     return path
 
 
 def export_model(model: nn.Module, out: Union[str, Path], dtype: Union[str, torch.dtype, None] = None,
-                 aoti: bool = False, device: Union[str, torch.device] = "cpu", **metadata) -> Path:
-    """Export ``model`` (an EquiREANN-family module, copied) to the ``.pt2`` package ``out``; extra keyword
-    arguments go into ``metadata.json``."""
+                 aoti: bool = False, device: Union[str, torch.device] = "cpu",
+                 inductor_configs: Optional[dict] = None, **metadata) -> Path:
+    """Export ``model`` (an EquiREANN-family module, copied) to the ``.pt2`` package ``out`` for ``device``
+    (an AOTInductor package with ``aoti``); extra keyword arguments go into ``metadata.json``."""
     dtype = next(model.parameters()).dtype if dtype is None else resolve_dtype(dtype)
     model = copy.deepcopy(model)
     program = export_program(model, dtype, device)
-    return save_package(program, out, model_metadata(model, dtype, device=str(torch.device(device)), **metadata),
-                        aoti)
+    metadata = model_metadata(model, dtype, device=str(torch.device(device)), **metadata)
+    return save_package(program, out, metadata, aoti, inductor_configs)
 
 
 def check_structures(elements, seed: int = 0) -> List[Tuple[Tensor, Tensor, Optional[Tensor]]]:

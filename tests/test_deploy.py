@@ -197,6 +197,8 @@ def test_deployed_matches_model(name, packages):
     assert skin_index.shape[1] > model.build_graph(pos[4:], None, cell[1])[0].shape[1]
     skinned = deployed(z[4:], pos[4:], skin_index, skin_offsets, cell[1])
     assert rel(skinned["forces"], ref["forces"][4:]) < 1e-10 and rel(skinned["stress"][0], ref["stress"][1]) < 1e-10
+    single = deployed(z[:1], pos[:1], torch.zeros(2, 0, dtype=torch.long))  # one atom, no edges
+    assert float(single["energy"][0]) == pytest.approx(float(model(z[:1], pos[:1])[0]), rel=1e-13)
 
 
 def test_float32_export_and_errors(cu_run, tmp_path):

@@ -107,7 +107,7 @@ def export_program(model: nn.Module, dtype: Union[str, torch.dtype, None] = None
     from torch.fx.experimental.proxy_tensor import make_fx
 
     dtype = next(model.parameters()).dtype if dtype is None else resolve_dtype(dtype)
-    forcefield = ForceField(model.to(device=device, dtype=dtype))
+    forcefield = ForceField(model).to(device=device, dtype=dtype)  # a copy: the caller's model is unchanged
     args = example_inputs(forcefield.model, dtype, device)
     # make_fx unrolls the autograd.grad into aten ops (torch.export alone cannot trace the backward of
     # every op here, e.g. sqrt); duck shaping off, so that N, E and B never fold into a static size
@@ -168,7 +168,6 @@ def export_model(model: nn.Module, out: Union[str, Path], dtype: Union[str, torc
     """Export ``model`` (an EquiREANN-family module, copied) to the ``.pt2`` package ``out`` for ``device``
     (an AOTInductor package with ``aoti``); extra keyword arguments go into ``metadata.json``."""
     dtype = next(model.parameters()).dtype if dtype is None else resolve_dtype(dtype)
-    model = copy.deepcopy(model)
     program = export_program(model, dtype, device)
     metadata = model_metadata(model, dtype, device=str(torch.device(device)), **metadata)
     return save_package(program, out, metadata, aoti, inductor_configs)

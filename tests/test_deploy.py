@@ -201,6 +201,27 @@ def test_deployed_matches_model(name, packages):
     assert float(single["energy"][0]) == pytest.approx(float(model(z[:1], pos[:1])[0]), rel=1e-13)
 
 
+def host_syncs(run) -> int:
+    """Host synchronisations (``aten::_local_scalar_dense``: item/int/bool of a tensor; ``aten::nonzero``) of
+    ``run()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::nonzero"))
+
+
+def test_one_host_synchronisation_per_call(packages):
+    """The wrapper's checks and the number of graphs cost one host synchronisation per call; the exported
+    program itself has none."""
+    deployed = packages["reann"]
+    z, pos, batch, cell, pbc = molecule_and_cell()
+    model = calibrated("reann")
+    edge_index, offsets = model.build_graph(pos, batch, cell, pbc)
+    assert host_syncs(lambda: deployed(z, pos, edge_index, offsets, cell, batch)) == 1
+    molecule = model.build_graph(pos[:4])[0]  # no cell: the number of graphs comes from batch, in the same sync
+    assert host_syncs(lambda: deployed(z[:4], pos[:4], molecule, batch=batch[:4])) == 1
+    assert host_syncs(lambda: deployed.function(z, pos, edge_index, offsets, cell, batch)) == 0
+
+
 def test_float32_export_and_errors(cu_run, tmp_path):
     """A float32 package of the checkpoint (export's own check: < 1e-3 relative) keeps float64 energies; a
     dtype other than the file's is refused with the command to re-export; only EquiREANN-family models."""

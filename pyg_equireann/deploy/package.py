@@ -1,7 +1,6 @@
 """The exported-model wrapper: a ``.pt2`` package (or a module, run eagerly through the same
 :class:`~pyg_equireann.deploy.export.ForceField`) behind one call that validates its input like the Python
 model and returns energies, forces, virial and stress."""
-import copy
 import os
 import zipfile
 from pathlib import Path
@@ -120,7 +119,7 @@ class DeployedPotential:
         :class:`~pyg_equireann.training.module.PotentialModule`'s model), copied, in ``dtype``."""
         model = getattr(model, "model", model)
         dtype = next(model.parameters()).dtype if dtype is None else resolve_dtype(dtype)
-        forcefield = ForceField(copy.deepcopy(model)).to(device=device, dtype=dtype)
+        forcefield = ForceField(model).to(device=device, dtype=dtype)  # ForceField copies the model
         return cls(forcefield, model_metadata(model, dtype, format="module", device=str(device)), device)
 
     def __call__(self, z: Tensor, pos: Tensor, edge_index: Tensor, cell_offsets: Optional[Tensor] = None,
@@ -148,17 +147,14 @@ class DeployedPotential:
             batch = torch.zeros(pos.shape[0], dtype=torch.long, device=device)
             num_graphs = 1 if num_graphs is None else num_graphs
         batch = batch.to(device=device, dtype=torch.long)
-        # one host synchronisation: the checks, and the number of graphs if nothing gives it
-        flags = []
-        if check:
-            flags.append(self._valid(z, pos, edge_index, cell_offsets, cell, batch))
-        if num_graphs is None:
-            flags.append(batch[-1] + 1 if batch.numel() else batch.new_ones(()))
-        if flags:
-            values = torch.stack([f.long() for f in flags]).tolist()
-            if check and not values[0]:
+        # one host synchronisation for the checks and, if nothing gives it, the number of graphs
+        if check or num_graphs is None:
+            ok = self._valid(z, pos, edge_index, cell_offsets, cell, batch) if check else torch.ones((), device=device)
+            graphs = batch[-1] + 1 if num_graphs is None and batch.numel() else torch.ones((), device=device)
+            packed = int(graphs.long() * 2 + ok.long())
+            if not packed % 2:
                 self._raise(z, pos, edge_index, cell_offsets, cell, batch)
-            num_graphs = values[-1] if num_graphs is None else num_graphs
+            num_graphs = packed // 2 if num_graphs is None else num_graphs
         periodic = cell is not None
         if cell is None:
             cell = pos.new_zeros(num_graphs, 3, 3)

@@ -2,7 +2,7 @@
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -143,3 +143,33 @@ def environment_info() -> Dict[str, object]:
         "command": list(sys.argv),
         "cwd": str(Path.cwd()),
     }
+
+
+#: Operators that make the host wait for the device: reading a value (``.item()``, ``bool()``, ``int()``) and
+#: operators whose output shape depends on the data.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2",
+                 "aten::unique_consecutive", "aten::masked_select", "aten::bincount", "aten::repeat_interleave")
+
+
+def count_host_syncs(fn: Callable[[], Any], device: Optional[torch.device] = None) -> Dict[str, int]:
+    """Run ``fn()`` under :mod:`torch.profiler` and count the operators in :data:`HOST_SYNC_OPS`
+    (``aten::item`` calls ``aten::_local_scalar_dense``, counted once): ``{op: count}`` of those that ran.
+    Each is a host synchronisation on a GPU. On a CPU (``device`` cpu, the default) the reads of the fused
+    optimisers' step counters inside their kernel are left out: those counters live on the parameters'
+    device, so on a GPU the kernel reads them there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Dict[str, int] = {}
+    for event in prof.events():
+        if event.name not in HOST_SYNC_OPS:
+            continue
+        parent = event.cpu_parent
+        while on_cpu and parent is not None and not parent.name.startswith(("aten::_fused_adam", "aten::_fused_sgd")):
+            parent = parent.cpu_parent
+        if on_cpu and parent is not None:
+            continue
+        counts[event.name] = counts.get(event.name, 0) + 1
+    return counts

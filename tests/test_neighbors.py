@@ -147,9 +147,9 @@ def test_vesin_fallback_for_large_graph(monkeypatch):
     calls = []
     orig = nb._vesin_subset
 
-    def spy(pos_, batch_, node_idx, cutoff):
+    def spy(pos_, batch_, node_idx, *args):
         calls.append(None if node_idx is None else node_idx.numel())
-        return orig(pos_, batch_, node_idx, cutoff)
+        return orig(pos_, batch_, node_idx, *args)
 
     monkeypatch.setattr(nb, "_vesin_subset", spy)
     monkeypatch.setattr(nb, "TORCH_MAX_GRAPH_ATOMS", 100)
@@ -171,6 +171,9 @@ def test_vesin_fallback_for_large_graph(monkeypatch):
     ei2 = radius_graph(pos, 4.0, batch, backend="torch")
     assert calls == [300]
     assert torch.equal(ei, ei2)
+    # with CUDA positions and vesin-torch installed the large graphs go to vesin-torch on the device
+    batch_, counts, ptr, _ = nb._prepare_batch(pos, batch)
+    assert torch.equal(nb._radius_torch(pos, 4.0, batch_, counts, ptr, on_device=True), ei)
 
 
 @pytest.mark.parametrize("layout", ["flat", "dense"])
@@ -394,3 +397,125 @@ def test_edge_geometry_and_ensure_graph():
     # a skin widens the list, the density check stays at the cutoff
     wide, _ = ensure_graph(pos, 2.5, batch, cells, skin=0.5)
     assert torch.equal(wide, ei)
+
+
+# --------------------------------------------------------------------------- vesin_torch backend
+
+
+def test_vesin_torch_molecules_identical():
+    """One vesin-torch call for a batch of molecules (sizes 1 and 2, skipped graph ids) gives the
+    "torch" backend's edges exactly, in float64 and float32; 0 and 1 atoms give no edges."""
+    pos, _ = random_molecules([21, 7, 1, 2, 33, 21, 15, 4, 60], seed=20)
+    batch = torch.tensor(sum(([g] * n for g, n in zip([0, 1, 2, 3, 5, 6, 7, 8, 11], [21, 7, 1, 2, 33, 21, 15, 4, 60])), []))
+    for cutoff in (4.0, 5.0):
+        ref = radius_graph(pos, cutoff, batch, backend="torch")
+        assert torch.equal(radius_graph(pos, cutoff, batch, backend="vesin_torch"), ref)
+        e32 = radius_graph(pos.float(), cutoff, batch, backend="vesin_torch")
+        assert torch.equal(e32, radius_graph(pos.float(), cutoff, batch, backend="torch"))
+    assert torch.equal(radius_graph(pos, 4.0, None, backend="vesin_torch"), radius_graph(pos, 4.0, None, backend="vesin"))
+    for n in (0, 1):
+        ei = radius_graph(torch.zeros((n, 3), dtype=DT), 5.0, backend="vesin_torch")
+        assert ei.shape == (2, 0) and ei.dtype == torch.long
+    # the CPU default is unchanged: "auto" on CPU tensors is the "torch" backend
+    assert torch.equal(radius_graph(pos, 4.0, batch), radius_graph(pos, 4.0, batch, backend="torch"))
+
+
+def periodic_cases():
+    rng = np.random.default_rng(21)
+    tri = triclinic_cell()
+    yield "tiny triclinic, self-images", torch.tensor(rng.random((5, 3)), dtype=DT) @ tri, None, tri, [True] * 3, 4.5
+    yield "one atom, self-images only", torch.tensor(rng.random((1, 3)), dtype=DT) @ tri, None, tri, [True] * 3, 4.5
+    yield "unwrapped, triclinic", torch.tensor(rng.normal(0, 6.0, (12, 3)), dtype=DT), None, tri * 2.0, [True] * 3, 5.0
+    slab = torch.tensor(rng.random((8, 3)), dtype=DT) @ (tri * 1.5)
+    slab[:, 2] += torch.tensor(rng.normal(0, 3.0, 8))
+    yield "slab [T, T, F]", slab, None, tri * 1.5, [True, True, False], 4.0
+    cell0 = tri * 1.5
+    cell0[2] = 0.0
+    yield "slab, zero non-periodic vector", slab, None, cell0, [True, True, False], 4.0
+    cells = torch.stack([tri, torch.eye(3, dtype=DT) * 7.0, tri * 1.7, torch.zeros(3, 3, dtype=DT), tri * 1.2])
+    pbcs = [[True] * 3, [True] * 3, [True, True, False], [False] * 3, [True, False, True]]
+    sizes = [4, 30, 9, 21, 6]
+    pos = torch.cat([torch.tensor(rng.random((n, 3)), dtype=DT) @ (c if c.abs().sum() > 0 else torch.eye(3, dtype=DT) * 6)
+                     for n, c in zip(sizes, cells)])
+    batch = torch.arange(5).repeat_interleave(torch.tensor(sizes))
+    yield "batch of 5 cells, one non-periodic", pos, batch, cells, pbcs, 4.0
+
+
+@pytest.mark.parametrize("case", list(periodic_cases()), ids=lambda c: c[0])
+def test_vesin_torch_periodic_identical(case):
+    """vesin-torch's periodic lists equal the CPU vesin path's (edges, order, integer offsets)."""
+    _, pos, batch, cell, pbc, cutoff = case
+    pbc = torch.tensor(pbc)
+    for dtype in (DT, torch.float32):
+        p, c = pos.to(dtype), cell.to(dtype)
+        ei, off = radius_graph_pbc(p, cutoff, batch, c, pbc, backend="vesin_torch")
+        ei_ref, off_ref = radius_graph_pbc(p, cutoff, batch, c, pbc, backend="vesin")
+        assert ei.shape[1] > 0 and off.dtype == dtype
+        assert torch.equal(ei, ei_ref) and torch.equal(off, off_ref)
+    assert torch.equal(build_graph(pos, cutoff, batch, cell, pbc, backend="vesin_torch")[1], off_ref.to(DT))
+
+
+def test_vesin_torch_periodic_empty_errors_and_missing(monkeypatch):
+    cell = torch.eye(3, dtype=DT) * 20.0
+    for n in (0, 1):
+        ei, off = radius_graph_pbc(torch.ones((n, 3), dtype=DT), 4.0, None, cell, backend="vesin_torch")
+        assert ei.shape == (2, 0) and off.shape == (0, 3)
+    pos, batch = random_molecules([5, 5], seed=22)
+    with pytest.raises(ValueError, match="cell of graph 0 has a zero lattice vector 0 in a periodic direction"):
+        radius_graph_pbc(pos, 4.0, batch, torch.zeros(3, 3, dtype=DT), backend="vesin_torch")
+    monkeypatch.setattr(nb, "vesin_torch_available", lambda: False)
+    for fn in (lambda: radius_graph(pos, 4.0, batch, backend="vesin_torch"),
+               lambda: build_graph(pos, 4.0, batch, cell, backend="vesin_torch")):
+        with pytest.raises(ValueError, match=r"vesin-torch is not installed.*pip install \"pyg_equireann\[gpu\]\""):
+            fn()
+
+
+def test_vesin_torch_overflow_retry(monkeypatch):
+    """A CUDA pair-buffer overflow is retried with a larger VESIN_CUDA_MAX_PAIRS_PER_POINT, which is
+    restored afterwards (exercised here with a stand-in for the CUDA calculator)."""
+    seen = []
+
+    class Overflowing:
+        def compute(self, points, box, periodic, quantities):
+            cap = int(nb.os.environ.get("VESIN_CUDA_MAX_PAIRS_PER_POINT", "128"))
+            seen.append(cap)
+            if cap < 2000:
+                raise RuntimeError("... Consider reducing the cutoff distance, or explicitly setting "
+                                   "VESIN_CUDA_MAX_PAIRS_PER_POINT as an environment variable.")
+            return [torch.zeros(0, dtype=torch.long)] * 2
+
+    monkeypatch.delenv("VESIN_CUDA_MAX_PAIRS_PER_POINT", raising=False)
+    monkeypatch.setattr(nb, "_vesin_torch_list", lambda cutoff: Overflowing())
+    pos = torch.zeros((2, 3), dtype=DT)
+    nb._vesin_torch_compute(4.0, 1e-5, pos, pos.new_zeros(3, 3), False, "ij")
+    assert seen == [128, 512, 2048] and "VESIN_CUDA_MAX_PAIRS_PER_POINT" not in nb.os.environ
+    monkeypatch.setattr(nb, "VESIN_TORCH_MAX_PAIRS_PER_POINT", 1000)
+    with pytest.raises(RuntimeError, match="VESIN_CUDA_MAX_PAIRS_PER_POINT"):
+        nb._vesin_torch_compute(4.0, 1e-5, pos, pos.new_zeros(3, 3), False, "ij")
+    assert "VESIN_CUDA_MAX_PAIRS_PER_POINT" not in nb.os.environ
+
+
+def test_vesin_torch_model_energy_forces_stress():
+    """EquiREANN energy, forces and stress with model.neighbor_backend="vesin_torch" equal the default
+    backend's (float64), for a batch of two periodic cells and for a batch of molecules."""
+    from pyg_equireann import EquiREANN, energy_forces_stress
+
+    from .conftest import make_model, small_periodic_system
+
+    model = make_model(EquiREANN, cutoff=4.0, elements=(1, 6, 8), avg_num_neighbors=8.0)
+    z1, p1, c1 = small_periodic_system(seed=0)
+    z2, p2, c2 = small_periodic_system(seed=1)
+    z, pos = torch.cat([z1, z2]), torch.cat([p1, p2])
+    batch = torch.tensor([0] * 4 + [1] * 4)
+    cell = torch.stack([c1, c2 * 1.1])
+    pbc = torch.tensor([[True] * 3, [True, True, False]])
+    mol_pos, mol_batch = random_molecules([6, 9, 7], seed=23, density=0.1)
+    mol_z = torch.tensor([1, 6, 8])[torch.arange(22) % 3]
+    results = {}
+    for backend in ("auto", "vesin_torch"):
+        model.neighbor_backend = backend
+        results[backend] = (energy_forces_stress(model, z, pos, batch, cell, pbc, compute_stress=True),
+                            energy_forces_stress(model, mol_z, mol_pos, mol_batch))
+    for ref, got in zip(results["auto"], results["vesin_torch"]):
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-10)

@@ -14,21 +14,29 @@ Backends of :func:`radius_graph` (non-periodic):
 
 * ``"torch"``: all candidate pairs *within each graph* (``sum_g n_g**2``, vectorised, no
   Python loop over graphs), filtered by distance. Graphs too large for that (see
-  :data:`TORCH_MAX_CANDIDATES`, :data:`TORCH_MAX_GRAPH_ATOMS`) go to vesin's O(N) cell list.
+  :data:`TORCH_MAX_CANDIDATES`, :data:`TORCH_MAX_GRAPH_ATOMS`) go to vesin's O(N) cell list
+  (vesin-torch on the device for CUDA tensors when installed, else vesin on the CPU).
 * ``"torch_cluster"``: ``torch_cluster.radius_graph`` (optional compiled extension).
 * ``"vesin"``: vesin cell list for the whole batch (one call, CPU, float64).
-* ``"auto"``: ``"torch_cluster"`` for CUDA tensors when it can be imported, else ``"torch"``
-  (on CPU the ``"torch"`` backend was measured faster, see ``docs/neighbors.md``).
+* ``"vesin_torch"``: the same call through vesin-torch (extra ``gpu``) on ``pos.device``.
+* ``"auto"``: ``"torch"``; for CUDA tensors without vesin-torch, ``"torch_cluster"`` when it can
+  be imported (on CPU the ``"torch"`` backend was measured fastest, see ``docs/neighbors.md``).
 
-:func:`radius_graph_pbc` always uses vesin (CPU). Every edge any backend returns is
-re-checked with the same formula in ``pos.dtype`` (``|r_ij|**2 <= cutoff**2``), so the
-backends agree except possibly for pairs exactly at the cutoff (torch_cluster).
+:func:`radius_graph_pbc` uses vesin-torch on ``pos.device`` for ``"vesin_torch"`` (and for
+``"auto"`` with CUDA tensors when vesin-torch is installed), else vesin on the CPU. CUDA tensors
+that take a CPU path because vesin-torch is missing trigger one warning per process. Every edge
+any backend returns is re-checked with the same formula in ``pos.dtype``
+(``|r_ij|**2 <= cutoff**2``), so the backends agree except possibly for pairs exactly at the
+cutoff (torch_cluster).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -37,7 +45,7 @@ from torch import Tensor
 from pyg_equireann.graph.checks import check_finite_positions
 from pyg_equireann.graph.edges import image_shifts
 
-__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_available"]
+__all__ = ["radius_graph", "radius_graph_pbc", "build_graph", "torch_cluster_available", "vesin_torch_available"]
 
 #: Above this many within-graph candidate pairs (``sum_g n_g**2``) the ``"torch"`` backend
 #: hands the largest graphs to vesin until the remainder fits.
@@ -55,8 +63,13 @@ TORCH_DENSE_MAX_WASTE: float = 2.0
 #: saved little (about 10 % for 10k atoms) and competes with torch's own thread pool.
 VESIN_NUM_THREADS: int = 1
 
-_BACKENDS = ("auto", "torch", "torch_cluster", "vesin")
+#: Pairs per atom vesin-torch's CUDA search may hold when its default capacity (``max(128,
+#: cutoff**3)``) overflows: retried with 4x more each time up to this bound (dense or tiny cells).
+VESIN_TORCH_MAX_PAIRS_PER_POINT: int = 1 << 16
+
+_BACKENDS = ("auto", "torch", "torch_cluster", "vesin", "vesin_torch")
 _TC_INSTALL_HINT = "pip install torch-cluster --no-build-isolation"
+_GPU_INSTALL_HINT = 'pip install "pyg_equireann[gpu]"'
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +82,39 @@ def torch_cluster_available() -> bool:
     except Exception:  # broken build / ABI mismatch
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def vesin_torch_available() -> bool:
+    """True if the optional ``vesin_torch`` package (extra ``gpu``) can be imported (cached)."""
+    if importlib.util.find_spec("vesin_torch") is None:
+        return False
+    try:
+        importlib.import_module("vesin_torch")
+    except Exception:  # broken wheel / torch ABI mismatch
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cpu_fallback() -> None:
+    """Warn once per process that CUDA positions take the CPU path."""
+    warnings.warn(
+        "vesin-torch is not installed: neighbour lists of CUDA positions fall back to the CPU path "
+        "(periodic structures, and with the 'torch' backend molecules above TORCH_MAX_GRAPH_ATOMS atoms, are "
+        "searched on the host); "
+        f"install it with `{_GPU_INSTALL_HINT}`",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _require_vesin_torch() -> None:
+    if not vesin_torch_available():
+        raise ValueError(
+            "backend='vesin_torch' was requested but vesin-torch is not installed (or fails to import); "
+            f"install it with `{_GPU_INSTALL_HINT}` (or `pip install vesin-torch`) or use backend='auto'"
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -170,46 +216,98 @@ def _vesin_neighbor_list(cutoff: float):
     return vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False, n_threads=VESIN_NUM_THREADS)
 
 
-def _vesin_nonperiodic_pairs(
-    pos64: np.ndarray, batch_np: np.ndarray, cutoff: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs (i, j) within each graph, one vesin call for all graphs.
+def _separate_graphs(pos64: Tensor, batch: Tensor, num_graphs: int, cutoff: float) -> tuple[Tensor, float]:
+    """Translate graphs apart along x so a non-periodic search sees no cross-graph pairs.
 
-    ``pos64``: (n, 3) float64 subset of atoms, ``batch_np``: (n,) sorted graph ids.
-    Graphs are translated apart along x (gap > cutoff) so no cross-graph pairs appear.
-    Returns int64 local indices (candidates up to cutoff + margin).
+    ``pos64``: (n, 3) float64 atoms of ``batch`` (n,) sorted ids ``< num_graphs`` (any device).
+    Returns the translated positions (gaps > cutoff + margin between graphs) and the search margin
+    (:func:`_vesin_margin` of the largest graph extent). One host synchronisation.
     """
-    n = pos64.shape[0]
-    if n < 2:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, batch_np[1:] != batch_np[:-1]])
-    lo = np.minimum.reduceat(pos64, starts, axis=0)
-    hi = np.maximum.reduceat(pos64, starts, axis=0)
-    scale = float(np.abs(hi - lo).max())
-    margin = _vesin_margin(cutoff, scale)
-    if len(starts) > 1:
-        width = (hi[:, 0] - lo[:, 0]) + 2.0 * (cutoff + margin) + 1.0
-        offset_x = np.concatenate([[0.0], np.cumsum(width[:-1])])
-        sizes = np.diff(np.r_[starts, n])
+    idx = batch.unsqueeze(1).expand(-1, 3)
+    lo = pos64.new_full((num_graphs, 3), math.inf).scatter_reduce(0, idx, pos64, "amin")
+    hi = pos64.new_full((num_graphs, 3), -math.inf).scatter_reduce(0, idx, pos64, "amax")
+    present = torch.isfinite(lo[:, :1])
+    lo, hi = lo.where(present, 0.0), hi.where(present, 0.0)
+    margin = _vesin_margin(cutoff, float((hi - lo).max()))
+    if num_graphs > 1:
+        width = (hi[:, 0] - lo[:, 0] + (2.0 * (cutoff + margin) + 1.0)).where(present[:, 0], 0.0)
         shift = -lo
-        shift[:, 0] += offset_x
-        pos64 = pos64 + np.repeat(shift, sizes, axis=0)
+        shift[:, 0] += torch.cumsum(width, 0) - width
+        pos64 = pos64 + shift.index_select(0, batch)
+    return pos64, margin
+
+
+def _vesin_nonperiodic_pairs(pos64: Tensor, batch: Tensor, num_graphs: int, cutoff: float) -> tuple[Tensor, Tensor]:
+    """Candidate pairs (i, j) within each graph, one vesin call (CPU) for all graphs.
+
+    ``pos64``: (n, 3) float64 CPU atoms of ``batch`` (n,) sorted ids ``< num_graphs``.
+    Returns int64 local indices (CPU; candidates up to cutoff + margin).
+    """
+    if pos64.shape[0] < 2:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    shifted, margin = _separate_graphs(pos64, batch, num_graphs, cutoff)
     nl = _vesin_neighbor_list(cutoff + margin)
-    i, j = nl.compute(pos64, np.zeros((3, 3)), False, "ij")
-    return i.astype(np.int64), j.astype(np.int64)
+    i, j = nl.compute(shifted.numpy(), np.zeros((3, 3)), False, "ij")
+    return torch.from_numpy(i.astype(np.int64)), torch.from_numpy(j.astype(np.int64))
 
 
-def _vesin_subset(pos: Tensor, batch: Tensor, node_idx: Tensor | None, cutoff: float) -> tuple[Tensor, Tensor]:
-    """Non-periodic vesin pairs (i, j) (global indices, on pos.device) for atoms ``node_idx``."""
+def _vesin_subset(
+    pos: Tensor, batch: Tensor, node_idx: Tensor | None, cutoff: float, num_graphs: int, on_device: bool
+) -> tuple[Tensor, Tensor]:
+    """Non-periodic candidate pairs (i, j) (global indices, on pos.device) of the atoms ``node_idx``
+    (None: all) in one call: vesin-torch on pos.device, or vesin on the CPU."""
     sub = pos if node_idx is None else pos[node_idx]
     bsub = batch if node_idx is None else batch[node_idx]
-    pos64 = sub.detach().to("cpu", torch.float64).numpy()
-    i, j = _vesin_nonperiodic_pairs(pos64, bsub.cpu().numpy(), cutoff)
-    i_t = torch.from_numpy(i).to(pos.device)
-    j_t = torch.from_numpy(j).to(pos.device)
+    if on_device:
+        i, j = _vesin_torch_pairs(sub, bsub, num_graphs, cutoff)
+    else:
+        i, j = _vesin_nonperiodic_pairs(sub.detach().to("cpu", torch.float64), bsub.cpu(), num_graphs, cutoff)
+        i, j = i.to(pos.device), j.to(pos.device)
     if node_idx is not None:
-        i_t, j_t = node_idx[i_t], node_idx[j_t]
-    return i_t, j_t
+        i, j = node_idx[i], node_idx[j]
+    return i, j
+
+
+@functools.lru_cache(maxsize=8)
+def _vesin_torch_list(cutoff: float):
+    # cached: on CUDA the calculator keeps its device buffers between calls
+    import vesin_torch
+
+    return vesin_torch.NeighborList(cutoff=cutoff, full_list=True, sorted=False, n_threads=VESIN_NUM_THREADS)
+
+
+def _vesin_torch_compute(cutoff: float, margin: float, points: Tensor, box: Tensor, periodic, quantities: str):
+    """vesin-torch search within ``cutoff + margin`` on the device of ``points`` (float64).
+
+    The margin is rounded up to a power of two so that calls with nearby margins share one cached
+    calculator. A CUDA pair-buffer overflow (dense or tiny cells) is retried with 4x the capacity.
+    """
+    nl = _vesin_torch_list(cutoff + 2.0 ** math.ceil(math.log2(margin)))
+    previous = os.environ.get("VESIN_CUDA_MAX_PAIRS_PER_POINT")
+    capacity = int(previous) if previous else max(128, math.ceil(cutoff**3))  # vesin's default
+    try:
+        while True:
+            try:
+                return nl.compute(points, box, periodic, quantities)
+            except RuntimeError as exc:
+                capacity *= 4
+                if "VESIN_CUDA_MAX_PAIRS_PER_POINT" not in str(exc) or capacity > VESIN_TORCH_MAX_PAIRS_PER_POINT:
+                    raise
+                os.environ["VESIN_CUDA_MAX_PAIRS_PER_POINT"] = str(capacity)
+    finally:
+        if os.environ.get("VESIN_CUDA_MAX_PAIRS_PER_POINT") != previous:
+            if previous is None:
+                del os.environ["VESIN_CUDA_MAX_PAIRS_PER_POINT"]
+            else:
+                os.environ["VESIN_CUDA_MAX_PAIRS_PER_POINT"] = previous
+
+
+def _vesin_torch_pairs(pos: Tensor, batch: Tensor, num_graphs: int, cutoff: float) -> tuple[Tensor, Tensor]:
+    """Non-periodic candidate pairs (i, j) of all graphs, one vesin-torch call on pos.device."""
+    shifted, margin = _separate_graphs(pos.detach().to(torch.float64), batch, num_graphs, cutoff)
+    box = shifted.new_zeros((3, 3))
+    i, j = _vesin_torch_compute(cutoff, margin, shifted, box, False, "ij")
+    return i, j
 
 
 # --------------------------------------------------------------------------- backends
@@ -282,7 +380,7 @@ def _pairs_dense(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr:
     return src, dst
 
 
-def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor) -> Tensor:
+def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr: Tensor, on_device: bool) -> Tensor:
     n = pos.shape[0]
     device = pos.device
     sq = counts * counts
@@ -312,7 +410,7 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
     if any_large:
         # all graphs with pairs are large: hand the whole batch over (no subset gathers)
         node_idx = None if num_small == 0 else large[batch].nonzero().squeeze(1)
-        i, j = _vesin_subset(pos, batch, node_idx, cutoff)
+        i, j = _vesin_subset(pos, batch, node_idx, cutoff, counts.numel(), on_device)
         i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
         src_parts.append(j)
         dst_parts.append(i)
@@ -327,8 +425,9 @@ def _radius_torch(pos: Tensor, cutoff: float, batch: Tensor, counts: Tensor, ptr
     return torch.stack([src, dst])
 
 
-def _radius_vesin(pos: Tensor, cutoff: float, batch: Tensor) -> Tensor:
-    i, j = _vesin_subset(pos, batch, None, cutoff)
+def _radius_vesin(pos: Tensor, cutoff: float, batch: Tensor, num_graphs: int, on_device: bool) -> Tensor:
+    """One vesin search for the whole batch: vesin-torch on pos.device, or vesin on the CPU."""
+    i, j = _vesin_subset(pos, batch, None, cutoff, num_graphs, on_device)
     i, j = _select(_keep_within(pos.t().contiguous(), i, j, cutoff), i, j)
     perm = _sort_key_order(i, j, pos.shape[0])
     return torch.stack([j[perm], i[perm]])
@@ -360,7 +459,7 @@ def radius_graph(pos: Tensor, cutoff: float, batch: Tensor | None = None, backen
         pos: ``(N, 3)`` positions in Å (float32 or float64).
         cutoff: cutoff radius in Å; pairs with ``|pos[j] - pos[i]| <= cutoff`` are kept.
         batch: ``(N,)`` sorted graph index per atom, or ``None`` (single graph).
-        backend: ``"auto"`` | ``"torch"`` | ``"torch_cluster"`` | ``"vesin"``.
+        backend: ``"auto"`` | ``"torch"`` | ``"torch_cluster"`` | ``"vesin"`` | ``"vesin_torch"``.
 
     Returns:
         ``edge_index`` ``(2, E)`` long on ``pos.device``: row 0 = neighbour ``j`` (source),
@@ -371,23 +470,30 @@ def radius_graph(pos: Tensor, cutoff: float, batch: Tensor | None = None, backen
     _check_pos(pos, batch)
     cutoff = _check_cutoff(cutoff)
     if backend == "auto":
-        # torch_cluster measured 2.2x slower than the "torch" backend on CPU (docs/neighbors.md),
-        # so it accelerates CUDA tensors only; backend="torch_cluster" forces it anywhere.
-        backend = "torch_cluster" if pos.is_cuda and torch_cluster_available() else "torch"
+        # On CPU the "torch" backend was measured fastest (torch_cluster 2.2x slower, vesin-torch 2-4x
+        # slower for small molecules, docs/neighbors.md). CUDA tensors stay on the device: "torch" with
+        # its large graphs through vesin-torch, else torch_cluster, else "torch" with a warning.
+        if pos.is_cuda and not vesin_torch_available():
+            _warn_cpu_fallback()
+            backend = "torch_cluster" if torch_cluster_available() else "torch"
+        else:
+            backend = "torch"
     elif backend == "torch_cluster" and not torch_cluster_available():
         raise ValueError(
             "backend='torch_cluster' was requested but torch_cluster is not installed (or fails to "
             f"import); install it with `{_TC_INSTALL_HINT}` or use backend='torch'"
         )
+    elif backend == "vesin_torch":
+        _require_vesin_torch()
     with torch.no_grad():
         batch_in = batch
-        batch, counts, ptr, _ = _prepare_batch(pos, batch)
+        batch, counts, ptr, num_graphs = _prepare_batch(pos, batch)
         if pos.shape[0] < 2:
             return _empty_edges(pos.device)
         if backend == "torch":
-            return _radius_torch(pos, cutoff, batch, counts, ptr)
-        if backend == "vesin":
-            return _radius_vesin(pos, cutoff, batch)
+            return _radius_torch(pos, cutoff, batch, counts, ptr, pos.is_cuda and vesin_torch_available())
+        if backend in ("vesin", "vesin_torch"):
+            return _radius_vesin(pos, cutoff, batch, num_graphs, backend == "vesin_torch")
         return _radius_torch_cluster(pos, cutoff, None if batch_in is None else batch, counts)
 
 
@@ -427,9 +533,14 @@ def _prepare_cell_pbc(
 
 
 def radius_graph_pbc(
-    pos: Tensor, cutoff: float, batch: Tensor | None, cell: Tensor, pbc: Tensor | None = None
+    pos: Tensor,
+    cutoff: float,
+    batch: Tensor | None,
+    cell: Tensor,
+    pbc: Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Periodic neighbour list (vesin cell list, CPU float64).
+    """Periodic neighbour list (vesin cell list).
 
     Args:
         pos: ``(N, 3)`` positions in Å (need not be wrapped into the cell).
@@ -437,6 +548,9 @@ def radius_graph_pbc(
         batch: ``(N,)`` sorted graph index per atom, or ``None`` (single graph).
         cell: ``(B, 3, 3)`` or ``(3, 3)``; rows are lattice vectors in Å.
         pbc: ``(B, 3)`` or ``(3,)`` bool periodicity per direction; default all ``True``.
+        backend: ``"vesin_torch"`` searches on ``pos.device`` (vesin-torch), ``"auto"`` does so
+            for CUDA tensors when vesin-torch is installed; otherwise (and for every other
+            backend name) vesin on the CPU in float64.
 
     Returns:
         ``edge_index`` ``(2, E)`` long (row 0 = neighbour ``j``, row 1 = centre ``i``) and
@@ -447,8 +561,15 @@ def radius_graph_pbc(
         ``(i, i, 0)`` is excluded. Non-periodic directions have offset 0. Sorted by centre
         ``i``, then ``j``, then offset.
     """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {_BACKENDS}")
     _check_pos(pos, batch)
     cutoff = _check_cutoff(cutoff)
+    if backend == "vesin_torch":
+        _require_vesin_torch()
+    on_device = backend == "vesin_torch" or (backend == "auto" and pos.is_cuda and vesin_torch_available())
+    if backend == "auto" and pos.is_cuda and not on_device:
+        _warn_cpu_fallback()
     device, dtype = pos.device, pos.dtype
     with torch.no_grad():
         batch, counts, ptr, num_graphs = _prepare_batch(pos, batch)
@@ -456,58 +577,11 @@ def radius_graph_pbc(
         n = pos.shape[0]
         if n == 0:
             return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
-
-        pos64 = pos.detach().to("cpu", torch.float64).numpy()
-        cell64 = cell_g.detach().to("cpu", torch.float64).numpy()
-        pbc_np = pbc_g.numpy()
-        counts_l = counts.tolist()
-        ptr_l = ptr.tolist()
-        batch_np = batch.cpu().numpy()
-
-        i_parts, j_parts, s_parts = [], [], []
-        # graphs without any periodic direction: one batched non-periodic vesin call
-        nonper = ~pbc_np[:num_graphs].any(axis=1)
-        if nonper.any():
-            node_mask = nonper[batch_np]
-            idx = np.flatnonzero(node_mask)
-            i, j = _vesin_nonperiodic_pairs(pos64[idx], batch_np[idx], cutoff)
-            i_parts.append(idx[i])
-            j_parts.append(idx[j])
-            s_parts.append(np.zeros((len(i), 3), np.int32))
-        for g in np.flatnonzero(~nonper).tolist():
-            a, b = ptr_l[g], ptr_l[g + 1]
-            if counts_l[g] == 0:
-                continue
-            p = pos64[a:b]
-            box = cell64[g]
-            per = pbc_np[g]
-            for d in range(3):
-                if per[d] and not np.linalg.norm(box[d]) > 0.0:
-                    raise ValueError(
-                        f"cell of graph {g} has a zero lattice vector {d} in a periodic direction: {box.tolist()}"
-                    )
-            scale = float(np.abs(p).max()) + float(np.linalg.norm(box, axis=1).sum())
-            margin = _vesin_margin(cutoff, scale)
-            nl = _vesin_neighbor_list(cutoff + margin)
-            try:
-                i, j, s = nl.compute(p, box, [bool(x) for x in per], "ijS")
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"periodic neighbour list failed for graph {g} (cell {box.tolist()}, pbc {per.tolist()}): {exc}"
-                ) from exc
-            i_parts.append(i.astype(np.int64) + a)
-            j_parts.append(j.astype(np.int64) + a)
-            s_parts.append(s.astype(np.int32, copy=False))
-
-        if not i_parts:
+        nonper = ~pbc_g[:num_graphs].numpy().any(axis=1)  # graphs without any periodic direction
+        search = _pbc_pairs_vesin_torch if on_device else _pbc_pairs_vesin
+        i, j, s = search(pos, cutoff, batch, ptr, num_graphs, cell_g, pbc_g, nonper)
+        if i.numel() == 0:
             return _empty_edges(device), torch.zeros((0, 3), dtype=dtype, device=device)
-        i = torch.from_numpy(np.concatenate(i_parts) if len(i_parts) > 1 else i_parts[0])
-        j = torch.from_numpy(np.concatenate(j_parts) if len(j_parts) > 1 else j_parts[0])
-        s = torch.from_numpy(np.concatenate(s_parts) if len(s_parts) > 1 else s_parts[0]).long()
-        # drop the (i, i, 0) pair (vesin never returns it, but be safe)
-        self_pair = i == j
-        if bool(self_pair.any()):
-            i, j, s = _select(~(self_pair & (s == 0).all(dim=1)), i, j, s)
         perm = _edge_order(i, j, s, n)
         i, j, s = i.index_select(0, perm), j.index_select(0, perm), s.index_select(0, perm)
 
@@ -521,22 +595,128 @@ def radius_graph_pbc(
         else:
             shift = image_shifts(edge_index, off, cell_t, batch)
         keep = _keep_within(pos.t().contiguous(), i, j, cutoff, shift)
+        keep &= (i != j) | (off != 0).any(dim=1)  # no (i, i, 0) pair (vesin never returns it; be safe)
         if not bool(keep.all()):
             i, j, off = _select(keep, i, j, off)
             edge_index = torch.stack([j, i])
         return edge_index, off
 
 
+def _zero_vector_error(g: int, box, per) -> ValueError:
+    d = next(d for d in range(3) if per[d] and not np.linalg.norm(box[d]) > 0.0)
+    return ValueError(f"cell of graph {g} has a zero lattice vector {d} in a periodic direction: {box.tolist()}")
+
+
+def _pbc_failed(g: int, box, per, exc: Exception) -> ValueError:
+    return ValueError(f"periodic neighbour list failed for graph {g} (cell {box.tolist()}, pbc {per.tolist()}): {exc}")
+
+
+def _pbc_pairs_vesin(pos, cutoff, batch, ptr, num_graphs, cell_g, pbc_g, nonper):
+    """Candidate (i, j, integer shift) of :func:`radius_graph_pbc` with vesin on the CPU (float64).
+
+    One vesin call per periodic graph; graphs without a periodic direction share one call.
+    Returns CPU tensors (long (E,), long (E,), long (E, 3)).
+    """
+    pos64 = pos.detach().to("cpu", torch.float64)
+    cell64 = cell_g.detach().to("cpu", torch.float64).numpy()
+    pbc_np = pbc_g.numpy()
+    ptr_l = ptr.tolist()
+    batch_cpu = batch.cpu()
+
+    i_parts, j_parts, s_parts = [], [], []
+    if nonper.any():
+        idx = torch.from_numpy(nonper)[batch_cpu].nonzero().squeeze(1)
+        i, j = _vesin_nonperiodic_pairs(pos64[idx], batch_cpu[idx], num_graphs, cutoff)
+        i_parts.append(idx[i])
+        j_parts.append(idx[j])
+        s_parts.append(torch.zeros((len(i), 3), dtype=torch.long))
+    pos64 = pos64.numpy()
+    for g in np.flatnonzero(~nonper).tolist():
+        a, b = ptr_l[g], ptr_l[g + 1]
+        if a == b:
+            continue
+        p = pos64[a:b]
+        box = cell64[g]
+        per = pbc_np[g]
+        if not (np.linalg.norm(box, axis=1) > 0.0)[per].all():
+            raise _zero_vector_error(g, box, per)
+        scale = float(np.abs(p).max()) + float(np.linalg.norm(box, axis=1).sum())
+        nl = _vesin_neighbor_list(cutoff + _vesin_margin(cutoff, scale))
+        try:
+            i, j, s = nl.compute(p, box, [bool(x) for x in per], "ijS")
+        except RuntimeError as exc:
+            raise _pbc_failed(g, box, per, exc) from exc
+        i_parts.append(torch.from_numpy(i.astype(np.int64)) + a)
+        j_parts.append(torch.from_numpy(j.astype(np.int64)) + a)
+        s_parts.append(torch.from_numpy(s.astype(np.int64)))
+    return _cat_parts(i_parts, j_parts, s_parts, torch.device("cpu"))
+
+
+def _pbc_pairs_vesin_torch(pos, cutoff, batch, ptr, num_graphs, cell_g, pbc_g, nonper):
+    """Candidate (i, j, integer shift) of :func:`radius_graph_pbc` with vesin-torch on pos.device.
+
+    Graphs without a periodic direction share one call; each periodic graph gets its own call (its
+    own cell). Host synchronisations: one for all graphs' sizes, margins and lattice-vector norms,
+    plus those inside vesin-torch (its output size), once per call.
+    """
+    device = pos.device
+    pos64 = pos.detach().to(torch.float64)
+    cell64 = cell_g[:num_graphs].detach().to(device=device, dtype=torch.float64)
+    pbc_np = pbc_g.numpy()
+    i_parts, j_parts, s_parts = [], [], []
+    if nonper.any():
+        node = torch.from_numpy(nonper).to(device)[batch].nonzero().squeeze(1)
+        if node.numel() > 1:
+            i, j = _vesin_torch_pairs(pos64.index_select(0, node), batch.index_select(0, node), num_graphs, cutoff)
+            i_parts.append(node.index_select(0, i))
+            j_parts.append(node.index_select(0, j))
+            s_parts.append(torch.zeros((i.numel(), 3), dtype=torch.long, device=device))
+    periodic = np.flatnonzero(~nonper)
+    if len(periodic):
+        # sizes, |x| bounds and lattice-vector norms of every graph in one host transfer
+        idx = batch.unsqueeze(1)
+        absmax = pos64.new_zeros((num_graphs, 1)).scatter_reduce(0, idx, pos64.abs().amax(1, keepdim=True), "amax")
+        norms = torch.linalg.vector_norm(cell64, dim=2)
+        host = torch.cat([ptr[:-1, None].to(torch.float64), ptr[1:, None].to(torch.float64), absmax, norms], 1)
+        host = host.cpu().numpy()
+        pbc_dev = pbc_g[:num_graphs].to(device)
+        for g in periodic.tolist():
+            a, b = int(host[g, 0]), int(host[g, 1])
+            if a == b:
+                continue
+            per = pbc_np[g]
+            if not (host[g, 3:] > 0.0)[per].all():
+                raise _zero_vector_error(g, cell64[g].cpu().numpy(), per)
+            margin = _vesin_margin(cutoff, float(host[g, 2] + host[g, 3:].sum()))
+            try:
+                i, j, s = _vesin_torch_compute(cutoff, margin, pos64[a:b], cell64[g], pbc_dev[g], "ijS")
+            except RuntimeError as exc:
+                raise _pbc_failed(g, cell64[g].cpu().numpy(), per, exc) from exc
+            i_parts.append(i + a)
+            j_parts.append(j + a)
+            s_parts.append(s.long())
+    return _cat_parts(i_parts, j_parts, s_parts, device)
+
+
+def _cat_parts(i_parts, j_parts, s_parts, device):
+    if not i_parts:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty, torch.empty((0, 3), dtype=torch.long, device=device)
+    if len(i_parts) == 1:
+        return i_parts[0], j_parts[0], s_parts[0]
+    return torch.cat(i_parts), torch.cat(j_parts), torch.cat(s_parts)
+
+
 def _edge_order(i: Tensor, j: Tensor, s: Tensor, n: int) -> Tensor:
     """Permutation ordering edges by (i, j, s0, s1, s2); one int64 key when it fits."""
     if i.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=i.device)
     m = int(s.abs().max())
     k = 2 * m + 1
     if float(n) * n * k**3 < 2**62:
         code = ((s[:, 0] + m) * k + (s[:, 1] + m)) * k + (s[:, 2] + m)
         return torch.sort((i * n + j) * k**3 + code).indices
-    perm = torch.arange(i.numel())
+    perm = torch.arange(i.numel(), device=i.device)
     for key in (s[:, 2], s[:, 1], s[:, 0], j, i):  # least significant first, stable sorts
         perm = perm.index_select(0, torch.sort(key.index_select(0, perm), stable=True).indices)
     return perm
@@ -553,12 +733,13 @@ def build_graph(
     """Neighbour list for a batch, periodic or not.
 
     If ``cell`` is ``None`` or ``pbc`` is all ``False``: ``(radius_graph(pos, cutoff, batch,
-    backend), None)``. Otherwise ``radius_graph_pbc(pos, cutoff, batch, cell, pbc)`` (vesin;
-    ``backend`` is ignored), which also handles batches mixing periodic and non-periodic graphs.
+    backend), None)``. Otherwise ``radius_graph_pbc(pos, cutoff, batch, cell, pbc, backend)``
+    (vesin-torch on the device for ``"vesin_torch"``, and for ``"auto"`` with CUDA tensors; vesin
+    on the CPU otherwise), which also handles batches mixing periodic and non-periodic graphs.
     Shapes/units as in those functions: ``edge_index`` ``(2, E)``, ``cell_offsets`` ``(E, 3)``.
     """
     if cell is None:
         return radius_graph(pos, cutoff, batch, backend), None
     if pbc is not None and not bool(torch.as_tensor(pbc).any()):
         return radius_graph(pos, cutoff, batch, backend), None
-    return radius_graph_pbc(pos, cutoff, batch, cell, pbc)
+    return radius_graph_pbc(pos, cutoff, batch, cell, pbc, backend)

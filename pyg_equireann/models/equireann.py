@@ -4,11 +4,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
+from pyg_equireann.graph.checks import MIN_DISTANCE, geometry_message
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
-from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, element_slots, species_index
+from pyg_equireann.nn.elements import (check_atomic_numbers, element_mask, element_slots, invalid_atomic_numbers,
+                                       species_table)
 from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.readout import MLP, ElementMLPs
 
@@ -95,9 +96,16 @@ class EquiREANN(Potential):
         passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
             ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
         passing_gain: initial magnitude of the learned passing weights.
+        compile: compute energy and forces (and stress) with ``torch.compile`` as one graph, in training too
+            (:func:`~pyg_equireann.graph.forces.compiled_derivatives`; ``model.compile=true`` in a config). The
+            first call of each kind compiles (about a minute on a CPU); same results as eager to rounding.
 
-    Inputs are checked on every call: unknown elements, non-finite positions and atoms closer than
-    :attr:`min_distance` (Å; 0 disables the distance check) raise a ValueError naming the atom.
+    Input checks (:meth:`check_inputs`: unknown elements, non-finite positions, atoms closer than
+    :attr:`min_distance` Å, 0 disables the distance check) run where data enters: when the model builds
+    its own neighbour list (``edge_index=None``), in :func:`~pyg_equireann.graph.forces.energy_forces_stress`,
+    the data modules, the ASE calculator and the exported-model wrapper, each with one host sync. With a
+    neighbour list given, :meth:`forward` neither checks nor synchronises with the host (pass ``num_graphs``
+    too): the path that training, ``torch.compile`` and ``torch.export`` take.
     """
 
     min_distance: float = MIN_DISTANCE
@@ -130,6 +138,7 @@ class EquiREANN(Potential):
         learnable_passing: bool = False,
         passing_init: str = "ones",
         passing_gain: float = 1.0,
+        compile: bool = False,
     ):
         super().__init__()
         if num_iterations < 0:
@@ -152,10 +161,14 @@ class EquiREANN(Potential):
         self.equivariant_passing = bool(equivariant_passing)
         self.learnable_passing = bool(learnable_passing)
         self.neighbor_backend = neighbor_backend
+        self.compile_forces = bool(compile)
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
 
         self.register_buffer("element_mask", element_mask(self.elements))
         self.register_buffer("element_slot", element_slots(self.elements), persistent=False)
+        species, species_slot = species_table(self.elements)
+        self.register_buffer("species", species, persistent=False)
+        self.register_buffer("species_slot", species_slot, persistent=False)
         self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
         # ρ⁽ᵗ⁾ is divided by density_scale[t] (1 until calibrate_density_scale sets it from data)
         self.register_buffer("density_scale", torch.ones(num_iterations + 1))
@@ -242,6 +255,7 @@ class EquiREANN(Potential):
         pbc: Optional[Tensor] = None,
         edge_index: Optional[Tensor] = None,
         edge_shift: Optional[Tensor] = None,
+        num_graphs: Optional[int] = None,
     ) -> Tensor:
         """Energy of each graph.
 
@@ -253,11 +267,34 @@ class EquiREANN(Potential):
             pbc: (B, 3) or (3,) periodic directions (default all True when a cell is given).
             edge_index: (2, E) precomputed neighbour list [neighbour j, centre i]; built when None.
             edge_shift: (E, 3) Cartesian image shifts S_ij (Å) for a precomputed periodic list.
+            num_graphs: B; default the number of cells, else ``batch.max() + 1`` (a host sync).
 
         Returns:
             (B,) energies in float64 (eV when trained on eV).
+
+        Without ``edge_index`` the inputs are checked (:meth:`check_inputs`) and the neighbour list is built;
+        with it (and ``num_graphs``) nothing is checked and nothing synchronises with the host.
         """
-        return self.compute(z, pos, batch, cell, pbc, edge_index, edge_shift)["energy"]
+        return self.compute(z, pos, batch, cell, pbc, edge_index, edge_shift, num_graphs)["energy"]
+
+    def check_inputs(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None,
+                     edge_index: Optional[Tensor] = None, edge_shift: Optional[Tensor] = None) -> None:
+        """Raise a ValueError naming the atom for an atomic number the model was not built for, a
+        non-finite position, or an edge of ``edge_index`` (2, E) shorter than :attr:`min_distance` (Å) or
+        not finite (``edge_shift`` (E, 3) tells periodic images apart). One host sync when all is well."""
+        z = z.long()
+        bad = invalid_atomic_numbers(z, self.element_mask) | ~torch.isfinite(pos).all()
+        lengths = None
+        if edge_index is not None and edge_index.shape[1] > 0:
+            lengths = torch.linalg.vector_norm(edge_vectors(pos.detach(), edge_index, edge_shift), dim=-1)
+            bad = bad | ~(lengths >= self.min_distance).all()  # NaN lengths too
+        if not bool(bad):
+            return
+        check_atomic_numbers(z, self.element_mask)
+        if lengths is None:
+            lengths = pos.new_zeros(0)
+            edge_index = torch.zeros(2, 0, dtype=torch.long, device=pos.device)
+        raise ValueError(geometry_message(pos, edge_index, lengths, batch, edge_shift, self.min_distance))
 
     def compute(
         self,
@@ -278,7 +315,6 @@ class EquiREANN(Potential):
         if z.shape != pos.shape[:1]:
             raise ValueError(f"z has shape {tuple(z.shape)} but pos has {pos.shape[0]} atoms")
         z = z.long()
-        check_atomic_numbers(z, self.element_mask)
         num_atoms = pos.shape[0]
         if batch is None:
             batch = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
@@ -287,15 +323,15 @@ class EquiREANN(Potential):
                 num_graphs = cell.shape[0]
             else:
                 num_graphs = int(batch.max()) + 1 if num_atoms else 1
-        if edge_index is None:
+        if edge_index is None:  # an entry point: check, then build the neighbour list
             edge_index, cell_offsets = self.build_graph(pos, batch, cell, pbc)
             if cell_offsets is not None:
                 edge_shift = image_shifts(edge_index, cell_offsets, cell.view(-1, 3, 3), batch)
+            self.check_inputs(z, pos, batch, edge_index, edge_shift)
         vectors = edge_vectors(pos, edge_index, edge_shift)
         edge_lengths = torch.linalg.vector_norm(vectors, dim=-1)
-        check_geometry(pos, edge_index, edge_lengths, batch, edge_shift, self.min_distance)
 
-        species, atom_species = species_index(z)
+        species, atom_species = self.species, self.species_slot.index_select(0, z)
         coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index, pos.dtype)
         edge_cutoff = self.cutoff_fn(edge_lengths)
         radial = torch.exp(-(alpha * (edge_lengths.unsqueeze(-1) - mu)).square())  # (E, K)
@@ -304,8 +340,8 @@ class EquiREANN(Potential):
         center_weight = None
         if self.center_weight is not None:
             center_weight = self.center_weight(species, atom_species, pos.dtype)
-        element_index = self.element_slot[z]
-        inv_n = 1.0 / float(self.avg_num_neighbors)
+        element_index = self.element_slot.index_select(0, z)
+        inv_n = self.avg_num_neighbors.reciprocal()
 
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []
@@ -336,4 +372,5 @@ class EquiREANN(Potential):
             f"cutoff={self.cutoff}, max_l={self.max_l}, num_radial={self.num_radial}, "
             f"num_channels={self.num_channels}, num_iterations={self.num_iterations}, "
             f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.learnable_passing}"
+            + (", compile=True" if self.compile_forces else "")
         )

@@ -46,6 +46,7 @@ class REANN(EquiREANN):
         readout_hidden: Sequence[int] = (128, 128),
         layer_norm: bool = True,
         neighbor_backend: str = "auto",
+        compile: bool = False,
     ):
         if num_channels is None:
             num_channels = num_radial * (num_radial + 1) // 2 * (max_l + 1)
@@ -68,4 +69,5 @@ class REANN(EquiREANN):
             readout_hidden=readout_hidden,
             layer_norm=layer_norm,
             neighbor_backend=neighbor_backend,
+            compile=compile,
         )

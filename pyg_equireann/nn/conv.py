@@ -1,6 +1,6 @@
 """One EquiREANN iteration: orbital passing (:class:`EquiREANNConv`, a PyG ``MessagePassing`` layer) and
 the contraction of the centre orbitals into invariant densities (:class:`OrbitalContraction`), spec §1.5–§1.6."""
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +124,7 @@ class EquiREANNConv(MessagePassing):
         node_orbitals: Optional[Tensor] = None,
         node_density: Optional[Tensor] = None,
         element_index: Optional[Tensor] = None,
-        inv_avg_num_neighbors: float = 1.0,
+        inv_avg_num_neighbors: Union[Tensor, float] = 1.0,
         num_nodes: Optional[int] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Returns (node_orbitals Ψ⁽ᵗ⁾ (N, A, K), node_density ρ⁽ᵗ⁾ (N, C), edge_coefficients c⁽ᵗ⁾ (E, K))."""
@@ -144,8 +144,7 @@ class EquiREANNConv(MessagePassing):
             psi=passed,
             size=(num_nodes, num_nodes),
         )
-        if inv_avg_num_neighbors != 1.0:
-            aggregated = aggregated * inv_avg_num_neighbors
+        aggregated = aggregated * inv_avg_num_neighbors  # a () tensor: no host sync to test it for 1
         return aggregated, self.contraction(aggregated, center_weight), edge_coefficients
 
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:

@@ -51,7 +51,19 @@ def element_slots(elements: Optional[Sequence[int]]) -> Tensor:
     return slots
 
 
-def species_index(z: Tensor) -> Tuple[Tensor, Tensor]:
-    """Distinct atomic numbers present (S,) and each atom's index into them (N,)."""
-    species, index = torch.unique(z, sorted=True, return_inverse=True)
-    return species, index
+def species_table(elements: Optional[Sequence[int]]) -> Tuple[Tensor, Tensor]:
+    """The species a model computes its per-element tables for, ``(species (S,), slot (MAX_Z+1,))``: its
+    ``elements`` (every atomic number 1..MAX_Z when None) and the index of each atomic number among them
+    (-1 if absent). Atom i's species is then ``slot[z_i]``: no data-dependent shapes, no host sync."""
+    species = torch.arange(1, MAX_Z + 1) if elements is None else torch.as_tensor(sorted(elements), dtype=torch.long)
+    slot = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
+    slot[species] = torch.arange(species.numel())
+    return species, slot
+
+
+def invalid_atomic_numbers(z: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
+    """() bool tensor: does ``z`` hold an invalid atomic number or one outside ``allowed`` (no host sync)."""
+    bad = (z < 1) | (z > MAX_Z)
+    if allowed is not None:
+        bad = bad | ~allowed[z.clamp(0, MAX_Z)]
+    return bad.any()

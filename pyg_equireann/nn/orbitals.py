@@ -195,17 +195,19 @@ class PairEmbedding(nn.Module):
 
     def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor,
                 dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-        """species (S,) distinct atomic numbers, atom_species (N,) index into them, edge_index (2, E)
+        """species (S,) atomic numbers, atom_species (N,) index into them, edge_index (2, E)
         [neighbour j, centre i] → c⁰, α, μ, each (E, K)."""
         s = species.numel()
-        index = atom_species
-        onehot = torch.zeros(s, s, 2 * (MAX_Z + 1), dtype=dtype, device=species.device)
-        pair = torch.arange(s, device=species.device)
-        onehot[pair, :, species] = 1.0  # centre element
-        onehot[:, pair, MAX_Z + 1 + species] = 1.0  # neighbour element
-        table = self.mlp(onehot.view(s * s, -1))  # (S², 3K)
-        pair_index = index[edge_index[1]] * s + index[edge_index[0]]
-        return table.index_select(0, pair_index).split(self.num_radial, dim=-1)
+        layers = list(self.mlp)
+        # the first layer of the one-hot pair [Z_i, Z_j] is a sum of two weight columns (no (S², 238) one-hot)
+        weight, bias = layers[0].weight, layers[0].bias
+        centre = weight.index_select(1, species).t()  # (S, h)
+        neighbour = weight.index_select(1, species + (MAX_Z + 1)).t()
+        x = ((centre.unsqueeze(1) + neighbour.unsqueeze(0)) + bias).view(s * s, -1)
+        for layer in layers[1:]:
+            x = layer(x)  # (S², 3K)
+        pair_index = atom_species.index_select(0, edge_index[1]) * s + atom_species.index_select(0, edge_index[0])
+        return x.index_select(0, pair_index).split(self.num_radial, dim=-1)
 
 
 class NeighborTableEmbedding(nn.Module):
@@ -256,5 +258,9 @@ class CenterWeight(nn.Module):
 
     def forward(self, species: Tensor, atom_species: Tensor, dtype: torch.dtype) -> Tensor:
         """species (S,), atom_species (N,) → (N, C)."""
-        onehot = nn.functional.one_hot(species, MAX_Z + 1).to(dtype)
-        return self.mlp(onehot).index_select(0, atom_species)
+        layers = list(self.mlp)
+        # the first layer of a one-hot element is a weight column (no one_hot: it syncs to check its range)
+        x = layers[0].weight.index_select(1, species).t() + layers[0].bias
+        for layer in layers[1:]:
+            x = layer(x)
+        return x.index_select(0, atom_species)

@@ -106,12 +106,10 @@ class ElementMLPs(nn.Module):
 
     def forward(self, x: Tensor, element_index: Tensor) -> Tensor:
         """x (N, in), element_index (N,) in [0, num_elements) → (N, out)."""
-        out = x.new_zeros(x.shape[0], self.out_features)
-        for e, net in enumerate(self.nets):
-            rows = (element_index == e).nonzero().squeeze(-1)
-            if rows.numel():
-                out = out.index_put((rows,), net(x.index_select(0, rows)))
-        return out
+        # every net on every row, then each row's own: no data-dependent shapes (sync-free, compilable)
+        outputs = torch.stack([net(x) for net in self.nets])  # (S, N, out)
+        index = element_index.view(1, -1, 1).expand(1, x.shape[0], self.out_features)
+        return outputs.gather(0, index).squeeze(0)
 
 
 # ----------------------------------------------------------------------------- energy reference

@@ -331,12 +331,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+#: Model settings that change how a model runs, not what it computes: a run may resume with other values.
+EXECUTION_KEYS = ("compile",)
+
+
 def model_config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> List[str]:
     """``["key: checkpoint X, requested Y", ...]`` for the entries of two model configs that differ
-    (floats compared to 1e-9 relative)."""
+    (floats compared to 1e-9 relative). How the model runs (:data:`EXECUTION_KEYS`) may differ."""
     missing = object()
     out = []
-    for key in sorted(set(saved) | set(requested), key=str):
+    for key in sorted((set(saved) | set(requested)) - set(EXECUTION_KEYS), key=str):
         a, b = saved.get(key, missing), requested.get(key, missing)
         if a is missing or b is missing or not _same(a, b):
             show = lambda v: "(not set)" if v is missing else repr(v)  # noqa: E731

@@ -22,7 +22,8 @@ UNITS = {"energy_mae": "meV", "energy_rmse": "meV", "energy_per_atom_mae": "meV/
 def batch_errors(batch, out: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Prediction − reference for a batch of B structures and N atoms: ``energy`` (B,) eV, ``energy_per_atom``
     (B,) eV/atom and, where the batch has them, ``forces`` (N, 3) eV/Å and ``stress`` (B, 3, 3) eV/Å³."""
-    num_atoms = torch.bincount(batch.batch, minlength=out["energy"].shape[0]).to(torch.float64)
+    energy = out["energy"]
+    num_atoms = torch.zeros_like(energy).index_add_(0, batch.batch, torch.ones_like(batch.batch, dtype=energy.dtype))
     energy_error = out["energy"] - batch.energy.view(-1)
     errors = {"energy": energy_error, "energy_per_atom": energy_error / num_atoms}
     if getattr(batch, "forces", None) is not None:

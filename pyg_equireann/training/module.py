@@ -153,6 +153,7 @@ class PotentialModule(L.LightningModule):
                 self.model, batch.z, batch.pos, batch.batch, cell, getattr(batch, "pbc", None),
                 compute_stress=compute_stress, create_graph=create_graph,
                 edge_index=getattr(batch, "edge_index", None), cell_offsets=getattr(batch, "cell_offsets", None),
+                num_graphs=int(batch.num_graphs), check=False,  # the data module checked every frame
             )
         if compute_stress:
             raise ValueError(f"stress is computed for models with a cached graph (EquiREANN, REANN), "

@@ -103,7 +103,7 @@ def test_export_round_trip(cu_run, exported, tmp_path):
     assert rel(got["stress"], ref["stress"]) < 1e-6
     assert torch.allclose(got["atomic_energies"].view(3, 32).sum(1), got["energy"], rtol=1e-12)
     r = cli("equireann-export", f"ckpt_path={exported}", f"out={tmp_path / 'x.pt2'}", cwd=tmp_path)
-    assert r.returncode == 2 and "not a pyg_equireann training checkpoint" in r.stderr
+    assert r.returncode == 2 and "is a model written by equireann-export, not a training checkpoint" in r.stderr
 
 
 def test_exported_model_needs_only_torch(cu_run, exported, tmp_path):

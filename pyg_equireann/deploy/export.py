@@ -215,6 +215,9 @@ def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True,
     from pyg_equireann.training.evaluation import load_checkpoint
 
     torch_dtype = resolve_dtype(str(dtype))
+    if Path(ckpt_path).expanduser().is_file() and _has_metadata(ckpt_path):
+        raise ValueError(f"{ckpt_path} is a model written by equireann-export, not a training checkpoint; export "
+                         "the run's checkpoints/best.ckpt")
     module = load_checkpoint(ckpt_path, float64=None)
     model = module.model.to(torch_dtype).eval()
     if not getattr(model, "deployable", False):
@@ -233,21 +236,30 @@ def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True,
     return deviations
 
 
+def _has_metadata(path: Union[str, Path]) -> bool:
+    try:
+        read_metadata(path)
+    except ValueError:
+        return False
+    return True
+
+
 def read_metadata(path: Union[str, Path]) -> dict:
     """The ``metadata.json`` of an exported ``.pt2`` package, read from the archive without loading the
     program. Plain torch: ``torch.export.load(path, extra_files={"metadata.json": ""})`` or
     ``torch._inductor.aoti_load_package(path).get_metadata()["metadata.json"]``."""
     path = Path(path).expanduser()
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a .pt2 package written by equireann-export (not a zip archive)")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        for name in names:
-            if name.endswith("/extra/metadata.json"):
-                return json.loads(archive.read(name))
-        for name in names:
-            if name.endswith("wrapper_metadata.json"):
-                text = json.loads(archive.read(name)).get("metadata.json")
-                if text is not None:
-                    return json.loads(text)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for name in names:
+                if name.endswith("/extra/metadata.json"):
+                    return json.loads(archive.read(name))
+            for name in names:
+                if name.endswith("wrapper_metadata.json"):
+                    text = json.loads(archive.read(name)).get("metadata.json")
+                    if text is not None:
+                        return json.loads(text)
+    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a .pt2 package written by equireann-export ({error})") from None
     raise ValueError(f"{path} is not a .pt2 package written by equireann-export (no metadata.json)")

@@ -2,7 +2,6 @@
 :class:`~pyg_equireann.deploy.export.ForceField`) behind one call that validates its input like the Python
 model and returns energies, forces, virial and stress."""
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from pyg_equireann.deploy.export import INTERFACE_VERSION, ForceField, model_metadata, read_metadata
 from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
-from pyg_equireann.nn.elements import MAX_Z, check_atomic_numbers, element_mask
+from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, invalid_atomic_numbers
 from pyg_equireann.utils import dtype_name, resolve_dtype
 
 Function = Callable[..., Tuple[Tensor, ...]]
@@ -169,13 +168,12 @@ class DeployedPotential:
 
     def _valid(self, z, pos, edge_index, cell_offsets, cell, batch) -> Tensor:
         """True (0-dim, on the device) if :meth:`_raise` would find nothing; no synchronisation."""
-        known = ((z >= 1) & (z <= MAX_Z) & self.element_mask[z.clamp(0, MAX_Z)]).all()
         vectors = edge_vectors(pos, edge_index, self._shifts(edge_index, cell_offsets, cell, batch))
         close = vectors.square().sum(-1) >= self.min_distance ** 2  # False for NaN too
-        return known & torch.isfinite(pos).all() & close.all()
+        return ~invalid_atomic_numbers(z, self.element_mask) & torch.isfinite(pos).all() & close.all()
 
     def _raise(self, z, pos, edge_index, cell_offsets, cell, batch) -> None:
-        """The Python model's error for this input (the checks of its forward, in its order)."""
+        """The Python model's error for this input (that of ``EquiREANN.check_inputs``, in its order)."""
         check_atomic_numbers(z, self.element_mask)
         shift = self._shifts(edge_index, cell_offsets, cell, batch)
         lengths = torch.linalg.vector_norm(edge_vectors(pos, edge_index, shift), dim=-1)
@@ -214,7 +212,7 @@ def load_potential(model: Union[str, os.PathLike, nn.Module, DeployedPotential],
     if path.suffix != ".ckpt":
         try:
             read_metadata(path)
-        except (ValueError, zipfile.BadZipFile, KeyError):
+        except ValueError:
             if path.suffix in (".pt", ".pt2"):
                 raise ValueError(f"{path} is not a model written by equireann-export (no metadata.json)") from None
         else:

@@ -15,6 +15,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from pyg_equireann import EquiREANN, energy_forces_stress
 from pyg_equireann.deploy.ase import EquiREANNCalculator, load_potential
 from pyg_equireann.deploy.export import export_model, read_metadata
+from pyg_equireann.utils import default_dtype
 
 from .conftest import DATA, make_model
 
@@ -29,17 +30,32 @@ def cu_al_box(seed=0):
     return atoms
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = make_model(EquiREANN, cutoff=4.0, elements=(13, 29), avg_num_neighbors=4.0)
-    m.set_energy_statistics({13: -1.5, 29: -3.5}, scale=300.0, shift=0.02)  # stresses of ~1e-3 eV/Å³
+def deploy_model():
+    """The model of the calculator and geometry-check tests: H, C, O, Al, Cu; stresses of ~1e-3 eV/Å³."""
+    with default_dtype(torch.float64):
+        m = make_model(EquiREANN, cutoff=4.0, elements=(1, 6, 8, 13, 29), num_channels=8, avg_num_neighbors=4.0)
+    m.set_energy_statistics({13: -1.5, 29: -3.5}, scale=300.0, shift=0.02)
     return m
 
 
+def shared_package(tmp_path_factory) -> Path:
+    """:func:`deploy_model` exported once per test session (an export takes seconds); also used by
+    ``test_geometry_checks.py``."""
+    path = tmp_path_factory.getbasetemp() / "deploy_model.pt2"
+    if not path.exists():
+        export_model(deploy_model(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
+def model():
+    return deploy_model()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     """The model as a ``.pt2`` package (``torch.export``)."""
-    return export_model(model, tmp_path_factory.mktemp("exported") / "model.pt2")
+    return shared_package(tmp_path_factory)
 
 
 def test_calculator_matches_model(model, exported):
@@ -56,7 +72,7 @@ def test_calculator_matches_model(model, exported):
         np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"][0].numpy()),
                                    atol=1e-12)
         assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
-    assert atoms.calc.potential.metadata["format"] == "export" and read_metadata(exported)["elements"] == [13, 29]
+    assert atoms.calc.potential.metadata["format"] == "export" and read_metadata(exported)["elements"] == [1, 6, 8, 13, 29]
     # the model was copied: converting it later does not touch the calculator
     assert next(model.parameters()).dtype == torch.float64
 

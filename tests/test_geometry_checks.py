@@ -8,13 +8,13 @@ import pytest
 import torch
 from ase import Atoms
 
-from pyg_equireann import EquiREANN, energy_forces_stress
+from pyg_equireann import energy_forces_stress
 from pyg_equireann.deploy.ase import EquiREANNCalculator
-from pyg_equireann.deploy.export import export_model
 from pyg_equireann.deploy.package import DeployedPotential
 from pyg_equireann.graph.checks import format_float
 
-from .conftest import load_rmd17, make_model, small_periodic_system
+from .conftest import load_rmd17, small_periodic_system
+from .test_ase_calculator import deploy_model, shared_package
 
 WATER = [[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]]
 
@@ -33,13 +33,13 @@ def structures():
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model(EquiREANN, elements=[1, 6, 8], num_channels=8, cutoff=4.0)
+    return deploy_model()
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    """The model as an exported ``.pt2`` package and its loaded wrapper."""
-    path = export_model(model, tmp_path_factory.mktemp("exported") / "model.pt2")
+def exported(tmp_path_factory):
+    """The model as an exported ``.pt2`` package (shared with the calculator tests) and its loaded wrapper."""
+    path = shared_package(tmp_path_factory)
     return path, DeployedPotential.from_file(path)
 
 

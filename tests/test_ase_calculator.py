@@ -72,7 +72,8 @@ def test_calculator_matches_model(model, exported):
         np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"][0].numpy()),
                                    atol=1e-12)
         assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
-    assert atoms.calc.potential.metadata["format"] == "export" and read_metadata(exported)["elements"] == [1, 6, 8, 13, 29]
+    assert atoms.calc.potential.metadata["format"] == "export"
+    assert read_metadata(exported)["elements"] == [1, 6, 8, 13, 29]
     # the model was copied: converting it later does not touch the calculator
     assert next(model.parameters()).dtype == torch.float64
 

@@ -84,7 +84,8 @@ def test_export_round_trip(cu_run, exported, tmp_path):
     meta = read_metadata(exported)
     assert meta["cutoff"] == 5.0 and meta["elements"] == [13, 29] and meta["dtype"] == "float64"
     assert meta["model_config"]["_target_"] == "pyg_equireann.EquiREANN"
-    assert meta["interface_version"] == INTERFACE_VERSION and meta["format"] == "export" and meta["model"] == "EquiREANN"
+    assert meta["interface_version"] == INTERFACE_VERSION and meta["format"] == "export"
+    assert meta["model"] == "EquiREANN"
     assert meta["units"]["energy"] == "eV" and meta["units"]["length"] == "Å"
     assert meta["inputs"] == ["z", "pos", "edge_index", "cell_offsets", "cell", "batch"]
 
@@ -209,9 +210,10 @@ def test_one_host_synchronisation_per_call(packages):
     z, pos, batch, cell, pbc = molecule_and_cell()
     model = calibrated("reann")
     edge_index, offsets = model.build_graph(pos, batch, cell, pbc)
-    assert count_host_syncs(lambda: deployed(z, pos, edge_index, offsets, cell, batch)) == {"aten::_local_scalar_dense": 1}
+    one = {"aten::_local_scalar_dense": 1}
+    assert count_host_syncs(lambda: deployed(z, pos, edge_index, offsets, cell, batch)) == one
     molecule = model.build_graph(pos[:4])[0]  # no cell: the number of graphs comes from batch, in the same sync
-    assert count_host_syncs(lambda: deployed(z[:4], pos[:4], molecule, batch=batch[:4])) == {"aten::_local_scalar_dense": 1}
+    assert count_host_syncs(lambda: deployed(z[:4], pos[:4], molecule, batch=batch[:4])) == one
     assert count_host_syncs(lambda: deployed.function(z, pos, edge_index, offsets, cell, batch)) == {}
 
 
@@ -239,6 +241,7 @@ def test_aoti_package_float32():
         got = deployed(z, pos, edge_index, offsets, cell, batch)
         assert got["energy"].dtype == torch.float64 and got["forces"].dtype == torch.float32
         assert rel(got["energy"], ref["energy"].detach()) < 1e-7
-        assert rel(got["forces"].double(), ref["forces"]) < 1e-4 and rel(got["stress"][1].double(), ref["stress"][1]) < 1e-4
+        assert rel(got["forces"].double(), ref["forces"]) < 1e-4
+        assert rel(got["stress"][1].double(), ref["stress"][1]) < 1e-4
     with pytest.raises(ValueError, match="only EquiREANN-family models can be deployed"):
         ForceField(torch.nn.Linear(3, 1))

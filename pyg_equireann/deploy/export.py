@@ -41,7 +41,8 @@ class ForceField(nn.Module):
       centre i]; ``cell_offsets`` (E, 3) integer-valued image offsets (model dtype), so that
       :math:`r_{ij} = x_j - x_i + n_{ij} \cdot \mathrm{cell}_{b(i)}`; ``cell`` (B, 3, 3) Å (rows =
       lattice vectors; zeros for molecules); ``batch`` (N,) int64 sorted graph index.
-    * ``energy`` (B,) float64 eV; ``atomic_energies`` (N,) float64 eV; ``forces`` (N, 3) :math:`-\partial E/\partial x` eV/Å; ``virial``
+    * ``energy`` (B,) float64 eV; ``atomic_energies`` (N,) float64 eV; ``forces`` (N, 3)
+      :math:`-\partial E/\partial x` eV/Å; ``virial``
       (B, 3, 3) :math:`W = -\partial E/\partial\varepsilon` eV under the symmetric strain
       :math:`x \to x(1+\varepsilon)` of positions and cell (stress = :math:`-W/V`).
 

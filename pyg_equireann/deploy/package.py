@@ -26,7 +26,7 @@ def script_error(error: Exception) -> Exception:
 
 
 class _TorchScriptFile:
-    """A TorchScript file of interface version 1 or 2 (written by equireann-export before 0.2), called like
+    """A TorchScript file of interface version 1 or 2 (written by earlier versions of equireann-export), called like
     :class:`ForceField`; the file holds its own code, nothing of it is kept in this package."""
 
     def __init__(self, path: Path, device: torch.device, dtype: Optional[torch.dtype]):

@@ -90,7 +90,8 @@ class EquiREANN(Potential):
             needs ``elements``.
         embedding_hidden, message_hidden, readout_hidden: hidden widths of the MLPs.
         layer_norm: LayerNorm inside the message and readout MLPs.
-        neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"`` or ``"vesin"`` (non-periodic).
+        neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"``, ``"vesin"`` or ``"vesin_torch"``
+            (:mod:`~pyg_equireann.graph.neighbors`; ``"auto"`` keeps CUDA positions on the GPU).
         learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
             radial channel (an extension of the paper: :class:`EquiREANNConv`).
         passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or

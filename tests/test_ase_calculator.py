@@ -60,7 +60,7 @@ def exported(tmp_path_factory):
 
 def test_calculator_matches_model(model, exported):
     """The calculator on the module (eager) and on its exported package: the model's energy, forces and
-    stress (32 atoms; the package was traced with 28)."""
+    stress (16 atoms; the package was traced with 28)."""
     atoms = cu_al_box()
     ref = energy_forces_stress(model, torch.tensor(atoms.numbers), torch.tensor(atoms.positions),
                                cell=torch.tensor(atoms.cell.array), compute_stress=True)

@@ -11,7 +11,7 @@ from pyg_equireann.deploy.export import export
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     check_writable(Path(str(cfg.out)).expanduser().parent, "export folder")
-    deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check, bool(cfg.aoti))
+    deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check, bool(cfg.aoti), str(cfg.device))
     print(f"exported {cfg.ckpt_path} -> {cfg.out} ({cfg.dtype}{', AOTInductor' if cfg.aoti else ''})")
     if deviations:
         print("largest relative deviation from the checkpoint: "

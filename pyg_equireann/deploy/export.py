@@ -197,7 +197,7 @@ def compare(model: nn.Module, deployed, elements) -> Dict[str, float]:
     for z, pos, cell in check_structures(elements):
         pos = pos.to(deployed.dtype)
         ref = energy_forces_stress(model, z, pos, cell=cell, compute_stress=cell is not None)
-        got = deployed.predict(z, pos, cell, compute_stress=cell is not None)
+        got = {k: v.cpu() for k, v in deployed.predict(z, pos, cell, compute_stress=cell is not None).items()}
         out["energy"] = max(out["energy"], float(((got["energy"] - ref["energy"].detach()).abs()
                                                   / ref["energy"].detach().abs()).max()))
         scale = float(ref["forces"].abs().max()) or 1.0
@@ -208,10 +208,11 @@ def compare(model: nn.Module, deployed, elements) -> Dict[str, float]:
     return out
 
 
-def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True, aoti: bool = False
-           ) -> Dict[str, float]:
-    """Export the checkpoint's model (EMA weights) to the ``.pt2`` package ``out``; returns the deviations
-    of :func:`compare` (if ``check``), which fail above 1e-6 (float64) or 1e-3 (float32) relative."""
+def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True, aoti: bool = False,
+           device: str = "cpu") -> Dict[str, float]:
+    """Export the checkpoint's model (EMA weights) to the ``.pt2`` package ``out`` for ``device`` (the one an
+    AOTInductor package will run on); returns the deviations of :func:`compare` (if ``check``), which fail
+    above 1e-6 (float64) or 1e-3 (float32) relative."""
     from pyg_equireann.deploy.package import DeployedPotential
     from pyg_equireann.training.evaluation import load_checkpoint
 
@@ -223,11 +224,11 @@ def export(ckpt_path: str, out: str, dtype: str = "float64", check: bool = True,
     model = module.model.to(torch_dtype).eval()
     if not getattr(model, "deployable", False):
         raise ValueError(f"{ckpt_path}: only EquiREANN-family models can be exported, got {type(model).__name__}")
-    path = export_model(model, out, torch_dtype, aoti, model_config=module.hparams.get("model_config"),
+    path = export_model(model, out, torch_dtype, aoti, device, model_config=module.hparams.get("model_config"),
                         checkpoint=str(Path(ckpt_path).expanduser().resolve()))
     deviations = {}
     if check:
-        deployed = DeployedPotential.from_file(path)
+        deployed = DeployedPotential.from_file(path, device)
         deviations = compare(model, deployed, deployed.elements or [1, 6, 7, 8])
         tolerance = 1e-6 if torch_dtype == torch.float64 else 1e-3
         worst = max(deviations.values())

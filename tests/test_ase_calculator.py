@@ -233,3 +233,17 @@ def test_md_example_runs(system, ensemble):
     assert 50.0 < result["mean_temperature_K"] < 900.0
     if ensemble == "nve":
         assert abs(result["max_deviation_meV_per_atom"]) < 1.0
+
+
+def test_package_moves_to_another_device(exported):
+    """A ``torch.export`` package loads for another device than it was exported on (``move_to_device_pass``;
+    the meta device stands in for a GPU on this CPU-only machine): every tensor of the program moves,
+    factory calls included, and the outputs have the documented shapes."""
+    deployed = load_potential(exported, device="meta")
+    meta = {"device": "meta"}
+    inputs = (torch.tensor([1, 8, 1], **meta), torch.zeros(3, 3, dtype=torch.float64, **meta),
+              torch.zeros(2, 4, dtype=torch.long, **meta), torch.zeros(4, 3, dtype=torch.float64, **meta),
+              torch.zeros(2, 3, 3, dtype=torch.float64, **meta), torch.tensor([0, 0, 1], **meta))
+    outputs = deployed.function(*inputs)
+    assert [tuple(t.shape) for t in outputs] == [(2,), (3,), (3, 3), (2, 3, 3)]
+    assert all(t.device.type == "meta" for t in outputs)

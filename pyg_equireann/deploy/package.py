@@ -107,7 +107,9 @@ class DeployedPotential:
         else:
             program = torch.export.load(str(path))
             if exported_on != device:
-                program = torch.export.passes.move_to_device_pass(program, device)
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
             function = program.module()
         return cls(function, metadata, device)
 

@@ -10,11 +10,12 @@ import lightning as L
 import pytest
 import torch
 
+from pyg_equireann.experiments.bench import run_bench
 from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot,
                                                     speed_markdown, speed_plot, write_csv)
-from pyg_equireann.experiments.bench.speed import energy_and_forces, peak_memory, run_speed
+from pyg_equireann.experiments.bench.speed import energy_and_forces, is_out_of_memory, peak_memory, run_speed
 from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
-from pyg_equireann.experiments.harness import model_configs
+from pyg_equireann.experiments.harness import compose, model_configs
 from pyg_equireann.training.prepare import prepare_model_config
 
 from .test_pipeline import BIN, SMALL, cli_env, compose_train, ethanol_datamodule, make_module
@@ -143,6 +144,79 @@ def test_speed_harness_tables_on_tiny_systems(tmp_path):
     with open(tmp_path / "speed.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert speed_plot(rows, tmp_path / "speed.png").stat().st_size > 1000
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A periodic toy potential whose forward runs out of (CUDA) memory with more than ``max_atoms`` atoms or
+    from its ``max_calls``-th call on."""
+
+    supports_pbc = True
+
+    def __init__(self, max_atoms: int = 10**9, max_calls: int = 10**9):
+        super().__init__()
+        self.max_atoms, self.max_calls, self.calls = max_atoms, max_calls, 0
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, z, pos, batch=None, cell=None, pbc=None):
+        self.calls += 1
+        if len(z) > self.max_atoms or self.calls >= self.max_calls:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({len(z)} atoms)")
+        return (self.weight * pos.square().sum()).view(1)
+
+
+def test_speed_bench_reports_out_of_memory_and_goes_on():
+    """A model that runs out of memory (in its warm-up call at 81 atoms, or in a timed call) is reported as
+    OOM and not run on the larger box; EquiREANN's rows stay complete. Allocation failures of other
+    allocators count as out of memory, other errors do not."""
+    toy = f"{__name__}.OutOfMemoryAbove"
+    configs = {"equireann": small_config("equireann"), "oom_large": {"_target_": toy, "max_atoms": 50},
+               "oom_late": {"_target_": toy, "max_calls": 3}}
+    systems = {f"water{n}": water_box(n) for n in (30, 100, 300)}  # 24, 81 and 375 atoms
+    rows = run_speed(configs, systems, repeats=3, warmup=1, max_seconds=30, memory=False, progress=False)
+    by_key = {(r["system"], r["model"]): r for r in rows}
+    assert by_key[("water30", "oom_large")]["status"] == "ok"
+    assert by_key[("water100", "oom_large")]["status"] == "OOM"
+    assert "out of memory" in by_key[("water100", "oom_large")]["note"]
+    assert by_key[("water300", "oom_large")]["note"] == "not run: out of memory at 81 atoms"
+    for system in systems:
+        assert by_key[(system, "oom_late")]["status"] == "OOM"
+        row = by_key[(system, "equireann")]
+        assert row["status"] == "ok" and row["repeats"] == 3 and row["ms_per_structure"] > 0
+        assert row["ratio_to_reference"] == pytest.approx(1.0)
+    table = speed_markdown(rows)
+    assert "| oom_large | 1 | OOM: OutOfMemoryError: CUDA out of memory" in table
+    assert table.count("| equireann | ") == 3 and table.count("OOM") == 5
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_train_step_bench_table(tmp_path):
+    """``bench=train_step`` with two models (one a variant of a model config) at batch 2 on a tiny ethanol
+    training set: one row per (batch size, model) with finite positive times, the Markdown and CSV files."""
+    cfg = compose("bench", ["bench=train_step", "models=[equireann_small,schnet]", "train_step.dataset=ethanol",
+                            "train_step.data_overrides=['data.num_train=12','data.num_val=4','data.num_test=4']",
+                            "train_step.batch_sizes=[2]", "train_step.repeats=3", "train_step.warmup=1",
+                            "train_step.float64=true", "+variants.equireann_small.model=equireann",
+                            "+variants.equireann_small.num_channels=8", "reference=equireann_small"])
+    cfg.train_step.model_overrides = {"schnet": {"hidden_channels": 16, "num_filters": 16, "num_interactions": 2,
+                                                 "num_gaussians": 16, "cutoff": 4.0}}  # one data module
+    report = run_bench(cfg, tmp_path)
+    with open(tmp_path / "train_step.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["equireann_small", "schnet"]
+    for row in rows:
+        assert row["status"] == "ok" and row["batch_size"] == "2" and row["repeats"] == "3"
+        assert float(row["atoms_per_step"]) == 18.0 and int(row["parameters"]) > 0
+        for column in ("ms_per_step", "ms_per_step_min", "structures_per_s", "ratio_to_reference",
+                       "ratio_to_reference_min"):
+            assert 0 < float(row[column]) < float("inf"), column
+        assert float(row["structures_per_s"]) == pytest.approx(2e3 / float(row["ms_per_step"]))
+        assert row["peak_mb"] == ""  # CPU: not measured
+    assert float(rows[0]["ratio_to_reference"]) == float(rows[0]["ratio_to_reference_min"]) == 1.0
+    text = report.read_text()
+    assert "## Training step" in text and "| equireann_small | " in text and "Step time at batch 2: schnet /" in text
+    assert (tmp_path / "train_step.md").read_text() in text
 
 
 def test_peak_memory_in_a_fresh_process():

@@ -35,27 +35,68 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 def speed_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equireann") -> str:
     """One table per (system, dtype): time per structure and per atom, ratio to the reference model,
-    parameters and peak memory."""
+    parameters and peak memory (resident memory in a fresh process; on CUDA also the GPU memory of a call).
+    Models that did not run say why (``n/a``, ``skipped``, ``OOM``)."""
     out = []
     groups: Dict[tuple, List[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["system"], row["dtype"]), []).append(row)
     for (system, dtype), group in groups.items():
         atoms, structures = group[0]["atoms"], group[0]["structures"]
+        rss = any(row.get("rss_mb") is not None for row in group)
+        gpu = any(row.get("peak_mb") is not None for row in group)
+        columns = [("peak RSS (MB)", "rss_mb"), ("peak RSS increase (MB)", "rss_increase_mb")] if rss else []
+        columns += [("peak GPU memory of a call (MB)", "peak_mb")] if gpu else []
         out.append(f"**{system}** ({structures} structure{'s' if structures > 1 else ''}, {atoms:,} atoms), {dtype}, "
                    "energy + forces incl. neighbour list")
         out.append("")
-        out.append(f"| model | parameters | ms / structure | µs / atom | time ÷ {reference} | peak RSS (MB) | peak RSS increase (MB) |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append(f"| model | parameters | ms / structure | µs / atom | time ÷ {reference} |"
+                   + "".join(f" {title} |" for title, _ in columns))
+        out.append("|---|---|---|---|---|" + "---|" * len(columns))
         for row in group:
             if row["status"] != "ok":
-                out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {row['status']}: {row.get('note', '')} | | | | |")
+                out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {row['status']}: {row.get('note', '')} "
+                           "| | |" + " |" * len(columns))
                 continue
             ratio = row.get("ratio_to_reference")
             out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {_fmt(row['ms_per_structure'])} | "
-                       f"{_fmt(row['us_per_atom'])} | {'–' if ratio is None else f'{ratio:.2f}'} | "
-                       f"{_fmt(row.get('rss_mb'))} | {_fmt(row.get('rss_increase_mb'))} |")
+                       f"{_fmt(row['us_per_atom'])} | {'–' if ratio is None else f'{ratio:.2f}'} |"
+                       + "".join(f" {_fmt(row.get(key))} |" for _, key in columns))
         out.append("")
+    return "\n".join(out)
+
+
+def train_step_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equireann") -> str:
+    """One table per batch size: ms per training step (median and minimum), structures per second, step time
+    ÷ the reference model's, parameters and peak memory of a step (CUDA; ``n/a`` on CPU), then the ratios of
+    the medians and of the minima (less sensitive to other load on the machine) in one line."""
+    out = []
+    groups: Dict[int, List[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["batch_size"], []).append(row)
+    for batch_size, group in groups.items():
+        atoms = group[0]["atoms_per_step"]
+        out += [f"**batch {batch_size}** ({atoms:,.0f} atoms per step), energy + force loss, double backward, "
+                "optimiser step", "",
+                f"| model | parameters | ms / step | ms / step (min) | structures / s | time ÷ {reference} | "
+                "peak memory of a step (MB) |", "|---|---|---|---|---|---|---|"]
+        ratios = []
+        for row in group:
+            if row["status"] != "ok":
+                out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {row['status']}: {row.get('note', '')} "
+                           "| | | | |")
+                continue
+            ratio = row.get("ratio_to_reference")
+            memory = "n/a" if row.get("peak_mb") is None else _fmt(row["peak_mb"])
+            out.append(f"| {row['model']} | {_fmt(row['parameters'])} | {_fmt(row['ms_per_step'])} | "
+                       f"{_fmt(row['ms_per_step_min'])} | {_fmt(row['structures_per_s'])} | "
+                       f"{'–' if ratio is None else f'{ratio:.2f}'} | {memory} |")
+            if ratio is not None and row["model"] != reference:
+                ratios.append(f"{row['model']} / {reference} = {ratio:.2f} "
+                              f"(minima: {row['ratio_to_reference_min']:.2f})")
+        out.append("")
+        if ratios:
+            out += [f"Step time at batch {batch_size}: " + "; ".join(ratios) + ".", ""]
     return "\n".join(out)
 
 
@@ -155,7 +196,7 @@ def machine() -> str:
     import psutil
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
@@ -163,7 +204,7 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''}")
 
 
 def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, reference: str, repeats: int,
@@ -171,12 +212,38 @@ def write_speed_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, referen
     """``speed.csv``, ``speed.png`` (``dtype`` rows) and ``speed.md`` in ``out_dir``; returns the Markdown."""
     write_csv(rows, out_dir / "speed.csv")
     plot = speed_plot(rows, out_dir / "speed.png", dtype)
+    memory = []
+    if any(row.get("rss_mb") is not None for row in rows):
+        memory.append("peak resident memory in a fresh process per model and system")
+    if any(row.get("peak_mb") is not None for row in rows):
+        memory.append("peak GPU memory of a call: `torch.cuda.max_memory_allocated` during a timed call "
+                      "minus the memory allocated before it")
     text = (f"## Speed\n\nMachine: {machine()}.\nMedian of up to {repeats} interleaved repeats after "
-            f"{warmup} warm-up calls; peak memory in a fresh process per model and system.\n\n"
+            f"{warmup} warm-up calls; {'; '.join(memory) or 'memory not measured (speed.memory=false)'}.\n\n"
             f"{speed_markdown(rows, reference)}")
     if plot:
         text += f"\n![time per structure]({plot.name})\n"
     (out_dir / "speed.md").write_text(text)
+    return text
+
+
+def write_train_step_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, reference: str, repeats: int,
+                            warmup: int, dataset: str) -> str:
+    """``train_step.csv`` and ``train_step.md`` in ``out_dir``; returns the Markdown."""
+    write_csv(rows, out_dir / "train_step.csv")
+    device = rows[0]["device"] if rows else "cpu"
+    memory = ("peak memory: `torch.cuda.max_memory_allocated` during a timed step minus the memory allocated "
+              "before it (activations, gradients, temporaries; not weights, optimiser state or batches)"
+              if device == "cuda" else
+              "peak memory: n/a on CPU (torch has no CPU counterpart of `max_memory_allocated`, and the resident "
+              "size of a process that already took steps does not show what one step needs; `bench=speed` "
+              "measures energy+forces in a fresh process)")
+    text = (f"## Training step\n\nMachine: {machine()}, device {device}.\n{dataset}, batches as the training "
+            "data module yields them (cached neighbour list); one step = `PotentialModule.predict_batch(batch, "
+            "create_graph=True)` + its loss + `loss.backward()` + the module's optimiser step + `zero_grad`. "
+            f"Median of up to {repeats} interleaved steps per model after {warmup} warm-up steps; {memory}.\n\n"
+            f"{train_step_markdown(rows, reference)}")
+    (out_dir / "train_step.md").write_text(text)
     return text
 
 

@@ -1,10 +1,13 @@
-"""Speed and memory of energy+forces, every model in one process, interleaved."""
+"""Speed and memory of energy+forces, every model in one process, interleaved by :func:`interleaved_timings`
+(which also times the training step, :mod:`~pyg_equireann.experiments.bench.train_step`), out-of-memory safe."""
+import functools
+import gc
 import logging
 import multiprocessing
 import resource
 import statistics
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,50 +47,111 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_models(models: Dict[str, nn.Module], system: Mapping[str, Any], repeats: int = 20, warmup: int = 3,
-                max_seconds: float = 60.0, device: str = "cpu") -> Dict[str, Dict[str, Any]]:
-    """Median and minimum time of energy+forces per model on one system, models interleaved (A B C, C B A, …)
-    after ``warmup`` calls each. A model whose warm call alone takes more than ``max_seconds`` is not
-    timed (status ``skipped``); slow models get fewer repeats (at least 3) so each model costs about
-    ``max_seconds``. Models that cannot run the system (e.g. no periodic cells) get status ``n/a``."""
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: ``torch.OutOfMemoryError`` (CUDA) or the RuntimeError of
+    another allocator ("out of memory", the CPU allocator's "can't allocate memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what a failed call left behind (its tensors are freed once its traceback is gone)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
+                        max_seconds: float = 60.0, device: str = "cpu") -> Dict[str, Dict[str, Any]]:
+    """Median and minimum wall time of each ``calls[name]()`` (one unit of work, e.g. an energy+forces call or
+    a training step), calls interleaved (A B C, C B A, …) after ``warmup`` calls each. A call that takes
+    more than ``max_seconds`` after the first (which may compile) is not timed (status ``skipped``); slow ones
+    get fewer repeats (at least 3) so each costs about ``max_seconds``. A ValueError during warm-up (e.g.
+    "does not support periodic cells") gives status ``n/a``; running out of memory at any time gives ``OOM``, frees
+    what the call held and goes on with the others. On CUDA, ``peak_mb``: the most memory allocated during a
+    timed call beyond what was allocated before it (``torch.cuda.max_memory_allocated``), the largest over the
+    timed calls."""
     device = torch.device(device)
     results: Dict[str, Dict[str, Any]] = {}
-    active: Dict[str, nn.Module] = {}
-    for name, model in models.items():
+    active: Dict[str, Callable[[], Any]] = {}
+
+    def out_of_memory(name: str, error: BaseException) -> None:
+        results[name] = {"status": "OOM", "note": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+
+    for name, call in calls.items():
+        oom = False
         try:
-            start, calls = time.perf_counter(), 0
-            for _ in range(max(warmup, 1)):
-                energy_and_forces(model, system)
+            calls_left = max(warmup, 1)
+            start = time.perf_counter()
+            call()  # the first call (lazy initialisation, torch.compile) is left out of the time per call
+            _sync(device)
+            first, count = time.perf_counter() - start, 1
+            start = time.perf_counter()
+            while count < calls_left and time.perf_counter() - start <= max_seconds:
+                call()
                 _sync(device)
-                calls += 1
-                if time.perf_counter() - start > max_seconds:
-                    break
-            per_call = (time.perf_counter() - start) / calls
+                count += 1
+            per_call = (time.perf_counter() - start) / (count - 1) if count > 1 else first
         except ValueError as error:  # e.g. "does not support periodic cells"
             results[name] = {"status": "n/a", "note": str(error)}
+            continue
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            out_of_memory(name, error)
+            oom = True
+        if oom:
+            free_memory(device)
             continue
         if per_call > max_seconds:
             results[name] = {"status": "skipped", "note": f"one call took {per_call:.0f} s > max_seconds"}
             continue
         results[name] = {"status": "ok", "samples": [], "repeats": int(min(repeats, max(3, max_seconds // per_call)))}
-        active[name] = model
+        active[name] = call
     rounds = max((r["repeats"] for r in results.values() if r["status"] == "ok"), default=0)
     for round_ in range(rounds):
         order = list(active.items())
         if round_ % 2:
             order.reverse()
-        for name, model in order:
+        for name, call in order:
             if len(results[name]["samples"]) >= results[name]["repeats"]:
                 continue
-            start = time.perf_counter()
-            energy_and_forces(model, system)
-            _sync(device)
+            oom = False
+            try:
+                if device.type == "cuda":
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                if device.type == "cuda":
+                    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                    results[name]["peak_mb"] = max(peak, results[name].get("peak_mb", 0.0))
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                out_of_memory(name, error)
+                oom = True
+            if oom:
+                del active[name]
+                free_memory(device)
+                continue
             results[name]["samples"].append(time.perf_counter() - start)
     for result in results.values():
         if result["status"] == "ok":
             result["median_s"] = statistics.median(result["samples"])
             result["min_s"] = min(result["samples"])
     return results
+
+
+def time_models(models: Dict[str, nn.Module], system: Mapping[str, Any], repeats: int = 20, warmup: int = 3,
+                max_seconds: float = 60.0, device: str = "cpu") -> Dict[str, Dict[str, Any]]:
+    """:func:`interleaved_timings` of energy+forces (neighbour list included) of each model on ``system``."""
+    calls = {name: functools.partial(energy_and_forces, model, system) for name, model in models.items()}
+    return interleaved_timings(calls, repeats, warmup, max_seconds, device)
 
 
 def _reset_peak_rss() -> None:
@@ -161,10 +225,13 @@ def run_speed(model_configs: Dict[str, Mapping[str, Any]], systems: Dict[str, Ma
               memory: bool = True, device: str = "cpu", reference: str = "equireann", elements=(1, 6, 8),
               avg_num_neighbors: float = 12.0, progress: bool = True) -> List[Dict[str, Any]]:
     """The speed table: one row per (system, dtype, model) with ms per structure, µs per atom, ratio to
-    ``reference``, parameter count and peak memory."""
+    ``reference``, parameter count and peak memory (``memory``: in a fresh process, :func:`peak_memory`; on
+    CUDA also ``peak_mb`` in this process). A model that runs out of memory is reported as ``OOM`` and not
+    run again on larger systems in the same dtype; the other models go on."""
     from tqdm.auto import tqdm
 
     rows: List[Dict[str, Any]] = []
+    out_of_memory_at: Dict[tuple, int] = {}  # (model, dtype) -> fewest atoms that ran out of memory
     cases = [(s, d) for s in systems for d in dtypes]
     for system_name, dtype_name in tqdm(cases, desc="speed", disable=not progress):
         dtype = getattr(torch, dtype_name)
@@ -173,12 +240,20 @@ def run_speed(model_configs: Dict[str, Mapping[str, Any]], systems: Dict[str, Ma
         num_atoms = int(system["z"].numel())
         models = {name: build_bench_model(cfg, elements, avg_num_neighbors).to(device, dtype)
                   for name, cfg in model_configs.items()}
-        timings = time_models(models, system, repeats, warmup, max_seconds, device)
+        too_large = {name: out_of_memory_at[(name, dtype_name)] for name in models
+                     if out_of_memory_at.get((name, dtype_name), num_atoms + 1) <= num_atoms}
+        timings = time_models({n: m for n, m in models.items() if n not in too_large}, system, repeats, warmup,
+                              max_seconds, device)
+        timings.update({name: {"status": "OOM", "note": f"not run: out of memory at {atoms:,} atoms"}
+                        for name, atoms in too_large.items()})
         ref = timings.get(reference, {}).get("median_s")
-        for name, result in timings.items():
+        for name in models:
+            result = timings[name]
             row = {"system": system_name, "atoms": num_atoms, "structures": num_graphs, "dtype": dtype_name,
                    "model": name, "parameters": sum(p.numel() for p in models[name].parameters()),
                    "status": result["status"], "note": result.get("note", "")}
+            if result["status"] == "OOM" and name not in too_large:
+                out_of_memory_at[(name, dtype_name)] = num_atoms
             if result["status"] == "ok":
                 row.update({
                     "ms_per_structure": 1e3 * result["median_s"] / num_graphs,
@@ -187,9 +262,12 @@ def run_speed(model_configs: Dict[str, Mapping[str, Any]], systems: Dict[str, Ma
                     "repeats": len(result["samples"]),
                     "ratio_to_reference": result["median_s"] / ref if ref else None,
                 })
+                if "peak_mb" in result:
+                    row["peak_mb"] = result["peak_mb"]
                 if memory:
                     row.update(peak_memory(model_configs[name], elements, avg_num_neighbors, systems[system_name],
                                            dtype, device))
             rows.append(row)
-        del models
+        del models, system
+        free_memory(torch.device(device))
     return rows

@@ -37,20 +37,16 @@ def water_box(num_atoms: int, seed: int = 0) -> Dict[str, Tensor]:
     rng = np.random.default_rng(seed)
     water = molecule("H2O")
     water.positions -= water.get_center_of_mass()
-    positions, numbers = [], []
-    for ix in range(m):
-        for iy in range(m):
-            for iz in range(m):
-                q = rng.normal(size=4)
-                q /= np.linalg.norm(q)
-                w, x, y, z = q
-                rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                                [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                                [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-                positions.append(water.positions @ rot.T + spacing * (np.array([ix, iy, iz]) + 0.5))
-                numbers.append(water.numbers)
-    pos = torch.as_tensor(np.concatenate(positions), dtype=torch.float64)
-    z = torch.as_tensor(np.concatenate(numbers), dtype=torch.long)
+    q = rng.normal(size=(m**3, 4))  # one random unit quaternion per molecule
+    w, x, y, z = (q / np.linalg.norm(q, axis=1, keepdims=True)).T
+    rot = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+                    2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+                    2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=1).reshape(-1, 3, 3)
+    sites = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), axis=-1).reshape(-1, 1, 3)
+    positions = np.einsum("ad,mkd->mak", water.positions, rot) + spacing * (sites + 0.5)
+    numbers = np.tile(water.numbers, m**3)
+    pos = torch.as_tensor(positions.reshape(-1, 3), dtype=torch.float64)
+    z = torch.as_tensor(numbers, dtype=torch.long)
     cell = torch.eye(3, dtype=torch.float64).unsqueeze(0) * (spacing * m)
     return {"z": z, "pos": pos, "batch": torch.zeros(len(z), dtype=torch.long), "cell": cell,
             "pbc": torch.ones(1, 3, dtype=torch.bool), "num_graphs": 1}

@@ -45,11 +45,10 @@ def worker(size: int, model_path: str, dtype: str, repeats: int, skin: float) ->
     pos = torch.tensor(atoms.positions)
     cell = torch.tensor(atoms.cell.array)
     z = torch.tensor(atoms.numbers)
-    model_dtype = potential.center_weight_table.dtype
+    model_dtype = potential.dtype
 
     start = time.perf_counter()
     edge_index, offsets = radius_graph_pbc(pos, potential.cutoff + skin, None, cell, None)
-    shift = (offsets @ cell).to(model_dtype)
     neighbor_seconds = time.perf_counter() - start
     within = int((torch.linalg.vector_norm(pos[edge_index[0]] - pos[edge_index[1]] + offsets @ cell, dim=1)
                   <= potential.cutoff).sum())
@@ -57,7 +56,7 @@ def worker(size: int, model_path: str, dtype: str, repeats: int, skin: float) ->
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = potential(pos.to(model_dtype), z, edge_index, shift, None, False)
+        out = potential(z, pos.to(model_dtype), edge_index, offsets, cell)
         energy = float(out["energy"][0])
         forces = out["forces"]
         times.append(time.perf_counter() - start)

@@ -1,5 +1,6 @@
-"""The ASE calculator: against direct model calls, stress against finite strain, neighbour-list reuse,
-dtype/loading options, and energy conservation of a short NVE run with the shipped ethanol model."""
+"""The ASE calculator: module and exported ``.pt2`` package against direct model calls, stress against
+finite strain, neighbour-list reuse, dtype/loading options (also the shipped TorchScript files of interface
+1/2), and energy conservation of a short NVE run with the shipped ethanol model."""
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from pyg_equireann import EquiREANN, energy_forces_stress
 from pyg_equireann.deploy.ase import EquiREANNCalculator, load_potential
-from pyg_equireann.deploy.torchscript import deploy
+from pyg_equireann.deploy.export import export_model, read_metadata
+from pyg_equireann.utils import default_dtype
 
 from .conftest import DATA, make_model
 
@@ -28,23 +30,50 @@ def cu_al_box(seed=0):
     return atoms
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = make_model(EquiREANN, cutoff=4.0, elements=(13, 29), avg_num_neighbors=4.0)
-    m.set_energy_statistics({13: -1.5, 29: -3.5}, scale=300.0, shift=0.02)  # stresses of ~1e-3 eV/Å³
+def deploy_model():
+    """The model of the calculator and geometry-check tests: H, C, O, Al, Cu; stresses of ~1e-3 eV/Å³."""
+    with default_dtype(torch.float64):
+        m = make_model(EquiREANN, cutoff=4.0, elements=(1, 6, 8, 13, 29), num_channels=8, avg_num_neighbors=4.0)
+    m.set_energy_statistics({13: -1.5, 29: -3.5}, scale=300.0, shift=0.02)
     return m
 
 
-def test_calculator_matches_model(model):
+def shared_package(tmp_path_factory) -> Path:
+    """:func:`deploy_model` exported once per test session (an export takes seconds); also used by
+    ``test_geometry_checks.py``."""
+    path = tmp_path_factory.getbasetemp() / "deploy_model.pt2"
+    if not path.exists():
+        export_model(deploy_model(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return deploy_model()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The model as a ``.pt2`` package (``torch.export``)."""
+    return shared_package(tmp_path_factory)
+
+
+def test_calculator_matches_model(model, exported):
+    """The calculator on the module (eager) and on its exported package: the model's energy, forces and
+    stress (16 atoms; the package was traced with 28)."""
     atoms = cu_al_box()
-    atoms.calc = EquiREANNCalculator(model)
     ref = energy_forces_stress(model, torch.tensor(atoms.numbers), torch.tensor(atoms.positions),
                                cell=torch.tensor(atoms.cell.array), compute_stress=True)
-    assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"].detach()), rel=1e-12)
-    assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
-    np.testing.assert_allclose(atoms.get_forces(), ref["forces"].numpy(), rtol=0, atol=1e-10)
-    np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"][0].numpy()), atol=1e-12)
-    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+    for source in (model, exported):
+        atoms.calc = EquiREANNCalculator(source)
+        assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"].detach()), rel=1e-12)
+        assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
+        np.testing.assert_allclose(atoms.get_forces(), ref["forces"].numpy(), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"][0].numpy()),
+                                   atol=1e-12)
+        assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+    assert atoms.calc.potential.metadata["format"] == "export"
+    assert read_metadata(exported)["elements"] == [1, 6, 8, 13, 29]
     # the model was copied: converting it later does not touch the calculator
     assert next(model.parameters()).dtype == torch.float64
 
@@ -114,7 +143,8 @@ def test_neighbor_list_reuse_equals_rebuild(model):
     assert reuse.num_neighbor_builds == 4
 
 
-def test_molecule_float32_and_errors(model):
+def test_molecule_float32_and_errors(model, exported, tmp_path):
+    """The shipped TorchScript file (interface 1) still loads, also converted to float32; loading errors."""
     ethanol = np.load(DATA / "rmd17" / "rmd17_ethanol_train_01.npz")
     mol = Atoms(numbers=ethanol["nuclear_charges"], positions=ethanol["coords"][0])
     mol.calc = EquiREANNCalculator(ETHANOL_MODEL)
@@ -125,18 +155,24 @@ def test_molecule_float32_and_errors(model):
     assert mol.calc.dtype == torch.float32
     assert mol.get_potential_energy() == pytest.approx(e64, abs=1e-3)  # float64 reference energies kept
     np.testing.assert_allclose(mol.get_forces(), f64, atol=1e-3)
-    exported = torch.jit.load(str(ETHANOL_MODEL))
-    direct = exported.compute(torch.tensor(mol.positions), torch.tensor(mol.numbers))
+    scripted = torch.jit.load(str(ETHANOL_MODEL))  # the file's own code
+    direct = scripted.compute(torch.tensor(mol.positions), torch.tensor(mol.numbers))
     assert e64 == pytest.approx(float(direct["energy"][0]), rel=1e-12)
     with pytest.raises(FileNotFoundError):
-        EquiREANNCalculator("no_such_model.pt")
+        EquiREANNCalculator("no_such_model.pt2")
     with pytest.raises(ValueError, match="dtype"):
         EquiREANNCalculator(model, dtype="float16")
+    with pytest.raises(ValueError, match="exported in float64; export the checkpoint again with dtype=float32"):
+        EquiREANNCalculator(exported, dtype="float32")
+    (tmp_path / "other.pt2").write_bytes(b"not a package")
+    with pytest.raises(ValueError, match="other.pt2 is not a model written by equireann-export"):
+        EquiREANNCalculator(tmp_path / "other.pt2")
     atoms = cu_al_box()
     atoms.calc = EquiREANNCalculator(ETHANOL_MODEL)
-    with pytest.raises(Exception, match="not trained on"):
+    with pytest.raises(ValueError, match=r"atom 0 is element Al \(Z=13\), which this model was not built for"):
         atoms.get_potential_energy()
-    assert load_potential(deploy(model)).cutoff == 4.0
+    potential = load_potential(model)
+    assert potential.cutoff == 4.0 and load_potential(potential) is potential
 
 
 class ScaledForces(EquiREANNCalculator):
@@ -197,3 +233,17 @@ def test_md_example_runs(system, ensemble):
     assert 50.0 < result["mean_temperature_K"] < 900.0
     if ensemble == "nve":
         assert abs(result["max_deviation_meV_per_atom"]) < 1.0
+
+
+def test_package_moves_to_another_device(exported):
+    """A ``torch.export`` package loads for another device than it was exported on (``move_to_device_pass``;
+    the meta device stands in for a GPU on this CPU-only machine): every tensor of the program moves,
+    factory calls included, and the outputs have the documented shapes."""
+    deployed = load_potential(exported, device="meta")
+    meta = {"device": "meta"}
+    inputs = (torch.tensor([1, 8, 1], **meta), torch.zeros(3, 3, dtype=torch.float64, **meta),
+              torch.zeros(2, 4, dtype=torch.long, **meta), torch.zeros(4, 3, dtype=torch.float64, **meta),
+              torch.zeros(2, 3, 3, dtype=torch.float64, **meta), torch.tensor([0, 0, 1], **meta))
+    outputs = deployed.function(*inputs)
+    assert [tuple(t.shape) for t in outputs] == [(2,), (3,), (3, 3), (2, 3, 3)]
+    assert all(t.device.type == "meta" for t in outputs)

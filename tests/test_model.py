@@ -363,7 +363,7 @@ def test_capabilities_and_referenced_model():
     adapted PyG model none; known_elements has one meaning (the elements forward accepts)."""
     from torch_geometric.nn.models import SchNet
 
-    from pyg_equireann.deploy.torchscript import DeployedPotential
+    from pyg_equireann.deploy.export import ForceField
     from pyg_equireann.models import Potential, ReferencedModel
     from pyg_equireann.models.pyg import RadiusInteractionGraph
 
@@ -381,7 +381,7 @@ def test_capabilities_and_referenced_model():
     # checkpoints written while the energy reference held avg_num_neighbors still load
     schnet.load_state_dict(dict(schnet.state_dict(), avg_num_neighbors=torch.tensor(1.0)))
     with pytest.raises(ValueError, match="only EquiREANN-family models can be deployed"):
-        DeployedPotential(schnet)
+        ForceField(schnet)
     z = torch.tensor([8, 1, 1])
     pos = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="SchNet does not support periodic cells"):

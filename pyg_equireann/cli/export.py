@@ -1,4 +1,4 @@
-"""``equireann-export``: turn a training checkpoint into a TorchScript model that needs only torch
+"""``equireann-export``: turn a training checkpoint into a ``.pt2`` package that needs only torch
 (:func:`pyg_equireann.deploy.export.export`; interface in ``docs/deployment.md``)."""
 from pathlib import Path
 from typing import Dict
@@ -11,8 +11,8 @@ from pyg_equireann.deploy.export import export
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     check_writable(Path(str(cfg.out)).expanduser().parent, "export folder")
-    deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check)
-    print(f"exported {cfg.ckpt_path} -> {cfg.out} ({cfg.dtype})")
+    deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check, bool(cfg.aoti), str(cfg.device))
+    print(f"exported {cfg.ckpt_path} -> {cfg.out} ({cfg.dtype}{', AOTInductor' if cfg.aoti else ''})")
     if deviations:
         print("largest relative deviation from the checkpoint: "
               + ", ".join(f"{k} {v:.1e}" for k, v in deviations.items()))

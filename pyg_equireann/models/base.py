@@ -21,7 +21,7 @@ class Potential(EnergyReference, abc.ABC):
     * ``supports_pbc``: ``forward`` accepts periodic ``cell`` (B, 3, 3) Å and ``pbc`` (B, 3).
     * ``calibrates_densities``: ``calibrate_density_scale(batches)`` sets input scales from training
       batches once, before training.
-    * ``deployable``: :class:`~pyg_equireann.deploy.torchscript.DeployedPotential` can export it.
+    * ``deployable``: :class:`~pyg_equireann.deploy.export.ForceField` can export it.
     """
 
     caches_graph: bool = False

@@ -125,7 +125,7 @@ def plot(rows: np.ndarray, num_atoms: int, path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="exported .pt or training .ckpt (default: the shipped model of --system)")
+    parser.add_argument("--model", help="exported .pt2 (or an older TorchScript .pt) or training .ckpt (default: the shipped model of --system)")
     parser.add_argument("--system", default="ethanol", choices=["ethanol", "cu"])
     parser.add_argument("--repeat", type=int, default=3, help="Cu supercell: repeat³ cubic cells (4 atoms each)")
     parser.add_argument("--ensemble", default="nve", choices=["nve", "langevin"])

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from pyg_equireann.deploy.export import INTERFACE_VERSION, ForceField, model_metadata, read_metadata
-from pyg_equireann.graph.checks import MIN_DISTANCE, check_geometry
-from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
-from pyg_equireann.nn.elements import check_atomic_numbers, element_mask, invalid_atomic_numbers
+from pyg_equireann.graph.checks import MIN_DISTANCE, input_problems, raise_input_error
+from pyg_equireann.graph.edges import ensure_graph, image_shifts
+from pyg_equireann.nn.elements import element_mask
 from pyg_equireann.utils import dtype_name, resolve_dtype
 
 Function = Callable[..., Tuple[Tensor, ...]]
@@ -60,7 +60,7 @@ class DeployedPotential:
 
     Before the call, with one host synchronisation: unknown elements, non-finite positions and listed pairs
     closer than ``min_distance`` raise the ValueError of :func:`~pyg_equireann.nn.elements.check_atomic_numbers`
-    and :func:`~pyg_equireann.graph.checks.check_geometry`. :meth:`predict` builds the list
+    and :func:`~pyg_equireann.graph.checks.check_inputs`. :meth:`predict` builds the list
     (:func:`~pyg_equireann.graph.edges.ensure_graph`, which also rejects cells denser than
     :data:`~pyg_equireann.graph.checks.MAX_ATOM_DENSITY`).
 
@@ -170,17 +170,13 @@ class DeployedPotential:
 
     def _valid(self, z, pos, edge_index, cell_offsets, cell, batch) -> Tensor:
         """True (0-dim, on the device) if :meth:`_raise` would find nothing; no synchronisation."""
-        vectors = edge_vectors(pos, edge_index, self._shifts(edge_index, cell_offsets, cell, batch))
-        close = vectors.square().sum(-1) >= self.min_distance ** 2  # False for NaN too
-        return ~invalid_atomic_numbers(z, self.element_mask) & torch.isfinite(pos).all() & close.all()
+        shifts = self._shifts(edge_index, cell_offsets, cell, batch)
+        return ~input_problems(z, pos, self.element_mask, edge_index, shifts, self.min_distance)
 
     def _raise(self, z, pos, edge_index, cell_offsets, cell, batch) -> None:
-        """The Python model's error for this input (that of ``EquiREANN.check_inputs``, in its order)."""
-        check_atomic_numbers(z, self.element_mask)
-        shift = self._shifts(edge_index, cell_offsets, cell, batch)
-        lengths = torch.linalg.vector_norm(edge_vectors(pos, edge_index, shift), dim=-1)
-        check_geometry(pos, edge_index, lengths, batch, shift, self.min_distance)
-        raise ValueError("the input check failed without a bad atom or pair")
+        """The Python model's error for this input (that of ``EquiREANN.check_inputs``)."""
+        shifts = self._shifts(edge_index, cell_offsets, cell, batch)
+        raise_input_error(z, pos, self.element_mask, batch, edge_index, shifts, self.min_distance)
 
     def predict(self, z: Tensor, pos: Tensor, cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None,
                 compute_stress: bool = True) -> Dict[str, Tensor]:

@@ -98,7 +98,7 @@ def geometry_message(
     edge_shift: Optional[Tensor] = None,
     min_distance: float = MIN_DISTANCE,
 ) -> str:
-    """The error text of :func:`check_geometry` (called once the cheap test has failed): the first atom
+    """The error text of :func:`check_inputs` for geometry (called once the cheap test has failed): the first atom
     with a non-finite position, else the first edge shorter than ``min_distance`` or not finite."""
     if not bool(torch.isfinite(pos).all()):
         return nonfinite_message(pos, batch)
@@ -129,26 +129,6 @@ def geometry_message(
         suffix = " of structure " + str(int(batch[i])) + " (atoms " + str(i) + " and " + str(j) + " of the batch)"
     return (pair + suffix + " are " + format_float(d) + " Å apart (closer than " + format_float(min_distance)
             + " Å): overlapping atoms have no defined forces. Remove duplicated atoms or check the positions and cell")
-
-
-def check_geometry(
-    pos: Tensor,
-    edge_index: Tensor,
-    edge_lengths: Tensor,
-    batch: Optional[Tensor] = None,
-    edge_shift: Optional[Tensor] = None,
-    min_distance: float = MIN_DISTANCE,
-) -> None:
-    """Raise a ValueError naming the atom(s) if ``pos`` (N, 3) has NaN/inf or an edge of
-    ``edge_index`` (2, E) [neighbour j, centre i] is shorter than ``min_distance`` (Å) or not finite
-    (``edge_lengths`` (E,); ``edge_shift`` (E, 3) tells periodic images apart). One host sync when
-    everything is fine."""
-    ok = torch.isfinite(pos).all()
-    if edge_lengths.numel():
-        ok = ok & (edge_lengths >= min_distance).all()  # False for NaN lengths too
-    if bool(ok):
-        return
-    raise ValueError(geometry_message(pos, edge_index, edge_lengths, batch, edge_shift, min_distance))
 
 
 def _cell_density(num_atoms: Tensor, cell: Tensor, pbc: Tensor, cutoff: float,
@@ -223,7 +203,7 @@ def check_cell_density(num_atoms: Tensor, cell: Tensor, pbc: Tensor, cutoff: flo
 def check_structure(pos: Tensor, cutoff: float, batch: Optional[Tensor] = None, cell: Optional[Tensor] = None,
                     pbc: Optional[Tensor] = None, max_density: float = MAX_ATOM_DENSITY) -> None:
     """The checks to run before building a neighbour list within ``cutoff`` (Å): finite positions
-    (:func:`check_geometry`'s text) and, for periodic structures, :func:`check_cell_density`.
+    (:func:`check_inputs`'s text) and, for periodic structures, :func:`check_cell_density`.
     ``pos`` (N, 3), ``batch`` (N,) sorted or None, ``cell`` (3, 3) or (B, 3, 3), ``pbc`` (3,) or (B, 3)
     (default all periodic when a cell is given). One host sync when everything is fine."""
     finite = torch.isfinite(pos).all()
@@ -242,3 +222,43 @@ def check_structure(pos: Tensor, cutoff: float, batch: Optional[Tensor] = None, 
     if not bool(finite):
         raise ValueError(nonfinite_message(pos, batch))
     check_cell_density(num_atoms, cells, periodic, cutoff, max_density)
+
+
+def input_problems(z: Tensor, pos: Tensor, allowed: Optional[Tensor] = None, edge_index: Optional[Tensor] = None,
+                   edge_shift: Optional[Tensor] = None, min_distance: float = MIN_DISTANCE) -> Tensor:
+    """() bool on the device, without a host sync: does ``z`` (N,) hold an atomic number outside 1..118 or
+    ``allowed`` (a (MAX_Z+1,) bool mask), ``pos`` (N, 3) a NaN/inf, or ``edge_index`` (2, E) [j, i] an edge
+    shorter than ``min_distance`` (Å) or not finite (``edge_shift`` (E, 3) Å of periodic edges)?"""
+    from pyg_equireann.graph.edges import edge_vectors  # edges.py imports this module
+    from pyg_equireann.nn.elements import invalid_atomic_numbers
+
+    bad = invalid_atomic_numbers(z.long(), allowed) | ~torch.isfinite(pos).all()
+    if edge_index is not None and edge_index.shape[1] > 0:
+        lengths = torch.linalg.vector_norm(edge_vectors(pos.detach(), edge_index, edge_shift), dim=-1)
+        bad = bad | ~(lengths >= min_distance).all()  # NaN lengths too
+    return bad
+
+
+def raise_input_error(z: Tensor, pos: Tensor, allowed: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                      edge_index: Optional[Tensor] = None, edge_shift: Optional[Tensor] = None,
+                      min_distance: float = MIN_DISTANCE) -> None:
+    """Raise the ValueError for what :func:`input_problems` found (call when it is True): the first atom
+    with an unknown element (:func:`~pyg_equireann.nn.elements.check_atomic_numbers`), else
+    :func:`geometry_message`."""
+    from pyg_equireann.graph.edges import edge_vectors
+    from pyg_equireann.nn.elements import check_atomic_numbers
+
+    check_atomic_numbers(z.long(), allowed)
+    if edge_index is None:
+        edge_index = torch.zeros(2, 0, dtype=torch.long, device=pos.device)
+    lengths = torch.linalg.vector_norm(edge_vectors(pos.detach(), edge_index, edge_shift), dim=-1)
+    raise ValueError(geometry_message(pos, edge_index, lengths, batch, edge_shift, min_distance))
+
+
+def check_inputs(z: Tensor, pos: Tensor, allowed: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                 edge_index: Optional[Tensor] = None, edge_shift: Optional[Tensor] = None,
+                 min_distance: float = MIN_DISTANCE) -> None:
+    """The input check of every entry point (one host sync): :func:`input_problems`, then
+    :func:`raise_input_error` if it found something. ``batch`` (N,) names the structure in messages."""
+    if bool(input_problems(z, pos, allowed, edge_index, edge_shift, min_distance)):
+        raise_input_error(z, pos, allowed, batch, edge_index, edge_shift, min_distance)

@@ -4,12 +4,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from pyg_equireann.graph.checks import MIN_DISTANCE, geometry_message
+from pyg_equireann.graph.checks import MIN_DISTANCE, check_inputs
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
-from pyg_equireann.nn.elements import (check_atomic_numbers, element_mask, element_slots, invalid_atomic_numbers,
-                                       species_table)
+from pyg_equireann.nn.elements import element_mask, element_slots, species_table
 from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.readout import MLP, ElementMLPs
 
@@ -283,19 +282,7 @@ class EquiREANN(Potential):
         """Raise a ValueError naming the atom for an atomic number the model was not built for, a
         non-finite position, or an edge of ``edge_index`` (2, E) shorter than :attr:`min_distance` (Å) or
         not finite (``edge_shift`` (E, 3) tells periodic images apart). One host sync when all is well."""
-        z = z.long()
-        bad = invalid_atomic_numbers(z, self.element_mask) | ~torch.isfinite(pos).all()
-        lengths = None
-        if edge_index is not None and edge_index.shape[1] > 0:
-            lengths = torch.linalg.vector_norm(edge_vectors(pos.detach(), edge_index, edge_shift), dim=-1)
-            bad = bad | ~(lengths >= self.min_distance).all()  # NaN lengths too
-        if not bool(bad):
-            return
-        check_atomic_numbers(z, self.element_mask)
-        if lengths is None:
-            lengths = pos.new_zeros(0)
-            edge_index = torch.zeros(2, 0, dtype=torch.long, device=pos.device)
-        raise ValueError(geometry_message(pos, edge_index, lengths, batch, edge_shift, self.min_distance))
+        check_inputs(z, pos, self.element_mask, batch, edge_index, edge_shift, self.min_distance)
 
     def compute(
         self,

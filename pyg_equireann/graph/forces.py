@@ -58,7 +58,10 @@ def compiled_derivatives(*args):
         raise RuntimeError(f"compiled forces (model compile=true) need a torch whose torch.compile traces "
                            f"torch.autograd.grad (2.10 or later); this is torch {torch.__version__}")
     if _compiled_derivatives is None:
-        _compiled_derivatives = torch.compile(_derivatives, fullgraph=True, dynamic=True)
+        # CPU kernels on one thread: with torch 2.13's Inductor, two-thread kernels made aspirin x32
+        # energy+forces 5x slower (48 vs 9.6 ms) and failed to build a periodic scatter (an assertion in
+        # its vectorised atomic store); the option does not touch GPU kernels (docs/engine.md)
+        _compiled_derivatives = torch.compile(_derivatives, fullgraph=True, dynamic=True, options={"cpp.threads": 1})
     with dynamo_config.patch(trace_autograd_ops=True):
         return _compiled_derivatives(*args)
 

@@ -26,7 +26,15 @@ def build_bench_model(config: Mapping[str, Any], elements: Sequence[int], avg_nu
 
 
 def energy_and_forces(model: nn.Module, system: Mapping[str, Tensor]):
-    """One energy+forces evaluation, neighbour list included: energies (B,), forces (N, 3)."""
+    """One energy+forces evaluation, neighbour list included: energies (B,), forces (N, 3). Models with a
+    cached-graph interface (EquiREANN, REANN) go through :func:`~pyg_equireann.graph.forces.energy_forces_stress`,
+    the path of training, evaluation and ``compile=true``."""
+    if getattr(model, "caches_graph", False):
+        from pyg_equireann.graph.forces import energy_forces_stress
+
+        out = energy_forces_stress(model, system["z"], system["pos"], system["batch"], system.get("cell"),
+                                   system.get("pbc"))
+        return out["energy"].detach(), out["forces"]
     pos = system["pos"].detach().requires_grad_(True)
     energy = model(system["z"], pos, system["batch"], system.get("cell"), system.get("pbc"))
     forces = -torch.autograd.grad(energy.sum(), pos)[0]

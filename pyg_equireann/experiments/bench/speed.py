@@ -86,8 +86,12 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
     results: Dict[str, Dict[str, Any]] = {}
     active: Dict[str, Callable[[], Any]] = {}
 
-    def out_of_memory(name: str, error: BaseException) -> None:
+    def out_of_memory(name: str, error: BaseException) -> bool:
+        """Record an allocation failure as the status of ``name`` (True); re-raise any other error."""
+        if not is_out_of_memory(error):
+            raise error
         results[name] = {"status": "OOM", "note": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+        return True
 
     for name, call in calls.items():
         oom = False
@@ -107,10 +111,7 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
             results[name] = {"status": "n/a", "note": str(error)}
             continue
         except (RuntimeError, MemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-            out_of_memory(name, error)
-            oom = True
+            oom = out_of_memory(name, error)
         if oom:
             free_memory(device)
             continue
@@ -139,10 +140,7 @@ def interleaved_timings(calls: Mapping[str, Callable[[], Any]], repeats: int = 2
                     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
                     results[name]["peak_mb"] = max(peak, results[name].get("peak_mb", 0.0))
             except (RuntimeError, MemoryError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                out_of_memory(name, error)
-                oom = True
+                oom = out_of_memory(name, error)
             if oom:
                 del active[name]
                 free_memory(device)

@@ -168,6 +168,8 @@ def test_interrupt_is_logged(tmp_path):
     """Ctrl+C: Lightning shuts down and exits with 1; train.log says that training was interrupted."""
     handler = signal.getsignal(signal.SIGINT)
     run_dir = tmp_path / "run"
+    # Python's own Ctrl+C handler, also when the test runner was started with SIGINT ignored (`cmd &` in a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit):
             hydra_app([*SMALL, *TINY, "trainer.max_epochs=5", f"hydra.run.dir={run_dir}",

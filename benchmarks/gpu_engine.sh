@@ -44,3 +44,5 @@ run 240 python -m pyg_equireann.cli.bench bench=train_step train_step.device=cud
 run 150 python benchmarks/bench_neighbors.py --device cuda --sizes 10000 100000 1000000 --model | tee "$OUT/neighbors.txt"
 # 4. energy+forces of large water boxes end to end (target: 98k atoms <= 30 ms), OOM reported
 run 150 python -m pyg_equireann.cli.bench bench=large models=[equireann,equireann_nopassing] hydra.run.dir="$OUT/large"
+# 5. compiled against eager energy+forces, and orbital passing's cost, on the GPU (graph given)
+run 200 python benchmarks/bench_engine.py --device cuda --systems aspirin32 water10000 water100000 --repeats 20 | tee "$OUT/engine.txt"

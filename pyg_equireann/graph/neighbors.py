@@ -73,27 +73,25 @@ _GPU_INSTALL_HINT = 'pip install "pyg_equireann[gpu]"'
 
 
 @functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    """True if the optional ``module`` is installed and imports (cached)."""
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # broken build or wheel / torch ABI mismatch
+        return False
+    return True
+
+
 def torch_cluster_available() -> bool:
     """True if the optional ``torch_cluster`` extension can be imported (cached)."""
-    if importlib.util.find_spec("torch_cluster") is None:
-        return False
-    try:
-        importlib.import_module("torch_cluster")
-    except Exception:  # broken build / ABI mismatch
-        return False
-    return True
+    return _importable("torch_cluster")
 
 
-@functools.lru_cache(maxsize=None)
 def vesin_torch_available() -> bool:
     """True if the optional ``vesin_torch`` package (extra ``gpu``) can be imported (cached)."""
-    if importlib.util.find_spec("vesin_torch") is None:
-        return False
-    try:
-        importlib.import_module("vesin_torch")
-    except Exception:  # broken wheel / torch ABI mismatch
-        return False
-    return True
+    return _importable("vesin_torch")
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ from pyg_equireann.graph.checks import MIN_DISTANCE, check_inputs
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
-from pyg_equireann.nn.elements import element_mask, element_slots, species_table
+from pyg_equireann.nn.elements import element_mask, species_table
 from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.readout import MLP, ElementMLPs
 
@@ -165,7 +165,7 @@ class EquiREANN(Potential):
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
 
         self.register_buffer("element_mask", element_mask(self.elements))
-        self.register_buffer("element_slot", element_slots(self.elements), persistent=False)
+        # species_slot[Z]: the index of element Z among the species tables (and the per-element networks)
         species, species_slot = species_table(self.elements)
         self.register_buffer("species", species, persistent=False)
         self.register_buffer("species_slot", species_slot, persistent=False)
@@ -320,15 +320,15 @@ class EquiREANN(Potential):
         edge_lengths = torch.linalg.vector_norm(vectors, dim=-1)
 
         species, atom_species = self.species, self.species_slot.index_select(0, z)
-        coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index, pos.dtype)
+        coefficients, alpha, mu = self.species_embedding(species, atom_species, edge_index)
         edge_cutoff = self.cutoff_fn(edge_lengths)
         radial = torch.exp(-(alpha * (edge_lengths.unsqueeze(-1) - mu)).square())  # (E, K)
         angular = self.angular(vectors, edge_lengths) * edge_cutoff.unsqueeze(-1)  # (E, A)
         edge_orbitals = angular.unsqueeze(-1) * radial.unsqueeze(1)  # (E, A, K)
         center_weight = None
         if self.center_weight is not None:
-            center_weight = self.center_weight(species, atom_species, pos.dtype)
-        element_index = self.element_slot.index_select(0, z)
+            center_weight = self.center_weight(species, atom_species)
+        element_index = atom_species  # per-element networks need `elements`: their slots are the species'
         inv_n = self.avg_num_neighbors.reciprocal()
 
         node_orbitals, density = None, None

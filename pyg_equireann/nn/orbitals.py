@@ -193,8 +193,7 @@ class PairEmbedding(nn.Module):
         self.mlp.output_bias = torch.cat([torch.randn(self.num_radial), alpha, mu])
         self.mlp.reset_parameters()
 
-    def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor,
-                dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """species (S,) atomic numbers, atom_species (N,) index into them, edge_index (2, E)
         [neighbour j, centre i] → c⁰, α, μ, each (E, K)."""
         s = species.numel()
@@ -234,8 +233,7 @@ class NeighborTableEmbedding(nn.Module):
             self.alpha.copy_(alpha.expand_as(self.alpha))
             self.mu.copy_(mu.expand_as(self.mu))
 
-    def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor,
-                dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, species: Tensor, atom_species: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         zj = species[atom_species[edge_index[0]]]
         return self.coefficients[zj], self.alpha[zj], self.mu[zj]
 
@@ -256,7 +254,7 @@ class CenterWeight(nn.Module):
         self.mlp.output_bias = torch.randn(self.num_channels)
         self.mlp.reset_parameters()
 
-    def forward(self, species: Tensor, atom_species: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(self, species: Tensor, atom_species: Tensor) -> Tensor:
         """species (S,), atom_species (N,) → (N, C)."""
         layers = list(self.mlp)
         # the first layer of a one-hot element is a weight column (no one_hot: it syncs to check its range)

@@ -493,6 +493,7 @@ _SMALL_EQUIREANN = ["model.num_channels=8", "model.num_radial=4", "++model.messa
 #: published sizes): ``model_from_config(name, SMALL_MODEL_OVERRIDES[name])``.
 SMALL_MODEL_OVERRIDES = {
     "equireann": _SMALL_EQUIREANN,
+    "equireann_paper": _SMALL_EQUIREANN,
     "equireann_large": ["model.num_channels=12", "model.num_radial=4", "model.message_hidden=[16,16]",
                         "model.readout_hidden=[16,16]"],
     "equireann_learned_passing": _SMALL_EQUIREANN,

@@ -15,6 +15,8 @@ MODELS = {
     "learned_passing": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, learnable_passing=True,
                                                  passing_init="alternating"),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
+    "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
+                                            mlp_activation="silu"),
     "reann": lambda seed=0: make_model(REANN, seed, num_iterations=2, elements=(1, 6, 8)),
     "cartesian_passing": lambda seed=0: make_model(
         EquiREANN, seed, angular="cartesian", num_iterations=2, avg_num_neighbors=5.0
@@ -222,6 +224,7 @@ def test_dihedral_invisible_to_invariant_messages(T):
     angles = [0.0, 30.0, 60.0, 90.0, 150.0, 180.0]
     for model in (
         make_model(EquiREANN, cutoff=1.7, num_iterations=T, equivariant_passing=False),
+        make_model(EquiREANN, cutoff=1.7, num_iterations=T, equivariant_passing=False, density_invariants="cubic"),
         make_model(REANN, cutoff=1.7, num_iterations=T, elements=(6,)),
     ):
         energies = torch.stack([model(z, dihedral_chain(p)) for p in angles])
@@ -229,9 +232,10 @@ def test_dihedral_invisible_to_invariant_messages(T):
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])
-def test_dihedral_visible_to_equivariant_passing(T):
+@pytest.mark.parametrize("invariants", ["norm", "cubic"])
+def test_dihedral_visible_to_equivariant_passing(T, invariants):
     z = torch.tensor([6, 6, 6, 6])
-    model = make_model(EquiREANN, cutoff=1.7, num_iterations=T)
+    model = make_model(EquiREANN, cutoff=1.7, num_iterations=T, density_invariants=invariants)
     energies = {p: model(z, dihedral_chain(p)).item() for p in (-60.0, 0.0, 60.0, 120.0, 180.0)}
     assert abs(energies[60.0] - energies[0.0]) > 1e-8
     assert abs(energies[120.0] - energies[60.0]) > 1e-8

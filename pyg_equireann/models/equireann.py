@@ -87,8 +87,14 @@ class EquiREANN(Potential):
         shared_contraction: one contraction W for all iterations (REANN) instead of one per iteration.
         per_element_readout / per_element_messages: one readout / message MLP per element (REANN);
             needs ``elements``.
+        density_invariants: the invariants each iteration makes of its contracted orbital
+            (:class:`~pyg_equireann.nn.conv.OrbitalContraction`): ``"norm"`` (the paper's squared norm, C per
+            atom), ``"degree"`` (one squared norm per degree, (L+1)·C) or ``"cubic"`` (those and the
+            four-body Gaunt triple products).
         embedding_hidden, message_hidden, readout_hidden: hidden widths of the MLPs.
         layer_norm: LayerNorm inside the message and readout MLPs.
+        mlp_activation: activation of the message and readout MLPs, ``"scaled_silu"`` (the reference's,
+            almost linear at initialisation) or ``"silu"``.
         neighbor_backend: ``"auto"``, ``"torch"``, ``"torch_cluster"``, ``"vesin"`` or ``"vesin_torch"``
             (:mod:`~pyg_equireann.graph.neighbors`; ``"auto"`` keeps CUDA positions on the GPU).
         learnable_passing: multiply the passed orbital by a learned weight per iteration, degree and
@@ -130,10 +136,12 @@ class EquiREANN(Potential):
         shared_contraction: bool = False,
         per_element_readout: bool = False,
         per_element_messages: bool = False,
+        density_invariants: str = "norm",
         embedding_hidden: Sequence[int] = (8, 8),
         message_hidden: Sequence[int] = (64, 64),
         readout_hidden: Sequence[int] = (64, 64),
         layer_norm: bool = False,
+        mlp_activation: str = "scaled_silu",
         neighbor_backend: str = "auto",
         learnable_passing: bool = False,
         passing_init: str = "ones",
@@ -170,8 +178,6 @@ class EquiREANN(Potential):
         self.register_buffer("species", species, persistent=False)
         self.register_buffer("species_slot", species_slot, persistent=False)
         self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors or 1.0)))
-        # ρ⁽ᵗ⁾ is divided by density_scale[t] (1 until calibrate_density_scale sets it from data)
-        self.register_buffer("density_scale", torch.ones(num_iterations + 1))
 
         self.cutoff_fn = CosineCutoff(cutoff)
         self.angular = AngularBasis(max_l, angular)
@@ -182,20 +188,31 @@ class EquiREANN(Potential):
         self.center_weight = CenterWeight(num_channels, embedding_hidden) if center_weight else None
 
         degrees = self.angular.degrees
+        if density_invariants == "cubic" and angular != "spherical":
+            raise ValueError("density_invariants='cubic' needs angular='spherical' (Gaunt couplings)")
         num_contractions = 1 if shared_contraction else num_iterations + 1
-        contractions = [OrbitalContraction(degrees, num_radial, num_channels) for _ in range(num_contractions)]
+        contractions = [OrbitalContraction(degrees, num_radial, num_channels, density_invariants)
+                        for _ in range(num_contractions)]
+        self.density_invariants = density_invariants
+        self.num_density_groups = contractions[0].num_groups
+        # ρ⁽ᵗ⁾ is divided by density_scale[t] (per invariant group when there are several; 1 until
+        # calibrate_density_scale sets it from data)
+        shape = (num_iterations + 1,) if self.num_density_groups == 1 else (num_iterations + 1, self.num_density_groups)
+        self.register_buffer("density_scale", torch.ones(shape))
+        density_width = num_channels * self.num_density_groups
 
         def make_mlp(in_features, hidden, out_features, per_element):
             if per_element:
-                return ElementMLPs(len(self.elements), in_features, hidden, out_features, layer_norm)
-            return _SharedMLP(in_features, hidden, out_features, layer_norm)
+                return ElementMLPs(len(self.elements), in_features, hidden, out_features, layer_norm,
+                                   activation=mlp_activation)
+            return _SharedMLP(in_features, hidden, out_features, layer_norm, activation=mlp_activation)
 
         self.convs = nn.ModuleList()
         for t in range(num_iterations + 1):
             self.convs.append(
                 EquiREANNConv(
                     contractions[0 if shared_contraction else t],
-                    make_mlp(num_channels, message_hidden, num_radial, per_element_messages) if t > 0 else None,
+                    make_mlp(density_width, message_hidden, num_radial, per_element_messages) if t > 0 else None,
                     equivariant_passing,
                     degrees=degrees,
                     num_radial=num_radial,
@@ -204,11 +221,11 @@ class EquiREANN(Potential):
                     passing_gain=passing_gain,
                 )
             )
-        self.readout = make_mlp(num_channels, readout_hidden, 1, per_element_readout)
+        self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)
 
     @torch.no_grad()
     def calibrate_density_scale(self, batches) -> Tensor:
-        """Set ``density_scale[t]`` to the root-mean-square of ρ⁽ᵗ⁾ over ``batches`` (objects with
+        """Set ``density_scale[t]`` to the root-mean-square of ρ⁽ᵗ⁾ (of each invariant group) over ``batches`` (objects with
         ``z``, ``pos``, ``batch`` and optionally ``cell``, ``pbc``, ``edge_index``, ``cell_offsets``), so
         that the message and readout networks start with O(1) inputs. A fixed constant per
         iteration: invariance, smoothness and the cutoff behaviour are unchanged. Returns the scales."""
@@ -219,11 +236,12 @@ class EquiREANN(Potential):
             for b in batches:
                 densities = self.compute(b.z, b.pos, b.batch, getattr(b, "cell", None), getattr(b, "pbc", None),
                                          **_graph_kwargs(b))["densities"]
-                total += float(densities[t].double().square().sum())
-                count += densities[t].numel()
-            rms = (total / max(count, 1)) ** 0.5
-            if rms > 0:
-                self.density_scale[t] = rms
+                grouped = densities[t].double().view(densities[t].shape[0], self.num_density_groups, -1)
+                total = total + grouped.square().sum((0, 2))
+                count += grouped.shape[0] * grouped.shape[2]
+            rms = (total / max(count, 1)).sqrt().to(self.density_scale.dtype)
+            scale = torch.where(rms > 0, rms, torch.ones_like(rms))
+            self.density_scale[t] = scale.view(self.density_scale[t].shape)
         return self.density_scale.clone()
 
     @torch.no_grad()
@@ -338,7 +356,8 @@ class EquiREANN(Potential):
                 edge_index, edge_orbitals, edge_cutoff, coefficients, center_weight,
                 node_orbitals, density, element_index, inv_n, num_atoms,
             )
-            density = density / self.density_scale[t]
+            density = (density.view(num_atoms, self.num_density_groups, -1)
+                       / self.density_scale[t].view(-1, 1)).view(num_atoms, -1)
             orbitals_list.append(node_orbitals)
             density_list.append(density)
             coefficient_list.append(coefficients)
@@ -359,6 +378,7 @@ class EquiREANN(Potential):
         return (
             f"cutoff={self.cutoff}, max_l={self.max_l}, num_radial={self.num_radial}, "
             f"num_channels={self.num_channels}, num_iterations={self.num_iterations}, "
-            f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.learnable_passing}"
+            f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.learnable_passing}, "
+            f"density_invariants={self.density_invariants!r}"
             + (", compile=True" if self.compile_forces else "")
         )

@@ -1,6 +1,6 @@
 """One EquiREANN iteration: orbital passing (:class:`EquiREANNConv`, a PyG ``MessagePassing`` layer) and
 the contraction of the centre orbitals into invariant densities (:class:`OrbitalContraction`), spec §1.5–§1.6."""
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -8,40 +8,125 @@ from torch_geometric.nn import MessagePassing
 
 
 # ---------------------------------------------------------------------------------- contraction
+DENSITY_INVARIANTS = ("norm", "degree", "cubic")
+
+
+def gaunt_paths(max_l: int) -> List[Tuple[Tuple[int, int, int], Tensor]]:
+    r"""The rotation-invariant trilinear couplings of real spherical harmonics that are not products of
+    lower-order invariants: every (l1 ≤ l2 ≤ l3), all ≥ 1, l1 + l2 + l3 even, |l1 − l2| ≤ l3 ≤ l1 + l2, with
+    the Gaunt coefficients :math:`G_{abd} = \int Y_a Y_b Y_d \, d\Omega` ((2l1+1, 2l2+1, 2l3+1) float64,
+    computed by exact quadrature of :func:`~pyg_equireann.nn.orbitals.spherical_harmonics`, so they match
+    its phase convention)."""
+    import numpy as np
+
+    from pyg_equireann.nn.orbitals import spherical_harmonics
+
+    paths = [(l1, l2, l3) for l1 in range(1, max_l + 1) for l2 in range(l1, max_l + 1)
+             for l3 in range(l2, max_l + 1) if (l1 + l2 + l3) % 2 == 0 and l3 <= l1 + l2]
+    if not paths:
+        return []
+    # Gauss-Legendre in cos(θ) × uniform φ: exact for the products of three harmonics of degree ≤ max_l
+    n = 3 * max_l // 2 + 2
+    cos_t, w_t = np.polynomial.legendre.leggauss(n)
+    phi = np.arange(2 * n) * (np.pi / n)
+    sin_t = np.sqrt(1.0 - cos_t**2)
+    xyz = np.stack([np.outer(sin_t, np.cos(phi)), np.outer(sin_t, np.sin(phi)), np.outer(cos_t, np.ones_like(phi))], -1)
+    weights = torch.from_numpy(np.outer(w_t, np.full_like(phi, np.pi / n)).reshape(-1))
+    Y = spherical_harmonics(torch.from_numpy(xyz.reshape(-1, 3)), max_l)  # (Q, (L+1)²) float64
+    out = []
+    for l1, l2, l3 in paths:
+        blocks = [Y[:, l * l:(l + 1) ** 2] for l in (l1, l2, l3)]
+        gaunt = torch.einsum("q,qa,qb,qd->abd", weights, *blocks)
+        gaunt[gaunt.abs() < 1e-12] = 0.0
+        out.append(((l1, l2, l3), gaunt))
+    return out
+
+
 class OrbitalContraction(nn.Module):
-    r"""Per-degree linear contraction and squared norm:
+    r"""Per-degree linear contraction of the centre orbital and its invariants:
 
     .. math::
         P_{i,a,c} = \sum_k \Psi_{i,a,k} W_{l(a),k,c}, \qquad
-        \rho_{i,c} = w_{i,c} \sum_a P_{i,a,c}^2 .
+        \rho_{i,c} = w_{i,c} \sum_a P_{i,a,c}^2 \quad (\text{``norm''}, the paper's density).
 
     One K×C matrix per degree l, shared by the 2l+1 components of that degree, so that
-    :math:`P` rotates like :math:`\Psi` and :math:`\rho` is O(3)-invariant.
+    :math:`P` rotates like :math:`\Psi` and :math:`\rho` is O(3)-invariant. ``invariants`` chooses the
+    density (each group has C channels, concatenated group after group, all multiplied by :math:`w_{i,c}`):
+
+    * ``"norm"``: the squared norm over every degree, (N, C) (the paper);
+    * ``"degree"``: one squared norm per degree, :math:`\rho_{i,l,c} = w_{i,c} \sum_{m} P_{i,lm,c}^2`,
+      (N, (L+1)·C): the same contraction, L+1 times as many invariants;
+    * ``"cubic"``: those and the cubic Gaunt invariants :math:`w_{i,c} \sum_{abd} G_{abd} P_{i,a,c}
+      P_{i,b,c} P_{i,d,c}` of every coupling of :func:`gaunt_paths` (for L = 2: (1, 1, 2) and (2, 2, 2)),
+      one body order higher (four-body in the neighbours' orbitals).
 
     Args:
-        degrees: (A,) degree l(a) of each angular channel.
+        degrees: (A,) degree l(a) of each angular channel (real spherical harmonics for ``"cubic"``).
         num_radial: K.
         num_channels: C.
+        invariants: ``"norm"``, ``"degree"`` or ``"cubic"``.
 
     Initialisation: N(0, 1/K) for every (l, k, c), independent of the number of iterations and of L
     (the reference's 4-D Xavier init scales with both, spec §9.12).
     """
 
-    def __init__(self, degrees: Tensor, num_radial: int, num_channels: int):
+    def __init__(self, degrees: Tensor, num_radial: int, num_channels: int, invariants: str = "norm"):
         super().__init__()
+        if invariants not in DENSITY_INVARIANTS:
+            raise ValueError(f"invariants must be one of {DENSITY_INVARIANTS}, got {invariants!r}")
+        self.invariants = invariants
         self.register_buffer("degrees", degrees.clone(), persistent=False)
         num_degrees = int(degrees.max()) + 1
         self.weight = nn.Parameter(torch.empty(num_degrees, num_radial, num_channels))
+        # one-hot (A, L+1) of each channel's degree: the per-degree sums as one matmul
+        self.register_buffer("degree_onehot", nn.functional.one_hot(degrees, num_degrees).to(torch.get_default_dtype()),
+                             persistent=False)
+        # the non-zero Gaunt coefficients of every path as a flat list: (a, b, d, path) indices into Ψ's
+        # A channels and the paths, and the values (kept float64, see _apply)
+        paths = gaunt_paths(num_degrees - 1) if invariants == "cubic" else []
+        self.paths: List[Tuple[int, int, int]] = [path for path, _ in paths]
+        index, value = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        for p, (path, gaunt) in enumerate(paths):
+            nonzero = gaunt.nonzero()
+            offsets = torch.tensor([l * l for l in path])
+            index = torch.cat([index, torch.cat([nonzero + offsets, torch.full((len(nonzero), 1), p)], 1)])
+            value = torch.cat([value, gaunt[gaunt != 0]])
+        self.register_buffer("gaunt_index", index, persistent=False)
+        self.register_buffer("gaunt_value", value, persistent=False)
+        self.num_groups = 1 if invariants == "norm" else num_degrees + len(self.paths)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
+    def _apply(self, fn, recurse=True):
+        # The Gaunt values stay float64 through .float()/.double(): a float32-rounded table would break the
+        # invariance of a float64 model at 1e-9.
+        value = self.gaunt_value
+        super()._apply(fn, recurse)
+        self.gaunt_value = value.to(self.gaunt_value.device, torch.float64)
+        return self
+
     def forward(self, node_orbitals: Tensor, center_weight: Optional[Tensor] = None) -> Tensor:
-        """node_orbitals Ψ (N, A, K), center_weight w (N, C) or None → density ρ (N, C)."""
+        """node_orbitals Ψ (N, A, K), center_weight w (N, C) or None → density ρ (N, G·C) (G groups)."""
         weight = self.weight.index_select(0, self.degrees)  # (A, K, C)
-        contracted = torch.bmm(node_orbitals.transpose(0, 1), weight)  # (A, N, C)
-        density = contracted.square().sum(0)
+        contracted = torch.bmm(node_orbitals.transpose(0, 1), weight)  # P: (A, N, C)
+        if self.invariants == "norm":
+            density = contracted.square().sum(0)
+        else:
+            squares = contracted.square()
+            groups = [torch.einsum("anc,al->nlc", squares, self.degree_onehot.to(squares.dtype))]  # (N, L+1, C)
+            if self.paths:
+                index = self.gaunt_index
+                terms = (contracted.index_select(0, index[:, 0]) * contracted.index_select(0, index[:, 1])
+                         * contracted.index_select(0, index[:, 2])
+                         * self.gaunt_value.to(contracted.dtype).view(-1, 1, 1))  # (nnz, N, C)
+                cubic = contracted.new_zeros(len(self.paths), *contracted.shape[1:]).index_add_(0, index[:, 3], terms)
+                groups.append(cubic.transpose(0, 1))  # (N, paths, C)
+            density = torch.cat(groups, 1)  # (N, G, C)
+            if center_weight is not None:
+                density = density * center_weight.unsqueeze(1)
+            return density.flatten(1)
         if center_weight is not None:
             density = density * center_weight
         return density

@@ -30,6 +30,17 @@ class ScaledSiLU(nn.Module):
         return self.alpha * nn.functional.silu(self.beta * x)
 
 
+ACTIVATIONS = ("scaled_silu", "silu")
+
+
+def _activation(kind: str, width: int, fan_in: int) -> nn.Module:
+    if kind == "scaled_silu":
+        return ScaledSiLU(width, fan_in)
+    if kind == "silu":
+        return nn.SiLU()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+
+
 class MLP(nn.Sequential):
     """``Linear(n0, h1) → [act → (LayerNorm) → Linear]… → act → Linear(h_p, out)`` (spec §3.2).
 
@@ -44,6 +55,8 @@ class MLP(nn.Sequential):
         layer_norm: insert LayerNorm after each inner activation.
         output_bias: initial bias of the output layer (default 0); the public attribute
             ``output_bias`` is what :meth:`reset_parameters` restores (owners set it, then reset).
+        activation: ``"scaled_silu"`` (:class:`ScaledSiLU`, the reference's: starts almost linear) or
+            ``"silu"`` (plain SiLU: non-linear from the first step).
     """
 
     def __init__(
@@ -53,6 +66,7 @@ class MLP(nn.Sequential):
         out_features: int,
         layer_norm: bool = False,
         output_bias: Optional[Tensor] = None,
+        activation: str = "scaled_silu",
     ):
         hidden = list(hidden)
         if not hidden:
@@ -60,11 +74,11 @@ class MLP(nn.Sequential):
         layers = [nn.Linear(in_features, hidden[0])]
         widths = [in_features] + hidden
         for q in range(1, len(hidden)):
-            layers.append(ScaledSiLU(hidden[q - 1], widths[q - 1]))
+            layers.append(_activation(activation, hidden[q - 1], widths[q - 1]))
             if layer_norm:
                 layers.append(nn.LayerNorm(hidden[q - 1]))
             layers.append(nn.Linear(hidden[q - 1], hidden[q]))
-        layers.append(ScaledSiLU(hidden[-1], widths[-2]))
+        layers.append(_activation(activation, hidden[-1], widths[-2]))
         layers.append(nn.Linear(hidden[-1], out_features))
         super().__init__(*layers)
         self.output_bias = output_bias
@@ -93,15 +107,15 @@ class ElementMLPs(nn.Module):
 
     Args:
         num_elements: number of element slots.
-        in_features, hidden, out_features, layer_norm, output_bias: as for :class:`MLP`.
+        in_features, hidden, out_features, layer_norm, output_bias, activation: as for :class:`MLP`.
     """
 
     def __init__(self, num_elements: int, in_features: int, hidden: Sequence[int], out_features: int,
-                 layer_norm: bool = False, output_bias: Optional[Tensor] = None):
+                 layer_norm: bool = False, output_bias: Optional[Tensor] = None, activation: str = "scaled_silu"):
         super().__init__()
         self.out_features = out_features
         self.nets = nn.ModuleList(
-            [MLP(in_features, hidden, out_features, layer_norm, output_bias) for _ in range(num_elements)]
+            [MLP(in_features, hidden, out_features, layer_norm, output_bias, activation) for _ in range(num_elements)]
         )
 
     def forward(self, x: Tensor, element_index: Tensor) -> Tensor:

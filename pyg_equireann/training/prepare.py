@@ -62,8 +62,9 @@ def build_module(model_cfg: DictConfig, module_cfg: DictConfig, datamodule, floa
         module = module.double()
     if calibrate_densities and module.model.calibrates_densities:
         scales = module.model.calibrate_density_scale([datamodule.calibration_batch()])
-        log.info("density scales (RMS of ρ per iteration on the first training structures): %s",
-                 ", ".join(f"{s:.3g}" for s in scales.tolist()))
+        log.info("density scales (RMS of ρ per iteration%s on the first training structures): %s",
+                 "" if scales.dim() == 1 else " and invariant group",
+                 ", ".join(f"{s:.3g}" for s in scales.flatten().tolist()))
     if module.model.caches_graph and abs(datamodule.cutoff - module.model.cutoff) > 1e-12:
         raise ValueError(f"data.cutoff ({datamodule.cutoff}) must equal model.cutoff ({module.model.cutoff}): "
                          "the data module caches the neighbour list")

@@ -86,7 +86,8 @@ def accuracy_bench(cfg: DictConfig, out_dir: Path) -> str:
     acc, budget = cfg.accuracy, cfg.budget
     models = _select(OmegaConf.to_container(acc.model_overrides), list(cfg.models), "model")
     datasets = _select(OmegaConf.to_container(acc.dataset_overrides), list(cfg.datasets), "dataset")
-    common = list(acc.common) + [f"budget.minutes={budget.minutes}", f"budget.clock={budget.clock}",
+    minutes = "null" if budget.minutes is None else budget.minutes
+    common = list(acc.common) + [f"budget.minutes={minutes}", f"budget.clock={budget.clock}",
                                  f"budget.snapshots={list(budget.snapshots)}"]
     if budget.get("epochs"):
         common.append(f"trainer.max_epochs={budget.epochs}")

@@ -52,12 +52,31 @@ def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: 
     return points
 
 
+def validation_curve(run_dir: Path) -> List[Dict[str, float]]:
+    """The validation metrics of every epoch of a run (its ``logs/metrics.csv``, EMA weights) against the
+    optimiser step: ``[{"step", "epoch", "forces_mae", "energy_mae", ...}]``, the learning per step."""
+    import csv
+
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    points = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k[len("val/"):]: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
+            if values and row.get("step"):
+                points.append({"step": int(float(row["step"])), "epoch": int(float(row["epoch"])), **values})
+    return points
+
+
 def run_accuracy(models: Mapping[str, Sequence[str]], datasets: Mapping[str, Sequence[str]],
                  common: Sequence[str], out_dir: Path, jobs: int = 1, threads: int = 1,
                  curve_frames: Optional[int] = 200, progress: bool = True) -> Dict[str, Any]:
     """Train every (dataset, model) pair into ``out_dir/<dataset>/<model>`` with the same ``common``
     overrides (budget, loss, optimiser), ``jobs`` runs at a time with ``threads`` threads each; finished runs
-    are read, not retrained. Returns ``{"runs": [...], "curves": {dataset: {model: [...]}}}``."""
+    are read, not retrained. Returns ``{"runs": [...], "curves": {dataset: {model: [...]}}, "step_curves": ...}``:
+    test metrics at the budget snapshots (``curves``) and validation metrics per epoch against the optimiser
+    step (``step_curves``, :func:`validation_curve`)."""
     from tqdm.auto import tqdm
 
     from pyg_equireann.experiments.harness import train_models
@@ -72,9 +91,12 @@ def run_accuracy(models: Mapping[str, Sequence[str]], datasets: Mapping[str, Seq
         dataset, model = name.split("/")
         runs.append({**result, "dataset": dataset, "model": model})
     curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
+    step_curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
     for name in tqdm(results, desc="learning curves", disable=not progress):
         dataset, model = name.split("/")
         if (out_dir / name / "snapshots").exists():
             curves.setdefault(dataset, {})[model] = evaluate_snapshots(out_dir / name, curve_frames, threads)
+        step_curves.setdefault(dataset, {})[model] = validation_curve(out_dir / name)
     (out_dir / "curves.json").write_text(json.dumps(curves, indent=2))
-    return {"runs": runs, "curves": curves}
+    (out_dir / "step_curves.json").write_text(json.dumps(step_curves, indent=2))
+    return {"runs": runs, "curves": curves, "step_curves": step_curves}

@@ -191,6 +191,29 @@ def learning_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], pat
     return _save_loglog(fig, ax, path, title, "training time (min)", ylabel)
 
 
+def step_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str,
+                    metric: str = "forces_mae") -> Optional[Path]:
+    """Validation metric against optimiser steps (learning per step), all models of one dataset (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    drawn = False
+    for model, points in curves.items():
+        points = [p for p in points if metric in p and p["step"] > 0]
+        if points:
+            ax.plot([p["step"] for p in points], [p[metric] for p in points], label=model)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ylabel = {"forces_mae": "validation force MAE (meV/Å)", "energy_mae": "validation energy MAE (meV)"}.get(
+        metric, metric)
+    return _save_loglog(fig, ax, path, title, "optimiser steps", ylabel)
+
+
 def machine() -> str:
     """CPU model, logical CPUs, memory, Python and torch versions and torch threads, in one line."""
     import psutil
@@ -265,5 +288,10 @@ def write_accuracy_report(result: Mapping[str, Any], out_dir: Path, budget: Mapp
                                    f"{dataset}: test force MAE ({curve_frames} frames) vs training time")
         if plot:
             text += f"\n![{dataset} learning curves]({plot.name})\n"
+    for dataset, curves in result.get("step_curves", {}).items():
+        plot = step_curve_plot(curves, out_dir / f"learning_per_step_{dataset}.png",
+                               f"{dataset}: validation force MAE vs optimiser steps")
+        if plot:
+            text += f"\n![{dataset} learning per step]({plot.name})\n"
     (out_dir / "accuracy.md").write_text(text)
     return text

@@ -7,14 +7,15 @@
 # (mace-torch==0.3.16 e3nn==0.4.4 torch-ema==0.3 matscipy==1.3.1 prettytable wcwidth configargparse
 # python-hostlist GitPython gitdb smmap lmdb orjson) in .gpu_wheels/. About 7 minutes.
 set -u
-OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
+OUT=$(realpath -m ${OUT:-gpu_results}); mkdir -p "$OUT"
 DEPS=/tmp/gpu_deps
 pip install -q --no-index --no-deps --target $DEPS .gpu_wheels/*.whl 2>&1 | tail -2
 pip install -q --no-index --no-deps --no-build-isolation --target $DEPS . 2>&1 | tail -2
 export PYTHONPATH=$DEPS PATH=$DEPS/bin:$PATH PYG_EQUIREANN_DATA=$PWD/data PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
-bench() { timeout "$1" python -m pyg_equireann.cli.bench "${@:2}" 2>&1 | grep -v "^\[.*INFO\]" | tail -30; }
+# run from outside the checkout: its pyg_equireann/ lacks the installed conf and datamodules packages
+bench() { (cd /tmp && timeout "$1" python -m pyg_equireann.cli.bench "${@:2}" 2>&1 | grep -v "^\[.*INFO\]" | tail -30); }
 mkdir -p /tmp/gpu_runs
 # both budgets at once (four trainings side by side: a call of the device tool has 10 minutes)
 for minutes in 1 5; do

@@ -81,18 +81,11 @@ class OrbitalContraction(nn.Module):
         # one-hot (A, L+1) of each channel's degree: the per-degree sums as one matmul
         self.register_buffer("degree_onehot", nn.functional.one_hot(degrees, num_degrees).to(torch.get_default_dtype()),
                              persistent=False)
-        # the non-zero Gaunt coefficients of every path as a flat list: (a, b, d, path) indices into Ψ's
-        # A channels and the paths, and the values (kept float64, see _apply)
+        # per path (l1, l2, l3): the Gaunt coefficients as a ((2l1+1)(2l2+1), 2l3+1) matrix (kept float64, see _apply)
         paths = gaunt_paths(num_degrees - 1) if invariants == "cubic" else []
         self.paths: List[Tuple[int, int, int]] = [path for path, _ in paths]
-        index, value = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
         for p, (path, gaunt) in enumerate(paths):
-            nonzero = gaunt.nonzero()
-            offsets = torch.tensor([l * l for l in path])
-            index = torch.cat([index, torch.cat([nonzero + offsets, torch.full((len(nonzero), 1), p)], 1)])
-            value = torch.cat([value, gaunt[gaunt != 0]])
-        self.register_buffer("gaunt_index", index, persistent=False)
-        self.register_buffer("gaunt_value", value, persistent=False)
+            self.register_buffer(f"gaunt_{p}", gaunt.flatten(0, 1), persistent=False)
         self.num_groups = 1 if invariants == "norm" else num_degrees + len(self.paths)
         self.reset_parameters()
 
@@ -100,11 +93,12 @@ class OrbitalContraction(nn.Module):
         nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def _apply(self, fn, recurse=True):
-        # The Gaunt values stay float64 through .float()/.double(): a float32-rounded table would break the
+        # The Gaunt tables stay float64 through .float()/.double(): a float32-rounded table would break the
         # invariance of a float64 model at 1e-9.
-        value = self.gaunt_value
+        gaunts = {name: buf for name, buf in self._buffers.items() if name.startswith("gaunt_")}
         super()._apply(fn, recurse)
-        self.gaunt_value = value.to(self.gaunt_value.device, torch.float64)
+        for name, buf in gaunts.items():
+            self._buffers[name] = buf.to(self._buffers[name].device, torch.float64)
         return self
 
     def forward(self, node_orbitals: Tensor, center_weight: Optional[Tensor] = None) -> Tensor:
@@ -116,13 +110,13 @@ class OrbitalContraction(nn.Module):
         else:
             squares = contracted.square()
             groups = [torch.einsum("anc,al->nlc", squares, self.degree_onehot.to(squares.dtype))]  # (N, L+1, C)
-            if self.paths:
-                index = self.gaunt_index
-                terms = (contracted.index_select(0, index[:, 0]) * contracted.index_select(0, index[:, 1])
-                         * contracted.index_select(0, index[:, 2])
-                         * self.gaunt_value.to(contracted.dtype).view(-1, 1, 1))  # (nnz, N, C)
-                cubic = contracted.new_zeros(len(self.paths), *contracted.shape[1:]).index_add_(0, index[:, 3], terms)
-                groups.append(cubic.transpose(0, 1))  # (N, paths, C)
+            num_atoms, num_channels = contracted.shape[1:]
+            for p, (l1, l2, l3) in enumerate(self.paths):
+                p1, p2, p3 = (contracted[l * l:(l + 1) ** 2] for l in (l1, l2, l3))
+                pairs = (p1.unsqueeze(1) * p2.unsqueeze(0)).flatten(0, 1)  # (n1·n2, N, C)
+                gaunt = getattr(self, f"gaunt_{p}").to(contracted.dtype)  # (n1·n2, n3)
+                coupled = (gaunt.T @ pairs.flatten(1)).view(-1, num_atoms, num_channels)  # (n3, N, C)
+                groups.append((coupled * p3).sum(0).unsqueeze(1))
             density = torch.cat(groups, 1)  # (N, G, C)
             if center_weight is not None:
                 density = density * center_weight.unsqueeze(1)

@@ -5,15 +5,43 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+from torch import Tensor
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, Timer
 from lightning.pytorch.trainer.states import TrainerFn
+
+
+def ema_warmup_avg_fn(decay: float):
+    """``avg_fn`` of an EMA whose decay ramps up as :math:`\min(d, (1 + n) / (10 + n))` after n updates (the
+    TensorFlow/timm warm-up): the average follows the fast early training instead of holding on to the
+    initial weights for ~1/(1 − d) steps. Tensor arithmetic on ``num_averaged``: no host sync."""
+
+    def ema_update(ema_param: Tensor, current_param: Tensor, num_averaged: Tensor) -> Tensor:
+        n = num_averaged.to(ema_param.dtype)
+        rate = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        return ema_param + (current_param - ema_param) * (1.0 - rate)
+
+    return ema_update
 
 
 class EMA(EMAWeightAveraging):
     """Lightning's EMA of the weights (validation, checkpoints and the end of training use the
     averaged weights), fixed for ``trainer.test(ckpt_path=...)`` after ``fit``: Lightning's callback
     would then load the raw (non-averaged) weights stored next to the EMA ones; here testing,
-    validating and predicting from a checkpoint always use its EMA weights."""
+    validating and predicting from a checkpoint always use its EMA weights.
+
+    Args:
+        decay: the EMA decay d.
+        warmup: ramp the decay up as min(d, (1 + n)/(10 + n)) over the first updates (:func:`ema_warmup_avg_fn`);
+            False: d from the first step (Lightning's, which holds a 3-epoch run near its initial weights).
+        **kwargs: the other arguments of Lightning's ``EMAWeightAveraging``.
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: bool = False, **kwargs: Any):
+        super().__init__(decay=decay, **kwargs)
+        self.warmup = bool(warmup)
+        if self.warmup:
+            self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         if trainer.state.fn != TrainerFn.FITTING:

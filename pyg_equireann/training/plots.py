@@ -53,6 +53,7 @@ def parity(results: Dict[str, Dict[str, np.ndarray]], out_png: Path) -> Path:
         ax.set_xlabel(f"reference ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
         ax.set_title(title)
+        ax.locator_params(axis="x", nbins=5)  # per-atom energies have long tick labels
         ax.legend(markerscale=4)
         ax.grid(alpha=0.3)
     fig.tight_layout()

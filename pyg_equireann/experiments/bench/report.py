@@ -103,9 +103,11 @@ def train_step_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "equ
 def _save_loglog(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     """Log-log axes, labels, grid and legend; save to ``path`` and close the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -201,10 +203,11 @@ def step_curve_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: P
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     drawn = False
-    for model, points in curves.items():
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for i, (model, points) in enumerate(curves.items()):
         points = [p for p in points if metric in p and p["step"] > 0]
         if points:
-            ax.plot([p["step"] for p in points], [p[metric] for p in points], label=model)
+            ax.plot([p["step"] for p in points], [p[metric] for p in points], label=model, color=colors(i))
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -278,10 +281,13 @@ def write_accuracy_report(result: Mapping[str, Any], out_dir: Path, budget: Mapp
     rows = accuracy_rows(result["runs"])
     write_csv(rows, out_dir / "accuracy.csv")
     (out_dir / "accuracy.json").write_text(json.dumps(result, indent=2, default=str))
-    text = (f"## Accuracy at equal budget\n\nMachine: {machine()}.\nBudget: {budget['minutes']} min of "
-            f"{'CPU' if budget['clock'] == 'process' else 'wall-clock'} time inside training steps per model "
+    if budget.get("minutes") is None:
+        limit = f"{budget.get('epochs')} epochs per model (equal optimiser steps)"
+    else:
+        limit = (f"{budget['minutes']} min of {'CPU' if budget['clock'] == 'process' else 'wall-clock'} time inside "
+                 "training steps per model" + (f", at most {budget['epochs']} epochs" if budget.get("epochs") else ""))
+    text = (f"## Accuracy at equal budget\n\nMachine: {machine()}.\nBudget: {limit} "
             f"({threads} thread(s) per run, {jobs} run(s) at a time)"
-            + (f", at most {budget['epochs']} epochs" if budget.get("epochs") else "")
             + f". Shared settings: `{' '.join(common)}`.\n\n{accuracy_markdown(rows)}\n")
     for dataset, curves in result["curves"].items():
         plot = learning_curve_plot(curves, out_dir / f"learning_curves_{dataset}.png",

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pyg_equireann.experiments.bench import run_bench
+from pyg_equireann.experiments.bench.accuracy import validation_curve
 from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot,
-                                                    speed_markdown, speed_plot, write_csv)
+                                                    speed_markdown, speed_plot, step_curve_plot, write_csv)
 from pyg_equireann.experiments.bench.speed import energy_and_forces, is_out_of_memory, peak_memory, run_speed
 from pyg_equireann.experiments.bench.systems import aspirin_batch, build_system, water_box
 from pyg_equireann.experiments.harness import compose, model_configs
@@ -238,6 +239,21 @@ def test_accuracy_report_files(tmp_path):
     assert "| aspirin | test | equireann | 1,000 | 3 | 1 | 10 | 12 | 50 | 70 |" in text and "failed: boom" in text
     curves = {"equireann": [{"minutes": 0.5, "forces_mae": 80.0}, {"minutes": 1.0, "forces_mae": 50.0}]}
     assert learning_curve_plot(curves, tmp_path / "lc.png", "aspirin").stat().st_size > 1000
+
+
+def test_validation_curve_against_optimiser_steps(tmp_path):
+    """Learning per step: the validation rows of a run's Lightning CSV log (training-only and test rows skipped)."""
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/forces_mae", "val/energy_mae", "test/forces_mae"])
+        writer.writerows([[0, 9, 1.0, "", "", ""], [0, 9, "", 80.0, 30.0, ""], [1, 19, "", 50.0, 20.0, ""],
+                          [1, 19, "", "", "", 55.0]])
+    curve = validation_curve(tmp_path)
+    assert curve == [{"step": 9, "epoch": 0, "forces_mae": 80.0, "energy_mae": 30.0},
+                     {"step": 19, "epoch": 1, "forces_mae": 50.0, "energy_mae": 20.0}]
+    assert validation_curve(tmp_path / "missing") == []
+    assert step_curve_plot({"equireann": curve}, tmp_path / "steps.png", "aspirin").stat().st_size > 1000
 
 
 def test_bench_cli_quick_end_to_end(tmp_path):

@@ -181,3 +181,17 @@ def test_checkpoint_naming_old_module_paths_loads(tmp_path):
     assert loaded.hparams.model_config["_target_"] == "pyg_equireann.models.equireann.EquiREANN"
     z, pos = torch.tensor([8, 1, 1]), torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
     assert torch.equal(loaded.model(z, pos), module.model(z, pos))
+
+
+def test_ema_warmup_follows_early_training_then_decays_at_the_set_rate():
+    """The warmed-up EMA (decay min(d, (1+n)/(10+n)) after n updates) moves 90 % of the way to the weights at its
+    first update and reaches the set decay d after (10d − 1)/(1 − d) updates; no host sync (tensor arithmetic)."""
+    from pyg_equireann.training.callbacks import EMA, ema_warmup_avg_fn
+
+    update = ema_warmup_avg_fn(0.99)
+    ema, weights = torch.zeros(3), torch.ones(3)
+    assert torch.allclose(update(ema, weights, torch.tensor(0)), torch.full((3,), 0.9))
+    assert torch.allclose(update(ema, weights, torch.tensor(10_000)), torch.full((3,), 0.01))
+    assert torch.allclose(update(ema, weights, torch.tensor(100)), torch.full((3,), 1 - 101 / 110))
+    assert EMA(decay=0.99, warmup=True)._kwargs["avg_fn"].__qualname__.startswith("ema_warmup_avg_fn")
+    assert not EMA(decay=0.99)._kwargs["avg_fn"].__qualname__.startswith("ema_warmup_avg_fn")  # Lightning's

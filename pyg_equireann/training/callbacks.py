@@ -135,7 +135,8 @@ class TrainingBudget(Callback):
     def _save_snapshot(self, trainer) -> None:
         folder = Path(self.snapshot_dir or Path(trainer.default_root_dir) / "snapshots")
         folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(str(folder / f"t{self.elapsed / 60:08.3f}min.ckpt"))
+        # full state (the EMA weights live in the callback state); explicit, so Lightning logs nothing
+        trainer.save_checkpoint(str(folder / f"t{self.elapsed / 60:08.3f}min.ckpt"), weights_only=False)
 
     def state_dict(self) -> Dict[str, Any]:
         if not self.active:

@@ -225,10 +225,10 @@ class EquiREANN(Potential):
 
     @torch.no_grad()
     def calibrate_density_scale(self, batches) -> Tensor:
-        """Set ``density_scale[t]`` to the root-mean-square of ρ⁽ᵗ⁾ (of each invariant group) over ``batches`` (objects with
-        ``z``, ``pos``, ``batch`` and optionally ``cell``, ``pbc``, ``edge_index``, ``cell_offsets``), so
-        that the message and readout networks start with O(1) inputs. A fixed constant per
-        iteration: invariance, smoothness and the cutoff behaviour are unchanged. Returns the scales."""
+        """Set ``density_scale[t]`` to the root-mean-square of ρ⁽ᵗ⁾ (of each invariant group) over ``batches``
+        (objects with ``z``, ``pos``, ``batch`` and optionally ``cell``, ``pbc``, ``edge_index``, ``cell_offsets``),
+        so that the message and readout networks start with O(1) inputs. A fixed constant per iteration (and
+        group): invariance, smoothness and the cutoff behaviour are unchanged. Returns the scales."""
         batches = list(batches)
         self.density_scale.fill_(1.0)
         for t in range(self.num_iterations + 1):

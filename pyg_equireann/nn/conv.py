@@ -47,7 +47,7 @@ class OrbitalContraction(nn.Module):
 
     .. math::
         P_{i,a,c} = \sum_k \Psi_{i,a,k} W_{l(a),k,c}, \qquad
-        \rho_{i,c} = w_{i,c} \sum_a P_{i,a,c}^2 \quad (\text{``norm''}, the paper's density).
+        \rho_{i,c} = w_{i,c} \sum_a P_{i,a,c}^2 \quad \text{(the paper's density)}.
 
     One K×C matrix per degree l, shared by the 2l+1 components of that degree, so that
     :math:`P` rotates like :math:`\Psi` and :math:`\rho` is O(3)-invariant. ``invariants`` chooses the

@@ -12,7 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 def ema_warmup_avg_fn(decay: float):
-    """``avg_fn`` of an EMA whose decay ramps up as :math:`\min(d, (1 + n) / (10 + n))` after n updates (the
+    r"""``avg_fn`` of an EMA whose decay ramps up as :math:`\min(d, (1 + n) / (10 + n))` after n updates (the
     TensorFlow/timm warm-up): the average follows the fast early training instead of holding on to the
     initial weights for ~1/(1 − d) steps. Tensor arithmetic on ``num_averaged``: no host sync."""
 

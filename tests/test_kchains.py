@@ -28,10 +28,12 @@ def test_kchain_geometry_differs_only_beyond_the_cutoff():
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("k", range(2, 9))
-def test_equireann_separates_from_half_the_chain(k, seed):
+@pytest.mark.parametrize("invariants", ["norm", "cubic"])
+def test_equireann_separates_from_half_the_chain(k, seed, invariants):
     """Ψ⁽ᵀ⁾ sees T+1 bonds; both ends meet after ⌊k/2⌋+1 bonds, i.e. at T = ⌊k/2⌋ passing iterations
-    (iteration 0 is the first aggregation). At T = ⌊k/2⌋ − 1 the pair is exactly degenerate."""
-    make = factory(EquiREANN, seed)
+    (iteration 0 is the first aggregation). At T = ⌊k/2⌋ − 1 the pair is exactly degenerate, also with the
+    four-body density invariants (they see no further than the orbital they are made of)."""
+    make = factory(EquiREANN, seed, density_invariants=invariants)
     t = k // 2
     assert separates(make(t), k)
     assert separates(make(t + 1), k)
@@ -44,9 +46,11 @@ def test_smallest_separating_iterations():
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
-@pytest.mark.parametrize("name", ["passing_off", "reann"])
+@pytest.mark.parametrize("name", ["passing_off", "passing_off_cubic", "reann"])
 def test_invariant_messages_never_separate(k, name):
-    make = factory(EquiREANN, equivariant_passing=False) if name == "passing_off" else factory(REANN, elements=[6])
+    make = {"passing_off": factory(EquiREANN, equivariant_passing=False),
+            "passing_off_cubic": factory(EquiREANN, equivariant_passing=False, density_invariants="cubic"),
+            "reann": factory(REANN, elements=[6])}[name]
     z, a, b = kchain_pair(k)
     for num_iterations in range(0, 6):
         model = make(num_iterations)

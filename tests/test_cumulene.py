@@ -195,7 +195,7 @@ def test_nonlocal_cli_end_to_end(tmp_path):
         if name in ("equireann_nopassing", "schnet"):  # invariant messages: the rigid twist is exactly flat
             assert all(np.ptp(p[f"rigid/{n}"]) < 1e-5 for n in range(4, 9))  # eV; float32 round-off
     report = (tmp_path / "report.md").read_text()
-    assert "EquiREANN / EquiREANN, passing off twist MAE ratio" in report
+    assert "EquiREANN (paper) / EquiREANN, passing off twist MAE ratio" in report
     assert "EquiREANN, learned passing / SchNet twist MAE ratio" in report
     rows = list(__import__("csv").DictReader(open(tmp_path / "per_length.csv")))
     assert {r["model"] for r in rows} == {"equireann", "equireann_learned", "equireann_nopassing", "schnet"}

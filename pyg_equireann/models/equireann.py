@@ -70,6 +70,10 @@ class EquiREANN(Potential):
       (a constant, so equivariance is kept): the passed orbitals then do not grow like
       :math:`(\sum_j f)^t` in dense systems.
 
+    The constructor's defaults are the paper's model (``model=equireann_paper``); the recommended recipe
+    (``model=equireann``, docs/accuracy.md) adds ``density_invariants="cubic"`` and ``mlp_activation="silu"``:
+    about 40 % lower force errors at equal optimiser steps on rMD17 aspirin.
+
     Args:
         cutoff: cutoff radius r_c (Å).
         max_l: highest angular degree L.

@@ -105,10 +105,10 @@ class OrbitalContraction(nn.Module):
         """node_orbitals Ψ (N, A, K), center_weight w (N, C) or None → density ρ (N, G·C) (G groups)."""
         weight = self.weight.index_select(0, self.degrees)  # (A, K, C)
         contracted = torch.bmm(node_orbitals.transpose(0, 1), weight)  # P: (A, N, C)
+        squares = contracted.square()
         if self.invariants == "norm":
-            density = contracted.square().sum(0)
+            density = squares.sum(0).unsqueeze(1)  # (N, 1, C)
         else:
-            squares = contracted.square()
             groups = [torch.einsum("anc,al->nlc", squares, self.degree_onehot.to(squares.dtype))]  # (N, L+1, C)
             num_atoms, num_channels = contracted.shape[1:]
             for p, (l1, l2, l3) in enumerate(self.paths):
@@ -118,12 +118,9 @@ class OrbitalContraction(nn.Module):
                 coupled = (gaunt.T @ pairs.flatten(1)).view(-1, num_atoms, num_channels)  # (n3, N, C)
                 groups.append((coupled * p3).sum(0).unsqueeze(1))
             density = torch.cat(groups, 1)  # (N, G, C)
-            if center_weight is not None:
-                density = density * center_weight.unsqueeze(1)
-            return density.flatten(1)
         if center_weight is not None:
-            density = density * center_weight
-        return density
+            density = density * center_weight.unsqueeze(1)
+        return density.flatten(1)
 
 
 # ------------------------------------------------------------------------------ message passing

@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # A CPU build of torch; override for GPUs, e.g. `make test TORCH="torch==2.13.0 --index-url ..."`.
 # (An unpinned torch resolves to a multi-GB CUDA build.)
 TORCH ?= torch==2.13.0
+# pytest-xdist workers: the tests use one torch thread each, so one worker per core (`make test TEST_JOBS=0`: serial)
+TEST_JOBS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test train bench bench-quick wheel clean
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 train: $(STAMP)
 	$(VENV)/bin/equireann-train experiment=quick

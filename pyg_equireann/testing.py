@@ -497,6 +497,7 @@ SMALL_MODEL_OVERRIDES = {
     "equireann_large": ["model.num_channels=12", "model.num_radial=4", "model.message_hidden=[16,16]",
                         "model.readout_hidden=[16,16]"],
     "equireann_learned_passing": _SMALL_EQUIREANN,
+    "equireann_multihop": _SMALL_EQUIREANN,
     "equireann_nopassing": _SMALL_EQUIREANN,
     "reann": _SMALL_EQUIREANN,
     "schnet": ["model.hidden_channels=16", "model.num_filters=16", "model.num_interactions=2",

@@ -40,6 +40,20 @@ def test_equireann_separates_from_half_the_chain(k, seed, invariants):
     assert not separates(make(t - 1), k)
 
 
+@pytest.mark.parametrize("hops", [2, 3])
+@pytest.mark.parametrize("k", range(2, 9))
+@pytest.mark.parametrize("norm", [False, True])
+def test_multihop_passing_reach(k, hops, norm):
+    """With P hops per iteration Ψ⁽ᵀ⁾ sees (T+1)·P bonds, so the ends meet at the smallest T with
+    (T+1)·P ≥ ⌊k/2⌋+1, and not one iteration earlier (exactly degenerate)."""
+    make = factory(EquiREANN, passing_hops=hops, passing_norm=norm, learnable_passing=True,
+                   passing_init="alternating")
+    t = -(-(k // 2 + 1) // hops) - 1
+    assert separates(make(t), k)
+    if t > 0:
+        assert not separates(make(t - 1), k)
+
+
 def test_smallest_separating_iterations():
     assert smallest_separating_iterations(factory(EquiREANN), 4, max_iterations=4) == 2
     assert smallest_separating_iterations(factory(EquiREANN, equivariant_passing=False), 4, max_iterations=4) == -1

@@ -14,6 +14,8 @@ MODELS = {
     "equireann": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3),
     "learned_passing": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, learnable_passing=True,
                                                  passing_init="alternating"),
+    "multihop": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=3, learnable_passing=True,
+                                          passing_init="alternating", passing_hops=3, passing_norm=True),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
                                             mlp_activation="silu"),
@@ -279,6 +281,48 @@ def test_learned_passing_weights():
         psi[value] = model.compute(z, pos)["node_orbitals"][1]
     assert rel(psi[-1.0], 2 * psi[0.0] - psi[1.0]) < 1e-12
     assert rel(psi[1.0], psi[0.0]) > 1e-2
+
+
+def test_multihop_passing_is_a_truncated_neumann_series():
+    """passing_hops = 3: Ψ⁽⁰⁾ = Ψ₀ + μ₂ W (Ψ₀ + μ₁ W Ψ₀) with W_ij = f_ij / (ε + Σ_k f_ik) (dense re-implementation);
+    μ = 0 gives back the one-hop model; invalid settings are refused."""
+    z, pos = aspirin()
+    torch.manual_seed(0)
+    one = EquiREANN(num_iterations=1, max_l=2).double()
+    torch.manual_seed(0)
+    three = EquiREANN(num_iterations=1, max_l=2, passing_hops=3, passing_norm=True).double()
+    assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters()) == 2 * 2 * 3 * 8
+    with torch.no_grad():
+        for p in three.parameters():  # non-zero readout, so that the energies below are not trivially equal
+            p.add_(0.1 * torch.randn_like(p))
+        one.load_state_dict({k: v for k, v in three.state_dict().items() if "hop_gain" not in k}, strict=True)
+        three.convs[0].hop_gain.uniform_(-2.0, 2.0)
+    out1, out3 = one.compute(z, pos), three.compute(z, pos)
+    edge_index, f = out1["edge_index"], one.cutoff_fn(out1["edge_vectors"].norm(dim=-1))
+    dense = torch.zeros(len(z), len(z), dtype=torch.float64).index_put_((edge_index[1], edge_index[0]), f, accumulate=True)
+    weight = dense / (0.1 + dense.sum(1, keepdim=True))
+    mu = three.convs[0].hop_gain.detach()[:, three.angular.degrees]  # (2, A, K)
+    psi0 = out1["node_orbitals"][0]
+    expected = psi0
+    for p in range(2):
+        expected = psi0 + mu[p] * torch.einsum("ij,jak->iak", weight, expected)
+    assert rel(out3["node_orbitals"][0], expected) < 1e-12
+    assert rel(out3["node_orbitals"][0], psi0) > 1e-2
+
+    torch.manual_seed(0)
+    plain = EquiREANN(num_iterations=2, max_l=2, passing_hops=2).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        paper = EquiREANN(num_iterations=2, max_l=2).double()
+        paper.load_state_dict({k: v for k, v in plain.state_dict().items() if "hop_gain" not in k})
+        for conv in plain.convs:
+            conv.hop_gain.zero_()
+    assert plain(z, pos).item() == pytest.approx(paper(z, pos).item(), rel=1e-13)
+    with pytest.raises(ValueError, match="passing_hops must be >= 1"):
+        EquiREANN(passing_hops=0)
+    with pytest.raises(ValueError, match="need equivariant_passing"):
+        EquiREANN(passing_hops=2, equivariant_passing=False)
 
 
 def reference_forward(model: EquiREANN, z, pos, passing: bool):

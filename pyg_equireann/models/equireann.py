@@ -105,7 +105,12 @@ class EquiREANN(Potential):
             radial channel (an extension of the paper: :class:`EquiREANNConv`).
         passing_init: initial learned passing weights, ``"ones"`` (the paper's model) or
             ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
-        passing_gain: initial magnitude of the learned passing weights.
+        passing_gain: initial magnitude of the learned passing weights (and hop gains).
+        passing_hops: orbital hops per iteration (1: the paper's model); P > 1 adds P − 1 parameter-free
+            hops with a learned gain per hop, degree and radial channel, so orientations travel P bonds
+            per iteration (:class:`EquiREANNConv`, docs/nonlocal.md).
+        passing_norm: hop weight f(d_ij) / (ε + Σ_k f(d_ik)) instead of f(d_ij)/n̄: no damping per bond.
+        passing_norm_eps: ε of ``passing_norm``.
         compile: compute energy and forces (and stress) with ``torch.compile`` as one graph, in training too
             (:func:`~pyg_equireann.graph.forces.compiled_derivatives`; ``model.compile=true`` in a config). The
             first call of each kind compiles (about a minute on a CPU); same results as eager to rounding.
@@ -150,6 +155,9 @@ class EquiREANN(Potential):
         learnable_passing: bool = False,
         passing_init: str = "ones",
         passing_gain: float = 1.0,
+        passing_hops: int = 1,
+        passing_norm: bool = False,
+        passing_norm_eps: float = 0.1,
         compile: bool = False,
     ):
         super().__init__()
@@ -161,6 +169,12 @@ class EquiREANN(Potential):
             raise ValueError("per-element readout or message networks need `elements` (a list of atomic numbers)")
         if learnable_passing and not equivariant_passing:
             raise ValueError("learnable_passing=True needs equivariant_passing=True (there is nothing to weight)")
+        if (passing_hops != 1 or passing_norm) and not equivariant_passing:
+            raise ValueError("passing_hops > 1 and passing_norm need equivariant_passing=True (there is nothing to pass)")
+        if passing_hops < 1:
+            raise ValueError(f"passing_hops must be >= 1, got {passing_hops}")
+        if not passing_norm_eps > 0:
+            raise ValueError(f"passing_norm_eps must be positive, got {passing_norm_eps}")
         if passing_init not in ("ones", "alternating"):
             raise ValueError(f"passing_init must be 'ones' or 'alternating', got {passing_init!r}")
         if avg_num_neighbors is not None and not avg_num_neighbors > 0:
@@ -172,6 +186,8 @@ class EquiREANN(Potential):
         self.num_iterations = int(num_iterations)
         self.equivariant_passing = bool(equivariant_passing)
         self.learnable_passing = bool(learnable_passing)
+        self.passing_hops = int(passing_hops)
+        self.passing_norm = bool(passing_norm)
         self.neighbor_backend = neighbor_backend
         self.compile_forces = bool(compile)
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
@@ -223,6 +239,9 @@ class EquiREANN(Potential):
                     learnable_passing=learnable_passing,
                     passing_init=passing_init,
                     passing_gain=passing_gain,
+                    passing_hops=passing_hops,
+                    passing_norm=passing_norm,
+                    passing_norm_eps=passing_norm_eps,
                 )
             )
         self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)
@@ -384,5 +403,7 @@ class EquiREANN(Potential):
             f"num_channels={self.num_channels}, num_iterations={self.num_iterations}, "
             f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.learnable_passing}, "
             f"density_invariants={self.density_invariants!r}"
+            + (f", passing_hops={self.passing_hops}" if self.passing_hops > 1 else "")
+            + (", passing_norm=True" if self.passing_norm else "")
             + (", compile=True" if self.compile_forces else "")
         )

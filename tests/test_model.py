@@ -299,7 +299,8 @@ def test_multihop_passing_is_a_truncated_neumann_series():
         three.convs[0].hop_gain.uniform_(-2.0, 2.0)
     out1, out3 = one.compute(z, pos), three.compute(z, pos)
     edge_index, f = out1["edge_index"], one.cutoff_fn(out1["edge_vectors"].norm(dim=-1))
-    dense = torch.zeros(len(z), len(z), dtype=torch.float64).index_put_((edge_index[1], edge_index[0]), f, accumulate=True)
+    dense = torch.zeros(len(z), len(z), dtype=torch.float64)
+    dense.index_put_((edge_index[1], edge_index[0]), f, accumulate=True)
     weight = dense / (0.1 + dense.sum(1, keepdim=True))
     mu = three.convs[0].hop_gain.detach()[:, three.angular.degrees]  # (2, A, K)
     psi0 = out1["node_orbitals"][0]

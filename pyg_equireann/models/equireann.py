@@ -170,7 +170,7 @@ class EquiREANN(Potential):
         if learnable_passing and not equivariant_passing:
             raise ValueError("learnable_passing=True needs equivariant_passing=True (there is nothing to weight)")
         if (passing_hops != 1 or passing_norm) and not equivariant_passing:
-            raise ValueError("passing_hops > 1 and passing_norm need equivariant_passing=True (there is nothing to pass)")
+            raise ValueError("passing_hops > 1 and passing_norm need equivariant_passing=True (nothing is passed)")
         if passing_hops < 1:
             raise ValueError(f"passing_hops must be >= 1, got {passing_hops}")
         if not passing_norm_eps > 0:

@@ -11,7 +11,11 @@ Variants (conf/model/<name>.yaml, elements H and C, no 1/n̄): EquiREANN (the pa
 EquiREANN with learned passing weights (+1/-1 over the radial channels at initialisation) and the
 passing-off ablation.
 
-Usage: python benchmarks/cumulene_fit_scan.py [--steps 400] [--cutoff 3.0] [--iterations 4] [--seed 0]
+Multi-hop passing (conf/model/equireann_multihop.yaml, passing_hops hops per iteration) is one more variant;
+``--hops 2 4`` adds one entry per hop count, ``--targets rigid`` fits only the rigid scans, ``--models`` picks the
+variants (config names).
+
+Usage: python benchmarks/cumulene_fit_scan.py [--steps 400] [--cutoff 3.0] [--iterations 4] [--seed 0] [--hops 2]
 """
 import argparse
 import time
@@ -26,7 +30,7 @@ from pyg_equireann.experiments.harness import model_configs
 
 SCAN = Path(__file__).resolve().parents[1] / "data" / "cumulene" / "cumulene_scan.xyz"
 VARIANTS = {"EquiREANN": "equireann", "EquiREANN, learned passing": "equireann_learned_passing",
-            "EquiREANN, passing off": "equireann_nopassing"}
+            "EquiREANN, passing off": "equireann_nopassing", "EquiREANN, multi-hop": "equireann_multihop"}
 
 
 def main():
@@ -35,24 +39,40 @@ def main():
     parser.add_argument("--cutoff", type=float, default=3.0)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hops", type=int, nargs="+", default=[2], help="passing_hops of the multi-hop variant(s)")
+    parser.add_argument("--targets", nargs="+", default=["relaxed", "rigid"], choices=["relaxed", "rigid"])
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS.values()), choices=list(VARIANTS.values()))
     args = parser.parse_args()
     torch.set_num_threads(1)
     changes = {"cutoff": args.cutoff, "num_iterations": args.iterations, "elements": [1, 6], "avg_num_neighbors": None}
-    configs = model_configs(list(VARIANTS.values()), {name: changes for name in VARIANTS.values()})
+    configs = model_configs(args.models, {name: changes for name in args.models})
+    variants = {}
+    for label, name in VARIANTS.items():
+        if name not in args.models:
+            continue
+        if name != "equireann_multihop":
+            variants[label] = configs[name]
+            continue
+        for hops in args.hops:
+            config = dict(configs[name])
+            config["passing_hops"] = hops
+            variants[f"{label} (P = {hops})"] = config
     relaxed = ase.io.read(str(SCAN), index=":")
     targets = {"relaxed": relaxed, "rigid": rigid_scan(relaxed)}
+    targets = {t: targets[t] for t in args.targets}
     lengths = sorted({int(a.info["n_carbon"]) for a in relaxed})
     flat = twist_mae(twist_curves(np.zeros(len(relaxed)), [a.get_potential_energy() for a in relaxed],
                                   np.array([a.info["n_carbon"] for a in relaxed]),
                                   np.array([a.info["twist"] for a in relaxed])))
-    print(f"cutoff {args.cutoff} Å, {args.iterations} iterations, {args.steps} full-batch steps, seed {args.seed}")
+    print(f"cutoff {args.cutoff} Å, {args.iterations} iterations, {args.steps} full-batch steps, seed {args.seed}; "
+          f"receptive field (T + 1) × P × r_c = {(args.iterations + 1) * args.cutoff:g} Å × P")
     print("| target | model | " + " | ".join(f"n = {n}" for n in lengths) + " | CPU s |")
     print("|---|---|" + "---|" * (len(lengths) + 1))
     print("| – | flat prediction | " + " | ".join(f"{flat[n]:.1f}" for n in lengths) + " | – |")
     for target, frames in targets.items():
-        for label, name in VARIANTS.items():
+        for label, config in variants.items():
             start = time.process_time()
-            mae = fit_scan(frames, configs[name], args.steps, args.seed)
+            mae = fit_scan(frames, config, args.steps, args.seed)
             print(f"| {target} | {label} | " + " | ".join(f"{mae[n]:.1f}" for n in lengths)
                   + f" | {time.process_time() - start:.0f} |", flush=True)
 

@@ -44,14 +44,13 @@ def test_equireann_separates_from_half_the_chain(k, seed, invariants):
 @pytest.mark.parametrize("k", range(2, 9))
 @pytest.mark.parametrize("norm", [False, True])
 def test_multihop_passing_reach(k, hops, norm):
-    """With P hops per iteration Ψ⁽ᵀ⁾ sees (T+1)·P bonds, so the ends meet at the smallest T with
-    (T+1)·P ≥ ⌊k/2⌋+1, and not one iteration earlier (exactly degenerate)."""
+    """With P hops per passing iteration Ψ⁽ᵀ⁾ sees T·P + 1 bonds (iteration 0 does not hop), so the ends meet
+    at the smallest T with T·P ≥ ⌊k/2⌋, and not one iteration earlier (exactly degenerate)."""
     make = factory(EquiREANN, passing_hops=hops, passing_norm=norm, learnable_passing=True,
                    passing_init="alternating")
-    t = -(-(k // 2 + 1) // hops) - 1
+    t = -(-(k // 2) // hops)
     assert separates(make(t), k)
-    if t > 0:
-        assert not separates(make(t - 1), k)
+    assert not separates(make(t - 1), k)
 
 
 def test_smallest_separating_iterations():

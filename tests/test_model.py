@@ -284,31 +284,34 @@ def test_learned_passing_weights():
 
 
 def test_multihop_passing_is_a_truncated_neumann_series():
-    """passing_hops = 3: Ψ⁽⁰⁾ = Ψ₀ + μ₂ W (Ψ₀ + μ₁ W Ψ₀) with W_ij = f_ij / (ε + Σ_k f_ik) (dense re-implementation);
-    μ = 0 gives back the one-hop model; invalid settings are refused."""
+    """passing_hops = 3: Ψ⁽¹⁾ = Ψ₀ + μ₂ W (Ψ₀ + μ₁ W Ψ₀) with W_ij = f_ij / (ε + Σ_k f_ik) (dense re-implementation)
+    and Ψ₀ the one-hop Ψ⁽¹⁾; iteration 0 does not hop; μ = 0 gives back the one-hop model; invalid settings are
+    refused."""
     z, pos = aspirin()
     torch.manual_seed(0)
-    one = EquiREANN(num_iterations=1, max_l=2).double()
+    one = EquiREANN(num_iterations=1, max_l=2, passing_norm=True).double()
     torch.manual_seed(0)
     three = EquiREANN(num_iterations=1, max_l=2, passing_hops=3, passing_norm=True).double()
-    assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters()) == 2 * 2 * 3 * 8
+    assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters()) == 2 * 3 * 8
+    assert three.convs[0].hop_gain is None
     with torch.no_grad():
-        for p in three.parameters():  # non-zero readout, so that the energies below are not trivially equal
+        for p in three.parameters():  # non-zero message and readout networks
             p.add_(0.1 * torch.randn_like(p))
         one.load_state_dict({k: v for k, v in three.state_dict().items() if "hop_gain" not in k}, strict=True)
-        three.convs[0].hop_gain.uniform_(-2.0, 2.0)
+        three.convs[1].hop_gain.uniform_(-2.0, 2.0)
     out1, out3 = one.compute(z, pos), three.compute(z, pos)
+    assert rel(out3["node_orbitals"][0], out1["node_orbitals"][0]) == 0.0
     edge_index, f = out1["edge_index"], one.cutoff_fn(out1["edge_vectors"].norm(dim=-1))
     dense = torch.zeros(len(z), len(z), dtype=torch.float64)
     dense.index_put_((edge_index[1], edge_index[0]), f, accumulate=True)
     weight = dense / (0.1 + dense.sum(1, keepdim=True))
-    mu = three.convs[0].hop_gain.detach()[:, three.angular.degrees]  # (2, A, K)
-    psi0 = out1["node_orbitals"][0]
+    mu = three.convs[1].hop_gain.detach()[:, three.angular.degrees]  # (2, A, K)
+    psi0 = out1["node_orbitals"][1]
     expected = psi0
     for p in range(2):
         expected = psi0 + mu[p] * torch.einsum("ij,jak->iak", weight, expected)
-    assert rel(out3["node_orbitals"][0], expected) < 1e-12
-    assert rel(out3["node_orbitals"][0], psi0) > 1e-2
+    assert rel(out3["node_orbitals"][1], expected) < 1e-12
+    assert rel(out3["node_orbitals"][1], psi0) > 1e-2
 
     torch.manual_seed(0)
     plain = EquiREANN(num_iterations=2, max_l=2, passing_hops=2).double()
@@ -317,7 +320,7 @@ def test_multihop_passing_is_a_truncated_neumann_series():
             p.add_(0.1 * torch.randn_like(p))
         paper = EquiREANN(num_iterations=2, max_l=2).double()
         paper.load_state_dict({k: v for k, v in plain.state_dict().items() if "hop_gain" not in k})
-        for conv in plain.convs:
+        for conv in plain.convs[1:]:
             conv.hop_gain.zero_()
     assert plain(z, pos).item() == pytest.approx(paper(z, pos).item(), rel=1e-13)
     with pytest.raises(ValueError, match="passing_hops must be >= 1"):

@@ -107,8 +107,8 @@ class EquiREANN(Potential):
             ``"alternating"`` (+1, −1, … over the radial channels), times ``passing_gain``.
         passing_gain: initial magnitude of the learned passing weights (and hop gains).
         passing_hops: orbital hops per iteration (1: the paper's model); P > 1 adds P − 1 parameter-free
-            hops with a learned gain per hop, degree and radial channel, so orientations travel P bonds
-            per iteration (:class:`EquiREANNConv`, docs/nonlocal.md).
+            hops with a learned gain per hop, degree and radial channel to iterations 1..T, so orientations
+            travel P bonds per iteration: receptive field (T·P + 1)·r_c (:class:`EquiREANNConv`, docs/nonlocal.md).
         passing_norm: hop weight f(d_ij) / (ε + Σ_k f(d_ik)) instead of f(d_ij)/n̄: no damping per bond.
         passing_norm_eps: ε of ``passing_norm``.
         compile: compute energy and forces (and stress) with ``torch.compile`` as one graph, in training too

@@ -155,8 +155,9 @@ class EquiREANNConv(MessagePassing):
         \qquad p = 1 … P-1,
 
     a truncated Neumann series of the fixed point :math:`\Psi = \Psi_{[0]} + \mu F \Psi`, so orientations
-    travel P bonds per iteration instead of one and the receptive field grows from (T+1)·r_c to
-    (T+1)·P·r_c at the cost of P − 1 gathers and scatters of Ψ per iteration (no new edges, no MLP).
+    travel P bonds per passing iteration instead of one and the receptive field grows from (T+1)·r_c to
+    (T·P+1)·r_c (iteration 0 builds Ψ⁽⁰⁾ and does not hop) at the cost of P − 1 gathers and scatters of Ψ
+    per iteration (no new edges, no MLP).
     The hop weight :math:`w_{ij}` is :math:`f(d_{ij})/\bar n`, or with ``passing_norm=True``
     :math:`f(d_{ij}) / (\epsilon + \sum_{k} f(d_{ik}))` (also for the message's own passing term): each
     hop then averages over the neighbours instead of damping by f ≈ 0.36 per C=C bond at r_c = 3 Å, the
@@ -174,7 +175,7 @@ class EquiREANNConv(MessagePassing):
         passing_init: ``"ones"`` (λ = 1, the paper's model at initialisation) or ``"alternating"``
             (λ = +1, −1, +1, … over k: half of the channels flip sign at every hop).
         passing_gain: initial magnitude of the learned λ and μ (1: the paper's weight).
-        passing_hops: P, orbital hops per iteration (1: the paper's model).
+        passing_hops: P, orbital hops per passing iteration (1: the paper's model; ignored in iteration 0).
         passing_norm: divide the hop weight by ε + Σ_k f(d_ik) instead of n̄.
         passing_norm_eps: ε (keeps an atom with one far neighbour smooth).
 
@@ -210,6 +211,8 @@ class EquiREANNConv(MessagePassing):
         self.passing_hops = int(passing_hops) if equivariant_passing else 1
         self.passing_weight: Optional[nn.Parameter] = None
         self.hop_gain: Optional[nn.Parameter] = None
+        if message_mlp is None:  # iteration 0 has nothing to pass: it builds Ψ⁽⁰⁾ from the neighbours only
+            self.passing_hops = 1
         needs_gain = (learnable_passing and message_mlp is not None) or self.passing_hops > 1
         if equivariant_passing and needs_gain:
             if degrees is None or num_radial is None:

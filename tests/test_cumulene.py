@@ -9,7 +9,8 @@ import torch
 
 from pyg_equireann.datamodules import cumulene_datamodule
 from pyg_equireann import REANN, EquiREANN
-from pyg_equireann.experiments.cumulene import fit_twist, frame_info, rigid_scan, rigid_twist, twist_curves, twist_mae
+from pyg_equireann.experiments.cumulene import (fit_twist, frame_info, rigid_scan, rigid_twist, twist_captured,
+                                                twist_curves, twist_mae, twist_mae_centered)
 
 from .conftest import DATA, make_model
 
@@ -121,6 +122,21 @@ def test_twist_curves_and_mae():
     assert curves[4]["twist"].tolist() == [0.0, 10.0, 20.0]
     assert np.allclose(curves[4]["ref"], [0.0, 500.0, 1000.0]) and np.allclose(curves[4]["pred"], [0.0, 501.0, 999.0])
     assert twist_mae(curves) == pytest.approx({4: 2.0 / 3.0, 5: 0.0})
+    # mean-referenced: errors +1, +2, 0 meV less their mean 1 meV
+    assert twist_mae_centered(curves) == pytest.approx({4: 2.0 / 3.0, 5: 0.0})
+    # a miss at the reference angle only: the ΔE metric charges it at every angle, the centred one once
+    shifted = twist_curves(ref + np.array([0.0, 0.0, 0.003, 0.0, 0.0]), ref, n_carbon, twist)
+    assert twist_mae(shifted)[4] == pytest.approx(2.0)
+    assert twist_mae_centered(shifted)[4] == pytest.approx(4.0 / 3.0)
+
+
+def test_twist_captured():
+    ref = np.array([0.0, 300.0, 1000.0, 300.0])
+    assert twist_captured(ref + 7.0, ref) == pytest.approx(1.0)
+    assert twist_captured(0.5 * ref - 3.0, ref) == pytest.approx(0.5)
+    assert twist_captured(np.zeros(4), ref) == 0.0
+    assert twist_captured(-ref, ref) == pytest.approx(-1.0)
+    assert np.isnan(twist_captured(ref, np.ones(4)))
 
 
 def _rigid_scan_slice(n: int):
@@ -179,15 +195,16 @@ def test_nonlocal_cli_end_to_end(tmp_path):
 
     from .test_pipeline import hydra_app
 
-    overrides = ["nonlocal=quick", "run=[equireann,equireann_learned,equireann_nopassing,schnet]", "num_iterations=2",
+    overrides = ["nonlocal=quick", "run=[equireann,equireann_multihop,equireann_nopassing,schnet]", "num_iterations=2",
                  "float64=true",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
                  "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",
-                 "models.equireann_learned.num_channels=8", "models.equireann_nopassing.num_channels=8", "models.schnet.hidden_channels=16",
+                 "models.equireann_multihop.num_channels=8", "models.equireann_nopassing.num_channels=8",
+                 "models.schnet.hidden_channels=16",
                  "models.schnet.num_filters=16", "rigid_twist_angles=[0,45,90]", f"hydra.run.dir={tmp_path}"]
     hydra_app(overrides, run, config_name="nonlocal")
-    for name in ("equireann", "equireann_learned", "equireann_nopassing", "schnet"):
+    for name in ("equireann", "equireann_multihop", "equireann_nopassing", "schnet"):
         assert (tmp_path / name / "checkpoints" / "best.ckpt").is_file()
         p = np.load(tmp_path / name / "predictions.npz")
         assert len(p["test/idx"]) == 40 and np.isfinite(p["test/energy_pred"]).all()
@@ -196,10 +213,15 @@ def test_nonlocal_cli_end_to_end(tmp_path):
             assert all(np.ptp(p[f"rigid/{n}"]) < 1e-5 for n in range(4, 9))  # eV; float32 round-off
     report = (tmp_path / "report.md").read_text()
     assert "EquiREANN (paper) / EquiREANN, passing off twist MAE ratio" in report
-    assert "EquiREANN, learned passing / SchNet twist MAE ratio" in report
+    assert "EquiREANN, multi-hop passing / SchNet twist MAE ratio" in report
+    assert "Mean-referenced twist MAE" in report and "fraction of the reference twist captured" in report
     rows = list(__import__("csv").DictReader(open(tmp_path / "per_length.csv")))
-    assert {r["model"] for r in rows} == {"equireann", "equireann_learned", "equireann_nopassing", "schnet"}
+    assert {r["model"] for r in rows} == {"equireann", "equireann_multihop", "equireann_nopassing", "schnet"}
     assert all(np.isfinite(float(r["energy_mae_meV"])) for r in rows)
+    scanned = [r for r in rows if r["n_carbon"] != "3"]
+    assert all(np.isfinite(float(r["twist_mae_centered_meV"])) for r in scanned)
+    # invariant messages: nothing of the rigid twist captured (float32 round-off only)
+    assert all(abs(float(r["rigid_twist_captured"])) < 1e-3 for r in scanned if r["model"] in ("equireann_nopassing", "schnet"))
     assert (tmp_path / "twist_curves.png").stat().st_size > 0 and (tmp_path / "rigid_twist.png").is_file()
     # run=[] trains nothing and rewrites the same report from the model folders
     hydra_app([o if not o.startswith("run=") else "run=[]" for o in overrides], run, config_name="nonlocal")

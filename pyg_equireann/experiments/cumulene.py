@@ -48,6 +48,27 @@ def twist_mae(curves: Mapping[int, Mapping[str, np.ndarray]]) -> Dict[int, float
     return {n: float(np.abs(c["pred"] - c["ref"]).mean()) for n, c in curves.items()}
 
 
+def twist_mae_centered(curves: Mapping[int, Mapping[str, np.ndarray]]) -> Dict[int, float]:
+    """Mean-referenced twist MAE (meV) per chain length: mean |(E_pred − ⟨E_pred⟩) − (E_ref − ⟨E_ref⟩)| over the
+    scan, ⟨·⟩ the mean over the twist angles. Unlike :func:`twist_mae` it does not hinge on the error at one
+    reference angle (a miss at the cusp of φ = 0 shifts every ΔE(φ) of that metric)."""
+    out = {}
+    for n, c in curves.items():
+        pred, ref = np.asarray(c["pred"], np.float64), np.asarray(c["ref"], np.float64)
+        out[n] = float(np.abs((pred - pred.mean()) - (ref - ref.mean())).mean())
+    return out
+
+
+def twist_captured(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of a reference twist curve that a prediction captures: the least-squares factor a of
+    pred − ⟨pred⟩ ≈ a (ref − ⟨ref⟩) (1: the full curve, 0: flat, negative: the wrong sign). NaN for a flat
+    reference."""
+    pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+    ref_c, pred_c = ref - ref.mean(), pred - pred.mean()
+    norm = float(ref_c @ ref_c)
+    return float(pred_c @ ref_c / norm) if norm > 0 else float("nan")
+
+
 def fit_twist(model, batch, energy, n_carbon: np.ndarray, twist: np.ndarray, steps: int, lr: Optional[float] = None,
               per_length: bool = False, optimizer: str = "adam") -> Dict[int, float]:
     """Fit ``model`` to the energies (eV, (B,)) of a cumulene ``batch`` (``z``, ``pos``, ``batch``,

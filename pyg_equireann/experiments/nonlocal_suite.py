@@ -27,7 +27,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pyg_equireann.experiments.cumulene import frame_info, plot_twist_curves, rigid_twist, twist_curves, twist_mae
+from pyg_equireann.experiments.cumulene import (frame_info, plot_twist_curves, rigid_twist, twist_captured, twist_curves,
+                                                twist_mae, twist_mae_centered)
 from pyg_equireann.experiments.harness import train_models
 from pyg_equireann.training.evaluation import evaluate, load_checkpoint
 from pyg_equireann.training.prepare import prepare_model_config
@@ -126,6 +127,10 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                                     scan_info["twist"][idx])
         rigid[name] = {int(k.split("/")[1]): (p[k] - p[k][0]) * 1e3 for k in p.files if k.startswith("rigid/")}
         twist_err = twist_mae(curves[name])
+        centered_err = twist_mae_centered(curves[name])
+        angles = np.asarray(cfg.rigid_twist_angles, np.float64)
+        captured = {n: twist_captured(e, np.interp(angles, curves[name][n]["twist"], curves[name][n]["ref"]))
+                    for n, e in rigid[name].items() if n in curves[name]}
         idx = p["test/idx"].astype(int)
         n_test = test_info["n_carbon"][idx]
         e_err = np.abs(p["test/energy_pred"] - p["test/energy_ref"]) * 1e3
@@ -135,6 +140,8 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                          "energy_per_atom_mae_meV": float((e_err[k] / p["test/natoms"][k]).mean()),
                          "forces_mae_meV_per_A": float(p["test/forces_mae"][k].mean() * 1e3),
                          "twist_mae_meV": twist_err.get(n, float("nan")),
+                         "twist_mae_centered_meV": centered_err.get(n, float("nan")),
+                         "rigid_twist_captured": captured.get(n, float("nan")),
                          "twist_pred_range_meV": float(np.ptp(curves[name][n]["pred"])) if n in curves[name] else float("nan"),
                          "twist_ref_range_meV": float(np.ptp(curves[name][n]["ref"])) if n in curves[name] else float("nan"),
                          "rigid_twist_range_meV": float(np.ptp(rigid[name][n])) if n in rigid[name] else float("nan")})
@@ -143,6 +150,8 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
             np.average(p["test/forces_mae"], weights=p["test/natoms"]) * 1e3)
         summaries[name]["twist_mae_nonlocal_meV"] = float(np.mean([twist_err[n] for n in nonlocal_lengths])) \
             if nonlocal_lengths else float("nan")
+        summaries[name]["twist_mae_centered_nonlocal_meV"] = float(
+            np.mean([centered_err[n] for n in nonlocal_lengths])) if nonlocal_lengths else float("nan")
 
     with open(run_dir / "per_length.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -178,18 +187,21 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                   f"{_fmt(s['test_forces_mae_meV_per_A'])} | {_fmt(s['twist_mae_nonlocal_meV'])} |")
     by = {(r["model"], r["n_carbon"]): r for r in rows}
 
-    def table(title, key, ns, note=""):
+    def table(title, key, ns, note="", fmt=_fmt):
         lines = ["", f"## {title}", ""] + ([note, ""] if note else [])
         lines += ["| model | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for name in names:
             lines.append(f"| {label(cfg, name)} | " + " | ".join(
-                _fmt(by[(name, n)][key]) if (name, n) in by else "–" for n in ns) + " |")
+                fmt(by[(name, n)][key]) if (name, n) in by else "–" for n in ns) + " |")
         return lines
 
     md += table("Test set: energy MAE per chain length (meV)", "energy_mae_meV", lengths)
     md += table("Test set: force MAE per chain length (meV/Å)", "forces_mae_meV_per_A", lengths)
     md += table("Twist-resolved energy MAE (meV)", "twist_mae_meV", scan_lengths,
                 "Mean over the clean scan (0–90°, 5° steps) of |ΔE_pred(φ) − ΔE_ref(φ)|, ΔE(φ) = E(φ) − E(0).")
+    md += table("Mean-referenced twist MAE (meV)", "twist_mae_centered_meV", scan_lengths,
+                "Mean over the scan of |(E_pred − ⟨E_pred⟩) − (E_ref − ⟨E_ref⟩)|, ⟨·⟩ the mean over the twist: "
+                "no single reference angle (a flat prediction scores the mean |E_ref − ⟨E_ref⟩|).")
     md += ["", "Reference twist range max−min ΔE (meV): " + ", ".join(
         f"n = {n}: {np.ptp(curves[names[0]][n]['ref']):.0f}" for n in scan_lengths)]
     md += table("Predicted twist range on the relaxed scan, max − min ΔE_pred (meV)", "twist_pred_range_meV",
@@ -198,6 +210,10 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
                 "The twist = 0 chain with only the last CH2 rotated (bond lengths and angles fixed). With no "
                 "atom seeing both ends, a model with invariant messages must give 0 here; on the relaxed scan "
                 "it can still vary through the bond lengths, which change with the twist.")
+    md += table("Rigid twist: fraction of the reference twist captured", "rigid_twist_captured", scan_lengths,
+                "Least-squares factor a of E_rigid(φ) − ⟨E_rigid⟩ ≈ a (E_ref(φ) − ⟨E_ref⟩), the reference being "
+                "the relaxed scan at the same angles: 1 the whole curve, 0 flat, < 0 the wrong sign.",
+                fmt=lambda v: f"{100 * v:.0f} %" if np.isfinite(v) else "–")
     ours = [n for n in (cfg.get("compare") or []) if n in names]
     if ours and nonlocal_lengths:
         md += ["", "## Targets (chains with C···C > cutoff)", ""]
@@ -205,8 +221,10 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
             value = summaries[mine]["twist_mae_nonlocal_meV"]
             for other in [n for n in names if n not in ours]:
                 theirs = summaries[other]["twist_mae_nonlocal_meV"]
+                centered = (summaries[mine]["twist_mae_centered_nonlocal_meV"]
+                            / summaries[other]["twist_mae_centered_nonlocal_meV"])
                 md.append(f"- {label(cfg, mine)} / {label(cfg, other)} twist MAE ratio: {value / theirs:.3f} "
-                          f"({value:.1f} vs {theirs:.1f} meV)")
+                          f"({value:.1f} vs {theirs:.1f} meV; mean-referenced: {centered:.3f})")
     skipped_file = run_dir / "skipped.json"
     if skipped_file.is_file():
         md += ["", "Not run: " + "; ".join(f"{label(cfg, k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()

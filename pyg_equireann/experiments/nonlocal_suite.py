@@ -27,8 +27,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pyg_equireann.experiments.cumulene import (frame_info, plot_twist_curves, rigid_twist, twist_captured, twist_curves,
-                                                twist_mae, twist_mae_centered)
+from pyg_equireann.experiments.cumulene import (frame_info, plot_twist_curves, rigid_twist, twist_captured,
+                                                twist_curves, twist_mae, twist_mae_centered)
 from pyg_equireann.experiments.harness import train_models
 from pyg_equireann.training.evaluation import evaluate, load_checkpoint
 from pyg_equireann.training.prepare import prepare_model_config

@@ -42,7 +42,9 @@ def acac_datamodule(root: str | os.PathLike | None = None, **kwargs) -> XYZDataM
 
 def cumulene_datamodule(root: str | os.PathLike | None = None, **kwargs) -> XYZDataModule:
     """Cumulene twist benchmark (GFN2-xTB): train/val files, test sets ``test`` and ``scan``
-    (twist scans); E0 = GFN2-xTB isolated atoms (:data:`CUMULENE_E0`).
+    (twist scans), and where the files are there ``rigid_xtb`` (rigid twists of n = 3–16 with their own
+    GFN2-xTB labels) and ``long`` (MD frames of n = 9–16, longer than any training chain; both from
+    ``data/cumulene/generate.py``); E0 = GFN2-xTB isolated atoms (:data:`CUMULENE_E0`).
 
     ``root``: folder with the cumulene files, or its parent (default: the data folder,
     :func:`~pyg_equireann.datamodules.base.default_data_root`).
@@ -54,5 +56,8 @@ def cumulene_datamodule(root: str | os.PathLike | None = None, **kwargs) -> XYZD
         test_files={"test": d / "cumulene_test.xyz", "scan": d / "cumulene_scan.xyz"},
         atomic_energies=dict(CUMULENE_E0),
     )
+    for name, file in (("rigid_xtb", "cumulene_rigid.xyz"), ("long", "cumulene_long_test.xyz")):
+        if (d / file).is_file():
+            args["test_files"][name] = d / file
     args.update(kwargs)
     return XYZDataModule(**args)

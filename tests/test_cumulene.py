@@ -15,7 +15,7 @@ from pyg_equireann.experiments.cumulene import (fit_twist, frame_info, rigid_sca
 from .conftest import DATA, make_model
 
 CUMULENE = DATA / "cumulene"
-SIZES = {"train": 1560, "val": 312, "test": 624, "scan": 95}
+SIZES = {"train": 1560, "val": 312, "test": 624, "scan": 95, "rigid_xtb": 140, "long": 192}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def cumulene():
 
 def test_datamodule_splits(cumulene):
     dm = cumulene
-    assert dm.test_names == ["test", "scan"] and dm.elements == [1, 6]
+    assert dm.test_names == ["test", "scan", "rigid_xtb", "long"] and dm.elements == [1, 6]
     sizes = {"train": len(dm.train_dataset), "val": len(dm.val_dataset),
              **{k: len(v) for k, v in dm.test_datasets.items()}}
     assert sizes == SIZES
@@ -52,6 +52,13 @@ def test_datamodule_splits(cumulene):
     scan = frame_info(CUMULENE / "cumulene_scan.xyz")
     assert sorted(set(scan["n_carbon"].tolist())) == [4, 5, 6, 7, 8]
     assert np.allclose(np.sort(scan["twist"][scan["n_carbon"] == 6]), np.arange(0, 91, 5))
+    # length transfer: rigid twists of n = 3..16 (0..90 degrees) and MD frames of n = 9..16, none in training
+    rigid = frame_info(CUMULENE / "cumulene_rigid.xyz")
+    assert sorted(set(rigid["n_carbon"].tolist())) == list(range(3, 17))
+    assert np.allclose(np.sort(rigid["twist"][rigid["n_carbon"] == 12]), np.arange(0, 91, 10), atol=1e-6)
+    long = frame_info(CUMULENE / "cumulene_long_test.xyz", ("n_carbon", "twist", "traj_id"))
+    assert sorted(set(long["n_carbon"].tolist())) == list(range(9, 17))
+    assert not set(long["traj_id"].tolist()) & traj["train"]
 
 
 def test_datamodule_subsets_are_seeded():
@@ -223,7 +230,24 @@ def test_nonlocal_cli_end_to_end(tmp_path):
     # invariant messages: nothing of the rigid twist captured (float32 round-off only)
     invariant = [r for r in scanned if r["model"] in ("equireann_nopassing", "schnet")]
     assert all(abs(float(r["rigid_twist_captured"])) < 1e-3 for r in invariant)
-    assert (tmp_path / "twist_curves.png").stat().st_size > 0 and (tmp_path / "rigid_twist.png").is_file()
+    # length transfer: GFN2-xTB rigid twists of n = 3..16 and MD frames of n = 9..16 for every model (here a
+    # 40-frame subset of each test set, so not every length and angle is there)
+    assert "## Length transfer and reach" in report and "Trained on n = 3–8; new lengths: n = " in report
+    transfer = list(__import__("csv").DictReader(open(tmp_path / "length_transfer.csv")))
+    lengths = {int(r["n_carbon"]) for r in transfer}
+    assert len(lengths) >= 10 and max(lengths) >= 14 and (tmp_path / "rigid_xtb_twist.png").is_file()
+    assert len(transfer) == 4 * len(lengths)
+    for r in transfer:
+        n = int(r["n_carbon"])
+        assert np.isfinite(float(r["rigid_twist_mae_meV"]))
+        assert (r["in_training"] == "True") == (n <= 8)
+        assert (r["beyond_reach"] == "True") == (n >= 9)  # C···C > (2 + 1) × 3 Å = 9 Å (n = 8: 8.97 Å)
+        if np.isfinite(float(r["long_energy_mae_meV"])):
+            assert n >= 9
+        if r["model"] in ("equireann_nopassing", "schnet") and n >= 4 and np.isfinite(float(r["captured"])):
+            assert abs(float(r["captured"])) < 1e-3  # no neighbourhood sees both ends: exactly flat
+            assert float(r["rigid_twist_mae_meV"]) == pytest.approx(float(r["flat_mae_meV"]), abs=0.05)
+    assert any(np.isfinite(float(r["long_energy_mae_meV"])) for r in transfer)
     # run=[] trains nothing and rewrites the same report from the model folders
     hydra_app([o if not o.startswith("run=") else "run=[]" for o in overrides], run, config_name="nonlocal")
     assert (tmp_path / "report.md").read_text() == report

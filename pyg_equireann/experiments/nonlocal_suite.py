@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -106,9 +106,108 @@ def _fmt(value: float) -> str:
     return f"{value:.1f}" if np.isfinite(value) else "–"
 
 
-def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Path, scan_file: Path) -> Path:
+def length_transfer(cfg: DictConfig, run_dir: Path, names: List[str], rigid_file: Optional[Path],
+                    long_file: Optional[Path]) -> List[str]:
+    """The report's length-transfer section (and ``length_transfer.csv``, ``rigid_xtb_twist.png``): per chain
+    length, on the GFN2-xTB rigid twists of ``rigid_file`` (test set ``rigid_xtb``) the twist MAE, its
+    mean-referenced version and the fraction of the twist captured, against a twist-blind (flat) prediction; on the
+    long-chain MD frames of ``long_file`` (test set ``long``) the energy and force MAE. Empty without the files."""
+    if rigid_file is None or not Path(rigid_file).is_file():
+        return []
+    info = frame_info(rigid_file, ("n_carbon", "twist", "cc_dist"))
+    cc = {int(n): float(d) for n, d in zip(info["n_carbon"], info["cc_dist"])}
+    reach = (int(cfg.num_iterations) + 1) * float(cfg.cutoff)
+    trained = sorted(set(int(n) for n in frame_info(cfg.data.get("train_file") or Path(rigid_file).parent
+                                                    / "cumulene_train.xyz", ("n_carbon",))["n_carbon"]))
+    long_info = frame_info(long_file, ("n_carbon",)) if long_file is not None and Path(long_file).is_file() else None
+    rows, curves = [], {}
+    for name in names:
+        p = np.load(run_dir / name / "predictions.npz")
+        if "rigid_xtb/energy_pred" not in p.files:
+            continue
+        idx = p["rigid_xtb/idx"].astype(int)
+        curves[name] = twist_curves(p["rigid_xtb/energy_pred"], p["rigid_xtb/energy_ref"], info["n_carbon"][idx],
+                                    info["twist"][idx])
+        mae, centered = twist_mae(curves[name]), twist_mae_centered(curves[name])
+        long_err = {}
+        if long_info is not None and "long/energy_pred" in p.files:
+            k_long = p["long/idx"].astype(int)
+            n_long = long_info["n_carbon"][k_long]
+            e_err = np.abs(p["long/energy_pred"] - p["long/energy_ref"]) * 1e3
+            long_err = {int(n): (float(e_err[n_long == n].mean()), float(p["long/forces_mae"][n_long == n].mean() * 1e3))
+                        for n in set(n_long.tolist())}
+        for n, c in curves[name].items():
+            ref_c = c["ref"] - c["ref"].mean()
+            rows.append({"model": name, "n_carbon": n, "cc_dist": cc[n], "in_training": n in trained,
+                         "beyond_reach": cc[n] > reach, "rigid_twist_mae_meV": mae[n],
+                         "rigid_twist_mae_centered_meV": centered[n],
+                         "flat_mae_meV": float(np.abs(c["ref"]).mean()),
+                         "flat_mae_centered_meV": float(np.abs(ref_c).mean()),
+                         "captured": twist_captured(c["pred"], c["ref"]),
+                         "long_energy_mae_meV": long_err.get(n, (float("nan"),) * 2)[0],
+                         "long_forces_mae_meV_per_A": long_err.get(n, (float("nan"),) * 2)[1]})
+    if not rows:
+        return []
+    with open(run_dir / "length_transfer.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_twist_curves({label(cfg, n): c for n, c in curves.items()}, run_dir / "rigid_xtb_twist.png",
+                      float(cfg.cutoff), cc, "Rigid twist of the last CH$_2$, GFN2-xTB")
+    by = {(r["model"], r["n_carbon"]): r for r in rows}
+    lengths = sorted({r["n_carbon"] for r in rows})
+    models = [n for n in names if n in curves]
+
+    def table(key, fmt=_fmt):
+        lines = ["| model | " + " | ".join(f"{n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        first = models[0]
+        if key in ("rigid_twist_mae_meV", "rigid_twist_mae_centered_meV"):
+            flat_key = "flat_mae_meV" if key == "rigid_twist_mae_meV" else "flat_mae_centered_meV"
+            lines.append("| twist-blind (flat) | " + " | ".join(_fmt(by[(first, n)][flat_key]) for n in lengths) + " |")
+        for name in models:
+            lines.append(f"| {label(cfg, name)} | " + " | ".join(
+                fmt(by[(name, n)][key]) if (name, n) in by else "–" for n in lengths) + " |")
+        return lines
+
+    percent = (lambda v: f"{100 * v:.0f} %" if np.isfinite(v) else "–")
+    new = [n for n in lengths if n not in trained]
+    far = [n for n in lengths if cc[n] > reach]
+    md = ["", "## Length transfer and reach: rigid twists with GFN2-xTB labels", "",
+          f"Chains of n = {lengths[0]}–{lengths[-1]} carbons (columns), the last CH2 rotated rigidly (0–90°) on the "
+          f"relaxed twist-0 chain, labelled with their own GFN2-xTB energies (`{Path(rigid_file).name}`). Trained on "
+          f"n = {trained[0]}–{trained[-1]}; new lengths: n = {', '.join(map(str, new)) or 'none'}. Ends farther apart "
+          f"than (num_iterations + 1) × cutoff = {reach:g} Å: n = {', '.join(map(str, far)) or 'none'}.", "",
+          "Terminal C···C (Å): " + ", ".join(f"{n}: {cc[n]:.1f}" for n in lengths), "",
+          "### Fraction of the twist captured (least-squares factor, 1 = the whole curve, 0 = flat)", ""]
+    md += table("captured", percent)
+    md += ["", "### Twist MAE, ΔE(φ) = E(φ) − E(0) (meV)", ""] + table("rigid_twist_mae_meV")
+    md += ["", "### Mean-referenced twist MAE (meV)", ""] + table("rigid_twist_mae_centered_meV")
+    if long_info is not None:
+        md += ["", f"### Long-chain MD frames (`{Path(long_file).name}`): energy MAE (meV)", ""]
+        md += table("long_energy_mae_meV")
+        md += ["", "### Long-chain MD frames: force MAE (meV/Å)", ""] + table("long_forces_mae_meV_per_A")
+    md += ["", "### Targets", ""]
+    for name in models:
+        if new:
+            ratio = np.mean([by[(name, n)]["rigid_twist_mae_meV"] for n in new]) / np.mean(
+                [by[(name, n)]["flat_mae_meV"] for n in new])
+            ratio_c = np.mean([by[(name, n)]["rigid_twist_mae_centered_meV"] for n in new]) / np.mean(
+                [by[(name, n)]["flat_mae_centered_meV"] for n in new])
+            md.append(f"- {label(cfg, name)}: new lengths, twist MAE ÷ twist-blind {ratio:.3f} "
+                      f"(mean-referenced {ratio_c:.3f}; target ≤ 0.5)")
+        if far:
+            captured = np.mean([by[(name, n)]["captured"] for n in far])
+            md.append(f"- {label(cfg, name)}: beyond {reach:g} Å, mean fraction captured {100 * captured:.0f} % "
+                      "(target ≥ 50 %)")
+    md += ["", "![rigid twist, GFN2-xTB](rigid_xtb_twist.png)"]
+    return md
+
+
+def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Path, scan_file: Path,
+                 rigid_file: Optional[Path] = None, long_file: Optional[Path] = None) -> Path:
     """Tables (Markdown, CSV) and plots from every ``<run_dir>/<model>/predictions.npz``; chain lengths
-    and twist angles from the extxyz info of ``test_file`` and ``scan_file``."""
+    and twist angles from the extxyz info of ``test_file`` and ``scan_file`` (and of the length-transfer
+    test sets ``rigid_file``, ``long_file`` when given: :func:`length_transfer`)."""
     names = [n for n in order if (run_dir / n / "predictions.npz").is_file()]
     names += sorted(p.parent.name for p in run_dir.glob("*/predictions.npz") if p.parent.name not in names)
     if not names:
@@ -230,7 +329,8 @@ def write_report(cfg: DictConfig, run_dir: Path, order: List[str], test_file: Pa
         md += ["", "Not run: " + "; ".join(f"{label(cfg, k)} ({v})" for k, v in json.loads(skipped_file.read_text()).items()
                                            if k not in names)]
     md += ["", "![twist curves](twist_curves.png)", "", "![rigid twist](rigid_twist.png)", ""]
-    (run_dir / "report.md").write_text("\n".join(md))
+    md += length_transfer(cfg, run_dir, names, rigid_file, long_file)
+    (run_dir / "report.md").write_text("\n".join(md) + "\n")
     return run_dir / "report.md"
 
 
@@ -264,5 +364,6 @@ def run_nonlocal(cfg: DictConfig, run_dir: Path) -> Path:
                    "epochs": result["epochs"], "train_wall_s": result["fit_wall_seconds"],
                    "train_cpu_s": result["fit_cpu_seconds"], "checkpoint": result["checkpoint"]}
         (run_dir / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    extra = {k: datamodule.test_files[k]["path"] if k in datamodule.test_files else None for k in ("rigid_xtb", "long")}
     return write_report(cfg, run_dir, list(cfg.models), datamodule.test_files["test"]["path"],
-                        datamodule.test_files["scan"]["path"])
+                        datamodule.test_files["scan"]["path"], extra["rigid_xtb"], extra["long"])

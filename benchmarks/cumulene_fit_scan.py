@@ -12,7 +12,7 @@ EquiREANN with learned passing weights (+1/-1 over the radial channels at initia
 passing-off ablation.
 
 Multi-hop passing (conf/model/equireann_multihop.yaml, passing_hops hops per iteration) is one more variant;
-``--hops 2 4`` adds one entry per hop count, ``--targets rigid`` fits only the rigid scans, ``--models`` picks the
+``--hops 2 4`` adds one entry per hop count (``--norm off|both``: also with the un-normalised hop weight f(d)), ``--targets rigid`` fits only the rigid scans, ``--models`` picks the
 variants (config names).
 
 Usage: python benchmarks/cumulene_fit_scan.py [--steps 400] [--cutoff 3.0] [--iterations 4] [--seed 0] [--hops 2]
@@ -40,6 +40,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hops", type=int, nargs="+", default=[2], help="passing_hops of the multi-hop variant(s)")
+    parser.add_argument("--norm", choices=["on", "off", "both"], default="on",
+                        help="passing_norm of the multi-hop variant(s)")
     parser.add_argument("--targets", nargs="+", default=["relaxed", "rigid"], choices=["relaxed", "rigid"])
     parser.add_argument("--models", nargs="+", default=list(VARIANTS.values()), choices=list(VARIANTS.values()))
     args = parser.parse_args()
@@ -53,10 +55,12 @@ def main():
         if name != "equireann_multihop":
             variants[label] = configs[name]
             continue
+        norms = {"on": [True], "off": [False], "both": [True, False]}[args.norm]
         for hops in args.hops:
-            config = dict(configs[name])
-            config["passing_hops"] = hops
-            variants[f"{label} (P = {hops})"] = config
+            for norm in norms:
+                config = dict(configs[name])
+                config["passing_hops"], config["passing_norm"] = hops, norm
+                variants[f"{label} (P = {hops}{'' if norm else ', f/n̄ hops'})"] = config
     relaxed = ase.io.read(str(SCAN), index=":")
     targets = {"relaxed": relaxed, "rigid": rigid_scan(relaxed)}
     targets = {t: targets[t] for t in args.targets}

@@ -145,12 +145,14 @@ MODELS = {
     "equireann": lambda: make_model(EquiREANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
     "equireann_all_elements": lambda: make_model(EquiREANN, max_l=3, num_iterations=3),
     "learned_passing": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=3, learnable_passing=True),
+    "multihop": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=2, learnable_passing=True,
+                                   passing_hops=3, passing_norm=True),
     "nopassing": lambda: make_model(EquiREANN, elements=(1, 6, 8), equivariant_passing=False),
     "reann": lambda: make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
 }
 #: exported (export takes seconds; the trained EquiREANN of the CLI test, the calculator tests' model and a float32
 #: AOTInductor package are exported elsewhere); the others run eagerly through the same ForceField
-EXPORTED = ("reann",)
+EXPORTED = ("reann", "multihop")
 
 
 def calibrated(name):

@@ -41,7 +41,7 @@ def test_equireann_separates_from_half_the_chain(k, seed, invariants):
 
 
 @pytest.mark.parametrize("hops", [2, 3])
-@pytest.mark.parametrize("k", range(2, 9))
+@pytest.mark.parametrize("k", [3, 6, 8])
 @pytest.mark.parametrize("norm", [False, True])
 def test_multihop_passing_reach(k, hops, norm):
     """With P hops per passing iteration Ψ⁽ᵀ⁾ sees T·P + 1 bonds (iteration 0 does not hop), so the ends meet

@@ -250,7 +250,7 @@ class EquiREANNConv(MessagePassing):
             passed = passed * self.passing_weight.index_select(0, self.degrees)  # λ_{l(a),k}, (A, K)
         hop_weight = edge_cutoff * inv_avg_num_neighbors  # w_ij (E,)
         passing_cutoff = edge_cutoff
-        if self.passing_norm:
+        if self.passing_norm and (passed is not None or self.hop_gain is not None):
             centers = edge_index[1]
             total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)
             hop_weight = edge_cutoff / (self.passing_norm_eps + total.index_select(0, centers))

@@ -453,6 +453,6 @@ def test_shipped_presets():
 
     cum = cumulene_datamodule(num_train=40, num_val=10, num_test=10, cache=False, progress=False)
     cum.setup()
-    assert cum.test_names == ["test", "scan"] and cum.elements == [1, 6]
+    assert cum.test_names == ["test", "scan", "rigid_xtb", "long"] and cum.elements == [1, 6]
     assert cum.statistics["atomic_energies"] == {1: -10.70721, 6: -48.79808}
     check_graphs(next(iter(cum.test_dataloader()[1])), cum.cutoff)

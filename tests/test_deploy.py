@@ -152,7 +152,7 @@ MODELS = {
 }
 #: exported (export takes seconds; the trained EquiREANN of the CLI test, the calculator tests' model and a float32
 #: AOTInductor package are exported elsewhere); the others run eagerly through the same ForceField
-EXPORTED = ("reann", "multihop")
+EXPORTED = ("reann",)
 
 
 def calibrated(name):

@@ -21,10 +21,6 @@ from typing import List, Optional, Sequence
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-#: GFN2-xTB isolated-atom energies (eV), as in data/cumulene/README.md
-E0 = {"H": -10.70721, "C": -48.79808}
-
-
 def xtb_calculator():
     """A GFN2-xTB calculator (tblite, electronic temperature 300 K, quiet); ImportError naming the extra."""
     try:

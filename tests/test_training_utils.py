@@ -185,13 +185,49 @@ def test_checkpoint_naming_old_module_paths_loads(tmp_path):
 
 def test_ema_warmup_follows_early_training_then_decays_at_the_set_rate():
     """The warmed-up EMA (decay min(d, (1+n)/(10+n)) after n updates) moves 90 % of the way to the weights at its
-    first update and reaches the set decay d after (10d − 1)/(1 − d) updates; no host sync (tensor arithmetic)."""
-    from pyg_equireann.training.callbacks import EMA, ema_warmup_avg_fn
+    first update and reaches the set decay d after (10d − 1)/(1 − d) updates; without warm-up it moves 1 − d;
+    integer tensors are copied."""
+    from pyg_equireann.training.callbacks import EMA, ema_multi_avg_fn
 
-    update = ema_warmup_avg_fn(0.99)
-    ema, weights = torch.zeros(3), torch.ones(3)
-    assert torch.allclose(update(ema, weights, torch.tensor(0)), torch.full((3,), 0.9))
-    assert torch.allclose(update(ema, weights, torch.tensor(10_000)), torch.full((3,), 0.01))
-    assert torch.allclose(update(ema, weights, torch.tensor(100)), torch.full((3,), 1 - 101 / 110))
-    assert EMA(decay=0.99, warmup=True)._kwargs["avg_fn"].__qualname__.startswith("ema_warmup_avg_fn")
-    assert not EMA(decay=0.99)._kwargs["avg_fn"].__qualname__.startswith("ema_warmup_avg_fn")  # Lightning's
+    def updated(n, warmup=True):
+        ema = [torch.zeros(3), torch.zeros(2, 2)]
+        ema_multi_avg_fn(0.99, warmup)(ema, [torch.ones(3), torch.ones(2, 2)], torch.tensor(n))
+        return ema
+
+    for n, moved in ((0, 0.9), (10_000, 0.01), (100, 1 - 101 / 110)):
+        assert all(torch.allclose(t, torch.full_like(t, moved)) for t in updated(n))
+    assert all(torch.allclose(t, torch.full_like(t, 0.01)) for t in updated(0, warmup=False))
+    counts = [torch.zeros(2, dtype=torch.long)]
+    ema_multi_avg_fn(0.99, True)(counts, [torch.tensor([3, 4])], torch.tensor(5))
+    assert counts[0].tolist() == [3, 4]
+    assert EMA(decay=0.99, warmup=True)._kwargs["multi_avg_fn"] is not None
+    assert EMA(decay=0.99)._kwargs["avg_fn"] is None  # foreach updates in both cases
+
+
+def test_ema_foreach_update_equals_the_per_parameter_average():
+    """The EMA's AveragedModel (foreach updates over parameters and buffers, float and integer) gives the
+    weights of the per-parameter formula ema + (w − ema)(1 − rate) after several updates."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from pyg_equireann.training.callbacks import ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)).double()
+    averaged = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.9, warmup=True), use_buffers=True)
+    expected = None
+    for n in range(5):
+        model(torch.randn(16, 4, dtype=torch.float64)).sum().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        current = {k: v.clone() for k, v in model.state_dict().items()}
+        if expected is None:
+            expected = current
+        else:
+            rate = min(0.9, (1 + n) / (10 + n))  # n = AveragedModel.n_averaged: updates so far
+            expected = {k: (v if not v.is_floating_point() else expected[k] + (v - expected[k]) * (1 - rate))
+                        for k, v in current.items()}
+        averaged.update_parameters(model)
+    got = averaged.module.state_dict()
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=1e-12), key

@@ -11,15 +11,28 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAverag
 from lightning.pytorch.trainer.states import TrainerFn
 
 
-def ema_warmup_avg_fn(decay: float):
-    r"""``avg_fn`` of an EMA whose decay ramps up as :math:`\min(d, (1 + n) / (10 + n))` after n updates (the
+def ema_multi_avg_fn(decay: float, warmup: bool = False):
+    r"""``multi_avg_fn`` of an EMA (:class:`torch.optim.swa_utils.AveragedModel`): every floating-point tensor
+    of a device moves towards the model's by (1 − d) in three ``torch._foreach_*`` calls (a Python loop over
+    the parameters costs more than a small molecule's training step on a CPU); other tensors are copied.
+
+    With ``warmup`` the decay ramps up as :math:`\min(d, (1 + n) / (10 + n))` after n updates (the
     TensorFlow/timm warm-up): the average follows the fast early training instead of holding on to the
     initial weights for ~1/(1 − d) steps. Tensor arithmetic on ``num_averaged``: no host sync."""
 
-    def ema_update(ema_param: Tensor, current_param: Tensor, num_averaged: Tensor) -> Tensor:
-        n = num_averaged.to(ema_param.dtype)
-        rate = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
-        return ema_param + (current_param - ema_param) * (1.0 - rate)
+    @torch.no_grad()
+    def ema_update(ema_params: List[Tensor], current_params: List[Tensor], num_averaged: Tensor) -> None:
+        if not (torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0])):
+            torch._foreach_copy_(ema_params, current_params)
+            return
+        if not warmup:
+            torch._foreach_lerp_(ema_params, current_params, 1.0 - decay)
+            return
+        n = num_averaged.to(ema_params[0].dtype)
+        rate = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        step = torch._foreach_sub(current_params, ema_params)
+        torch._foreach_mul_(step, rate)
+        torch._foreach_add_(ema_params, step)
 
     return ema_update
 
@@ -32,7 +45,7 @@ class EMA(EMAWeightAveraging):
 
     Args:
         decay: the EMA decay d.
-        warmup: ramp the decay up as min(d, (1 + n)/(10 + n)) over the first updates (:func:`ema_warmup_avg_fn`);
+        warmup: ramp the decay up as min(d, (1 + n)/(10 + n)) over the first updates (:func:`ema_multi_avg_fn`);
             False: d from the first step (Lightning's, which holds a 3-epoch run near its initial weights).
         **kwargs: the other arguments of Lightning's ``EMAWeightAveraging``.
     """
@@ -40,13 +53,50 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, warmup: bool = False, **kwargs: Any):
         super().__init__(decay=decay, **kwargs)
         self.warmup = bool(warmup)
-        if self.warmup:
-            self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay)
+        # AveragedModel takes multi_avg_fn over avg_fn: foreach updates instead of a loop over the parameters
+        self._kwargs["multi_avg_fn"] = ema_multi_avg_fn(decay, self.warmup)
+        self._kwargs["avg_fn"] = None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Lightning's, with update_average() instead of AveragedModel.update_parameters
+        step_idx = trainer.global_step - 1
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self.update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    def update_average(self, pl_module) -> None:
+        """``AveragedModel.update_parameters(pl_module)`` with the tensor lists built once (per device and
+        dtype) instead of at every step: its per-step Python loop over the parameters costs more than the
+        update itself. The first update (the copy) and an EMA on another device than the model take the
+        ``AveragedModel`` path."""
+        average = self._average_model
+        first = next(pl_module.parameters())
+        key = (id(average), id(pl_module), first.device, first.data_ptr())
+        if getattr(self, "_cache_key", None) != key:
+            if int(average.n_averaged) == 0 or next(average.module.parameters()).device != first.device:
+                average.update_parameters(pl_module)
+                return
+            averaged = list(average.module.parameters()) + (list(average.module.buffers()) if self._use_buffers else [])
+            current = list(pl_module.parameters()) + (list(pl_module.buffers()) if self._use_buffers else [])
+            groups: Dict[Any, Any] = {}
+            for a, c in zip(averaged, current, strict=True):
+                lists = groups.setdefault((a.device, a.dtype), ([], []))
+                lists[0].append(a.detach())
+                lists[1].append(c.detach())
+            self._groups = list(groups.values())
+            self._buffers = [] if self._use_buffers else [
+                (a.detach(), c.detach()) for a, c in zip(average.module.buffers(), pl_module.buffers(), strict=True)]
+            self._cache_key = key
+        for averaged, current in self._groups:
+            self._kwargs["multi_avg_fn"](averaged, current, average.n_averaged)
+        if self._buffers:
+            torch._foreach_copy_([a for a, _ in self._buffers], [c for _, c in self._buffers])
+        average.n_averaged += 1
 
 
 class TrainingBudget(Callback):

@@ -12,8 +12,10 @@ EquiREANN with learned passing weights (+1/-1 over the radial channels at initia
 passing-off ablation.
 
 Multi-hop passing (conf/model/equireann_multihop.yaml, passing_hops hops per iteration) is one more variant;
-``--hops 2 4`` adds one entry per hop count (``--norm off|both``: also with the un-normalised hop weight f(d)), ``--targets rigid`` fits only the rigid scans, ``--models`` picks the
-variants (config names).
+``--hops 2 4`` adds one entry per hop count (``--norm off|both``: also with the un-normalised hop weight f(d)),
+``--targets rigid`` fits only the rigid scans, ``--models`` picks the variants (config names).
+``--targets rigid_xtb --lengths 13 14 15 16`` fits the rigid twists of data/cumulene/cumulene_rigid.xyz (n = 3-16,
+their own GFN2-xTB energies) of the chosen lengths instead: can a model represent a twist beyond its receptive field?
 
 Usage: python benchmarks/cumulene_fit_scan.py [--steps 400] [--cutoff 3.0] [--iterations 4] [--seed 0] [--hops 2]
 """
@@ -29,6 +31,7 @@ from pyg_equireann.experiments.cumulene import fit_scan, rigid_scan, twist_curve
 from pyg_equireann.experiments.harness import model_configs
 
 SCAN = Path(__file__).resolve().parents[1] / "data" / "cumulene" / "cumulene_scan.xyz"
+RIGID_XTB = SCAN.with_name("cumulene_rigid.xyz")
 VARIANTS = {"EquiREANN": "equireann", "EquiREANN, learned passing": "equireann_learned_passing",
             "EquiREANN, passing off": "equireann_nopassing", "EquiREANN, multi-hop": "equireann_multihop"}
 
@@ -42,7 +45,10 @@ def main():
     parser.add_argument("--hops", type=int, nargs="+", default=[2], help="passing_hops of the multi-hop variant(s)")
     parser.add_argument("--norm", choices=["on", "off", "both"], default="on",
                         help="passing_norm of the multi-hop variant(s)")
-    parser.add_argument("--targets", nargs="+", default=["relaxed", "rigid"], choices=["relaxed", "rigid"])
+    parser.add_argument("--targets", nargs="+", default=["relaxed", "rigid"], choices=["relaxed", "rigid", "rigid_xtb"],
+                        help="rigid_xtb: the rigid twists of cumulene_rigid.xyz with their own GFN2-xTB energies")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="chain lengths of the rigid_xtb target (default: all, n = 3-16)")
     parser.add_argument("--models", nargs="+", default=list(VARIANTS.values()), choices=list(VARIANTS.values()))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -62,12 +68,25 @@ def main():
                 config["passing_hops"], config["passing_norm"] = hops, norm
                 variants[f"{label} (P = {hops}{'' if norm else ', f/n̄ hops'})"] = config
     relaxed = ase.io.read(str(SCAN), index=":")
-    targets = {"relaxed": relaxed, "rigid": rigid_scan(relaxed)}
-    targets = {t: targets[t] for t in args.targets}
-    lengths = sorted({int(a.info["n_carbon"]) for a in relaxed})
-    flat = twist_mae(twist_curves(np.zeros(len(relaxed)), [a.get_potential_energy() for a in relaxed],
-                                  np.array([a.info["n_carbon"] for a in relaxed]),
-                                  np.array([a.info["twist"] for a in relaxed])))
+    targets = {}
+    if "relaxed" in args.targets:
+        targets["relaxed"] = relaxed
+    if "rigid" in args.targets:
+        targets["rigid"] = rigid_scan(relaxed)
+    if "rigid_xtb" in args.targets:
+        frames = [a for a in ase.io.read(str(RIGID_XTB), index=":")
+                  if args.lengths is None or int(a.info["n_carbon"]) in args.lengths]
+        for atoms in frames:
+            atoms.info["energy"] = atoms.get_potential_energy()
+        targets["rigid_xtb"] = frames
+    if len({tuple(sorted({int(a.info["n_carbon"]) for a in f})) for f in targets.values()}) > 1:
+        parser.error("--targets rigid_xtb with --lengths other than 4-8 cannot be combined with relaxed/rigid")
+    reference = next(iter(targets.values()))
+    lengths = sorted({int(a.info["n_carbon"]) for a in reference})
+    flat = twist_mae(twist_curves(np.zeros(len(reference)), [a.info.get("energy", None) or a.get_potential_energy()
+                                                             for a in reference],
+                                  np.array([a.info["n_carbon"] for a in reference]),
+                                  np.array([a.info["twist"] for a in reference])))
     print(f"cutoff {args.cutoff} Å, {args.iterations} iterations, {args.steps} full-batch steps, seed {args.seed}; "
           f"receptive field (T + 1) × P × r_c = {(args.iterations + 1) * args.cutoff:g} Å × P")
     print("| target | model | " + " | ".join(f"n = {n}" for n in lengths) + " | CPU s |")

@@ -79,7 +79,7 @@ def main():
     torch.set_num_threads(1)
     config = model_configs([args.model], {args.model: {"compile": True} if args.compile else {}})[args.model]
     datamodule, module_cfg = compose_training(["data=rmd17", f"data.molecule={args.molecule}"],
-                                              float(config["cutoff"]))
+                                              float(config["cutoff"]), module_overrides={"scheduler": "none"})
     datamodule.batch_size = 5
     modules = {}
     for name in ("previous", "now"):

@@ -429,6 +429,38 @@ def test_loss_decreases(seed):
     assert val[-1] < 0.85 * val[0], val
 
 
+def test_training_metrics_are_the_epoch_means_of_the_batches():
+    """train/loss is the batch-size-weighted mean of the epoch's step losses (summed in training_step, logged once
+    after the last batch); when a callback stops training mid-epoch, the partial epoch's mean is logged."""
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    dm = ethanol_datamodule(seed=0, batch_size=6)  # 20 frames: batches of 6, 6, 6, 2
+    module = make_module(prepare_model_config(OmegaConf.create(
+        dict(_target_="pyg_equireann.EquiREANN", cutoff=4.0, max_l=1, num_radial=4, num_channels=4, num_iterations=1,
+             elements="auto", avg_num_neighbors="auto")), dm), dm, lr=0.01, scheduler="none")
+    steps, logged = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append((trainer.current_epoch, float(outputs["loss"]), int(batch.num_graphs)))
+            if trainer.current_epoch == 2 and batch_idx == 1:
+                trainer.should_stop = True  # as the training budget does
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    trainer = L.Trainer(max_epochs=5, inference_mode=False, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    trainer.fit(module, datamodule=dm)
+    assert [sum(1 for e, _, _ in steps if e == epoch) for epoch in range(3)] == [4, 4, 2]
+    assert len(logged) == 3 and all(set(m) == {"train/loss", "train/energy_mae", "train/forces_mae"} for m in logged)
+    for epoch, metrics in enumerate(logged):
+        batches = [(loss, n) for e, loss, n in steps if e == epoch]
+        expected = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+        assert metrics["train/loss"] == pytest.approx(expected, rel=1e-6)
+        assert metrics["train/forces_mae"] > 0 and metrics["train/energy_mae"] > 0
+
+
 # --------------------------------------------------------------------------- 5. resume
 
 

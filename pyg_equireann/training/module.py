@@ -248,7 +248,7 @@ class PotentialModule(L.LightningModule):
         self.check_finite(batch, out, loss)
         n = int(batch.num_graphs)
         forces_mae = (errors["forces"].detach().abs().mean() if "forces" in errors
-                      else torch.full((), float("nan"), device=loss.device))
+                      else torch.full((), float("nan"), dtype=loss.dtype, device=loss.device))
         # summed here and logged once per epoch (on_train_batch_end): three self.log calls per step cost
         # more than a small molecule's whole training step on a CPU
         stats = n * torch.stack([loss.detach(), errors["energy"].detach().abs().mean(), forces_mae]).float()

@@ -83,8 +83,8 @@ def main():
         parser.error("--targets rigid_xtb with --lengths other than 4-8 cannot be combined with relaxed/rigid")
     reference = next(iter(targets.values()))
     lengths = sorted({int(a.info["n_carbon"]) for a in reference})
-    flat = twist_mae(twist_curves(np.zeros(len(reference)), [a.info.get("energy", None) or a.get_potential_energy()
-                                                             for a in reference],
+    energies = [a.info["energy"] if "energy" in a.info else a.get_potential_energy() for a in reference]
+    flat = twist_mae(twist_curves(np.zeros(len(reference)), energies,
                                   np.array([a.info["n_carbon"] for a in reference]),
                                   np.array([a.info["twist"] for a in reference])))
     print(f"cutoff {args.cutoff} Å, {args.iterations} iterations, {args.steps} full-batch steps, seed {args.seed}; "

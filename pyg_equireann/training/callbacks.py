@@ -56,6 +56,7 @@ class EMA(EMAWeightAveraging):
         # AveragedModel takes multi_avg_fn over avg_fn: foreach updates instead of a loop over the parameters
         self._kwargs["multi_avg_fn"] = ema_multi_avg_fn(decay, self.warmup)
         self._kwargs["avg_fn"] = None
+        self._cache_key: Optional[tuple] = None  # update_average's tensor lists belong to this (models, storage)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
@@ -77,7 +78,7 @@ class EMA(EMAWeightAveraging):
         average = self._average_model
         first = next(pl_module.parameters())
         key = (id(average), id(pl_module), first.device, first.data_ptr())
-        if getattr(self, "_cache_key", None) != key:
+        if self._cache_key != key:
             if int(average.n_averaged) == 0 or next(average.module.parameters()).device != first.device:
                 average.update_parameters(pl_module)
                 return
@@ -89,13 +90,13 @@ class EMA(EMAWeightAveraging):
                 lists[0].append(a.detach())
                 lists[1].append(c.detach())
             self._groups = list(groups.values())
-            self._buffers = [] if self._use_buffers else [
-                (a.detach(), c.detach()) for a, c in zip(average.module.buffers(), pl_module.buffers(), strict=True)]
+            self._buffers = ([], []) if self._use_buffers else (
+                [b.detach() for b in average.module.buffers()], [b.detach() for b in pl_module.buffers()])
             self._cache_key = key
         for averaged, current in self._groups:
             self._kwargs["multi_avg_fn"](averaged, current, average.n_averaged)
-        if self._buffers:
-            torch._foreach_copy_([a for a, _ in self._buffers], [c for _, c in self._buffers])
+        if self._buffers[0]:
+            torch._foreach_copy_(*self._buffers)
         average.n_averaged += 1
 
 

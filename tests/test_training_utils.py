@@ -231,3 +231,24 @@ def test_ema_foreach_update_equals_the_per_parameter_average():
     got = averaged.module.state_dict()
     for key, value in expected.items():
         assert torch.allclose(got[key], value, atol=1e-12), key
+
+
+def test_energy_loss_per_atom_or_total():
+    """module.energy_loss=total weighs the error of E itself (eV²), so an energy that does not grow with the
+    structure (a chain's twist) keeps its weight in large structures; per_atom (the default) divides it by N."""
+    from torch_geometric.data import Batch
+
+    structures = [Data(z=torch.ones(n, dtype=torch.long), pos=torch.zeros(n, 3), energy=torch.tensor([e]),
+                       forces=torch.zeros(n, 3)) for n, e in ((2, 1.0), (5, -2.0))]
+    batch = Batch.from_data_list(structures)
+    out = {"energy": torch.tensor([1.5, -1.0]), "forces": torch.full((7, 3), 0.1)}
+    force_term = 100.0 * 0.01
+    per_atom = PotentialModule(model=TINY_MODEL)
+    assert per_atom.hparams.energy_loss == "per_atom"
+    loss, _ = per_atom._loss_and_errors(batch, out)
+    assert float(loss) == pytest.approx(((0.5 / 2) ** 2 + (1.0 / 5) ** 2) / 2 + force_term)
+    total = PotentialModule(model=TINY_MODEL, energy_loss="total", energy_weight=2.0)
+    loss, _ = total._loss_and_errors(batch, out)
+    assert float(loss) == pytest.approx(2.0 * (0.5 ** 2 + 1.0 ** 2) / 2 + force_term)
+    with pytest.raises(ValueError, match="module.energy_loss must be 'per_atom' or 'total', got 'sum'"):
+        PotentialModule(model=TINY_MODEL, energy_loss="sum")

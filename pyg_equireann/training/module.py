@@ -47,7 +47,8 @@ class PotentialModule(L.LightningModule):
     identically.
 
     Loss (per batch): :math:`w_E \langle ((E-\hat E)/N)^2\rangle + w_F \langle (F-\hat F)^2\rangle
-    + w_\sigma \langle(\sigma-\hat\sigma)^2\rangle` in (eV/atom)², (eV/Å)², (eV/Å³)².
+    + w_\sigma \langle(\sigma-\hat\sigma)^2\rangle` in (eV/atom)², (eV/Å)², (eV/Å³)²; with
+    ``energy_loss="total"`` the energy term is :math:`w_E \langle (E-\hat E)^2\rangle` in eV².
     Metrics (per epoch, in meV): energy MAE/RMSE total and per atom, force MAE/RMSE (meV/Å), stress.
     Validation and test use the EMA weights when the ``EMAWeightAveraging`` callback is on (see the
     Hydra configs); checkpoints then hold the EMA weights as ``state_dict``.
@@ -57,6 +58,8 @@ class PotentialModule(L.LightningModule):
             checkpoint so that :meth:`load_from_checkpoint` rebuilds it.
         energy_weight, forces_weight, stress_weight: loss weights. ``stress_weight="auto"``:
             :data:`AUTO_STRESS_WEIGHT` for batches with a stress (all or no frames of a file have one), else 0.
+        energy_loss: ``"per_atom"`` (the error of E/N, the usual choice) or ``"total"`` (the error of E: an
+            energy that does not grow with N, e.g. the twist of a long chain, keeps its weight in large structures).
         loss_schedule: optional ``{"start_epoch": k, "energy_weight": ..., "forces_weight": ...}``:
             weights switch at epoch k (e.g. more energy weight late in training, as MACE's stage two).
         optimizer: ``optimizer(params)`` → optimiser: a ``functools.partial`` (a Hydra ``_partial_`` config,
@@ -79,6 +82,7 @@ class PotentialModule(L.LightningModule):
         energy_weight: float = 1.0,
         forces_weight: float = 100.0,
         stress_weight: Union[float, str] = "auto",
+        energy_loss: str = "per_atom",
         loss_schedule: Optional[Mapping[str, float]] = None,
         lr: float = 5e-3,
         weight_decay: float = 0.0,
@@ -94,6 +98,8 @@ class PotentialModule(L.LightningModule):
     ):
         super().__init__()
         scheduler_config(scheduler)  # a clear error for an unknown name
+        if energy_loss not in ("per_atom", "total"):
+            raise ValueError(f"module.energy_loss must be 'per_atom' or 'total', got {energy_loss!r}")
         # plain containers only (no OmegaConf objects, no callables): checkpoints must load with weights_only=True
         config = plain(model) if isinstance(model, Mapping) else None
         loss_schedule, betas = plain(loss_schedule), plain(betas)
@@ -202,7 +208,8 @@ class PotentialModule(L.LightningModule):
     def _loss_and_errors(self, batch, out) -> Dict[str, Tensor]:
         errors = batch_errors(batch, out)
         w = self._weights(batch)
-        loss = w["energy"] * errors["energy_per_atom"].square().mean()
+        energy_error = errors["energy" if self.hparams.get("energy_loss") == "total" else "energy_per_atom"]
+        loss = w["energy"] * energy_error.square().mean()
         if "forces" in errors:
             loss = loss + w["forces"] * errors["forces"].square().mean()
         if "stress" in errors and w["stress"] > 0:

@@ -13,7 +13,8 @@ passing-off ablation.
 
 Multi-hop passing (conf/model/equireann_multihop.yaml, passing_hops hops per iteration) is one more variant;
 ``--hops 2 4`` adds one entry per hop count (``--norm off|both``: also with the un-normalised hop weight f(d)),
-``--targets rigid`` fits only the rigid scans, ``--models`` picks the variants (config names).
+``--nonbacktracking on|both`` runs the hops on directed edges (passing_nonbacktracking, P >= 3; ``--eps`` sets
+passing_norm_eps), ``--targets rigid`` fits only the rigid scans, ``--models`` picks the variants (config names).
 ``--targets rigid_xtb --lengths 13 14 15 16`` fits the rigid twists of data/cumulene/cumulene_rigid.xyz (n = 3-16,
 their own GFN2-xTB energies) of the chosen lengths instead: can a model represent a twist beyond its receptive field?
 
@@ -45,6 +46,9 @@ def main():
     parser.add_argument("--hops", type=int, nargs="+", default=[2], help="passing_hops of the multi-hop variant(s)")
     parser.add_argument("--norm", choices=["on", "off", "both"], default="on",
                         help="passing_norm of the multi-hop variant(s)")
+    parser.add_argument("--nonbacktracking", choices=["on", "off", "both"], default="off",
+                        help="passing_nonbacktracking of the multi-hop variant(s) (P >= 3)")
+    parser.add_argument("--eps", type=float, default=None, help="passing_norm_eps of the multi-hop variant(s)")
     parser.add_argument("--targets", nargs="+", default=["relaxed", "rigid"], choices=["relaxed", "rigid", "rigid_xtb"],
                         help="rigid_xtb: the rigid twists of cumulene_rigid.xyz with their own GFN2-xTB energies")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -62,11 +66,18 @@ def main():
             variants[label] = configs[name]
             continue
         norms = {"on": [True], "off": [False], "both": [True, False]}[args.norm]
+        walks = {"on": [True], "off": [False], "both": [False, True]}[args.nonbacktracking]
         for hops in args.hops:
             for norm in norms:
-                config = dict(configs[name])
-                config["passing_hops"], config["passing_norm"] = hops, norm
-                variants[f"{label} (P = {hops}{'' if norm else ', f/n̄ hops'})"] = config
+                for nb in walks:
+                    if nb and hops < 3:
+                        continue
+                    config = dict(configs[name])
+                    config["passing_hops"], config["passing_norm"], config["passing_nonbacktracking"] = hops, norm, nb
+                    if args.eps is not None:
+                        config["passing_norm_eps"] = args.eps
+                    name_ = f"{label} (P = {hops}{'' if norm else ', f/n̄ hops'}{', non-backtracking' if nb else ''})"
+                    variants[name_] = config
     relaxed = ase.io.read(str(SCAN), index=":")
     targets = {}
     if "relaxed" in args.targets:

@@ -16,6 +16,9 @@ MODELS = {
                                                  passing_init="alternating"),
     "multihop": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=3, learnable_passing=True,
                                           passing_init="alternating", passing_hops=3, passing_norm=True),
+    "nonbacktracking": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=2, learnable_passing=True,
+                                                 passing_init="alternating", passing_hops=4, passing_norm=True,
+                                                 passing_norm_eps=0.02, passing_nonbacktracking=True),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
                                             mlp_activation="silu"),
@@ -327,6 +330,90 @@ def test_multihop_passing_is_a_truncated_neumann_series():
         EquiREANN(passing_hops=0)
     with pytest.raises(ValueError, match="need equivariant_passing"):
         EquiREANN(passing_hops=2, equivariant_passing=False)
+
+
+def test_nonbacktracking_hops_match_a_dense_edge_recursion():
+    """passing_hops = 4, non-backtracking: h⁰_ji = Ψ₀_j,
+    h^p_ji = Ψ₀_j + μ_p Σ_{k≠i} f_kj h^{p−1}_kj / (ε + Σ_{k≠i} f_kj),
+    Ψ = Ψ₀ + μ₃ Σ_j W_ij h²_ji, re-implemented on dense (N, N) edge states; P = 2 is the node hop (nothing to
+    backtrack), and the edge recursion needs the reverse edges."""
+    z, pos = aspirin()
+    eps = 0.05
+    torch.manual_seed(0)
+    one = EquiREANN(num_iterations=1, max_l=2, passing_norm=True, passing_norm_eps=eps).double()
+    torch.manual_seed(0)
+    four = EquiREANN(num_iterations=1, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=eps,
+                     passing_nonbacktracking=True).double()
+    assert four.passing_nonbacktracking and four.convs[1].nonbacktracking and not four.convs[0].nonbacktracking
+    with torch.no_grad():
+        for p in four.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        one.load_state_dict({k: v for k, v in four.state_dict().items() if "hop_gain" not in k}, strict=True)
+        four.convs[1].hop_gain.uniform_(-2.0, 2.0)
+    out1, out4 = one.compute(z, pos), four.compute(z, pos)
+    edge_index, f = out1["edge_index"], one.cutoff_fn(out1["edge_vectors"].norm(dim=-1))
+    n = len(z)
+    F = torch.zeros(n, n, dtype=torch.float64)  # F[j, i] = f of the edge j → i
+    F.index_put_((edge_index[0], edge_index[1]), f, accumulate=True)
+    total = F.sum(0)  # Σ_k f_kj per centre j
+    mu = four.convs[1].hop_gain.detach()[:, four.angular.degrees]  # (3, A, K)
+    psi0 = out1["node_orbitals"][1]
+    edge = (F > 0).to(torch.float64)[..., None, None]  # edge states exist on edges only
+    source = psi0[:, None] * edge  # h⁰[j, i] = Ψ₀_j
+    state = source
+    for p in range(2):
+        into = torch.einsum("kj,kjab->jab", F, state)  # Σ_k f_kj h[k, j] per j
+        back = F.T[..., None, None] * state.transpose(0, 1)  # [j, i]: f_ij h[i, j]
+        norm = 1.0 / (eps + total[:, None] - F.T)  # [j, i]
+        state = source + (into[:, None] - back) * norm[..., None, None] * mu[p] * edge
+    weight = F.T / (eps + total[:, None])  # W[i, j] = f_ji / (ε + Σ_k f_ki)
+    expected = psi0 + mu[2] * torch.einsum("ij,jiab->iab", weight, state)
+    assert rel(out4["node_orbitals"][1], expected) < 1e-12
+    torch.manual_seed(0)
+    node = EquiREANN(num_iterations=1, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=eps).double()
+    node.load_state_dict(four.state_dict())
+    assert rel(node.compute(z, pos)["node_orbitals"][1], expected) > 1e-2
+    two = EquiREANN(num_iterations=1, max_l=2, passing_hops=2, passing_norm=True, passing_nonbacktracking=True)
+    assert not two.passing_nonbacktracking and not two.convs[1].nonbacktracking
+    with pytest.raises(ValueError, match="non-backtracking hops need reverse_edge"):
+        four.convs[1](edge_index, torch.zeros(len(f), 9, 8, dtype=torch.float64), f, torch.zeros(len(f), 8,
+                      dtype=torch.float64), node_orbitals=psi0, node_density=out1["densities"][0], num_nodes=n)
+
+
+def test_nonbacktracking_hops_carry_an_orientation_along_a_chain_undamped():
+    """A source at the end of a straight chain (nearest neighbours only): node hops spread it both ways (an echo at
+    the source, ~0.5 per bond); non-backtracking hops hand it on with f/(ε + f) ≈ 1 per bond, nothing comes back."""
+    from pyg_equireann.graph import radius_graph, reverse_edges
+    from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
+    from pyg_equireann.nn.orbitals import CosineCutoff
+
+    n, cutoff, eps, hops = 8, 1.5, 1e-3, 5
+    pos = torch.zeros(n, 3, dtype=torch.float64)
+    pos[:, 0] = torch.arange(n, dtype=torch.float64)
+    edge_index = radius_graph(pos, cutoff)
+    f = CosineCutoff(cutoff)((pos[edge_index[0]] - pos[edge_index[1]]).norm(dim=-1))
+    w = f / (eps + torch.zeros(n, dtype=torch.float64).index_add(0, edge_index[1], f))[edge_index[1]]
+    psi0 = torch.zeros(n, 1, 1, dtype=torch.float64)
+    psi0[0] = 1.0
+    degrees = torch.tensor([0])
+    out = {}
+    for nb in (False, True):
+        conv = EquiREANNConv(OrbitalContraction(degrees, 1, 1), torch.nn.Identity(), degrees=degrees, num_radial=1,
+                             passing_hops=hops, passing_norm=True, passing_norm_eps=eps,
+                             passing_nonbacktracking=nb).double()
+        with torch.no_grad():
+            conv.hop_gain.fill_(1.0)
+            if nb:
+                reverse, found = reverse_edges(edge_index, n)
+                out[nb] = conv.nonbacktracking_hops(psi0, edge_index, f, w, reverse, found, n).view(-1)
+            else:
+                out[nb] = conv.hops(psi0, edge_index, w).view(-1)
+    bond = float(f[0])
+    r, half = bond / (eps + bond), bond / (eps + 2 * bond)  # hop along the chain; final hop into an inner atom
+    expected = torch.tensor([1.0] + [half * r ** (d - 1) for d in range(1, hops)] + [0.0] * (n - hops),
+                            dtype=torch.float64)
+    assert torch.allclose(out[True], expected, rtol=1e-12, atol=0)
+    assert out[False][0] > 1.5 and out[False][hops - 1] < 0.1 < 0.45 < out[True][hops - 1]
 
 
 def reference_forward(model: EquiREANN, z, pos, passing: bool):

@@ -519,3 +519,27 @@ def test_vesin_torch_model_energy_forces_stress():
     for ref, got in zip(results["auto"], results["vesin_torch"]):
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-10)
+
+
+def test_reverse_edges_with_several_images_and_self_images():
+    """reverse_edges pairs (j → i, S) with (i → j, −S), also where one pair has several periodic images and an atom
+    sees its own images; an edge without its reverse (a one-way list) is reported as not found."""
+    from pyg_equireann.graph import image_shifts, reverse_edges
+
+    rng = np.random.default_rng(11)
+    cell = triclinic_cell()  # all heights < cutoff
+    pos = torch.tensor(rng.random((5, 3)), dtype=DT) @ cell
+    ei, off = radius_graph_pbc(pos, 4.5, None, cell)
+    shift = image_shifts(ei, off.to(DT), cell)
+    perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
+    ei, shift = ei[:, perm], shift[perm]
+    assert len(set(map(tuple, ei.T.tolist()))) < ei.shape[1]  # several images per pair
+    reverse, found = reverse_edges(ei, 5, shift)
+    assert bool(found.all())
+    assert torch.equal(ei[0, reverse], ei[1]) and torch.equal(ei[1, reverse], ei[0])
+    assert torch.equal(shift[reverse], -shift)
+    assert torch.equal(reverse[reverse], torch.arange(ei.shape[1]))
+    assert not torch.equal(shift[reverse_edges(ei, 5)[0]], -shift)  # without the shifts the images are mixed up
+    mol = radius_graph(pos.float() * 3.0, 4.0)
+    _, found = reverse_edges(mol[:, 1:], 5)  # one edge dropped: its reverse has no partner
+    assert not bool(found.all())

@@ -79,3 +79,30 @@ def ensure_graph(
     if cell is not None:
         check_structure(pos, cutoff, batch, cell, pbc)
     return build_graph(pos, cutoff + skin, batch, cell, pbc, backend)
+
+
+def reverse_edges(edge_index: Tensor, num_nodes: int, edge_shift: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """For each edge (j → i, shift S) the index of its reverse edge (i → j, −S): ``(reverse, found)``, both (E,);
+    ``found`` is False (and ``reverse`` arbitrary) for an edge whose reverse is not in the list (a one-way list).
+
+    The forward and reverse keys (j, i, S) and (i, j, −S) are sorted the same way (successive stable sorts: the
+    shift's components tell several periodic images of one pair apart; S_ji = −S_ij exactly, as both are integer
+    offsets times the cell), so their k-th entries are an edge and its reverse. No host sync.
+    """
+    src, dst = edge_index[0], edge_index[1]
+
+    def order(first: Tensor, second: Tensor, shift: Optional[Tensor]) -> Tensor:
+        perm = torch.arange(src.numel(), device=src.device)
+        if shift is not None:
+            for axis in (2, 1, 0):  # least significant key first
+                perm = perm.index_select(0, torch.sort(shift[:, axis].index_select(0, perm), stable=True)[1])
+        key = first * num_nodes + second
+        return perm.index_select(0, torch.sort(key.index_select(0, perm), stable=True)[1])
+
+    forward = order(src, dst, edge_shift)
+    backward = order(dst, src, None if edge_shift is None else -edge_shift)
+    reverse = torch.empty_like(forward).index_put_((forward,), backward)
+    found = (src.index_select(0, reverse) == dst) & (dst.index_select(0, reverse) == src)
+    if edge_shift is not None:
+        found = found & (edge_shift.index_select(0, reverse) == -edge_shift).all(-1)
+    return reverse, found

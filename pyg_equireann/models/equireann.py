@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from pyg_equireann.graph.checks import MIN_DISTANCE, check_inputs
-from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts
+from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts, reverse_edges
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
 from pyg_equireann.nn.elements import element_mask, species_table
@@ -110,7 +110,10 @@ class EquiREANN(Potential):
             hops with a learned gain per hop, degree and radial channel to iterations 1..T, so orientations
             travel P bonds per iteration: receptive field (T·P + 1)·r_c (:class:`EquiREANNConv`, docs/nonlocal.md).
         passing_norm: hop weight f(d_ij) / (ε + Σ_k f(d_ik)) instead of f(d_ij)/n̄: no damping per bond.
-        passing_norm_eps: ε of ``passing_norm``.
+        passing_norm_eps: ε of ``passing_norm`` (and of the non-backtracking hops).
+        passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
+            hand an orbital straight back, each normalised over the sender's other edges: an orientation travels
+            along a chain with weight ≈ 1 per bond instead of spreading both ways (:class:`EquiREANNConv`).
         compile: compute energy and forces (and stress) with ``torch.compile`` as one graph, in training too
             (:func:`~pyg_equireann.graph.forces.compiled_derivatives`; ``model.compile=true`` in a config). The
             first call of each kind compiles (about a minute on a CPU); same results as eager to rounding.
@@ -158,6 +161,7 @@ class EquiREANN(Potential):
         passing_hops: int = 1,
         passing_norm: bool = False,
         passing_norm_eps: float = 0.1,
+        passing_nonbacktracking: bool = False,
         compile: bool = False,
     ):
         super().__init__()
@@ -188,6 +192,7 @@ class EquiREANN(Potential):
         self.learnable_passing = bool(learnable_passing)
         self.passing_hops = int(passing_hops)
         self.passing_norm = bool(passing_norm)
+        self.passing_nonbacktracking = bool(passing_nonbacktracking) and self.passing_hops > 2
         self.neighbor_backend = neighbor_backend
         self.compile_forces = bool(compile)
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
@@ -242,6 +247,7 @@ class EquiREANN(Potential):
                     passing_hops=passing_hops,
                     passing_norm=passing_norm,
                     passing_norm_eps=passing_norm_eps,
+                    passing_nonbacktracking=passing_nonbacktracking,
                 )
             )
         self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)
@@ -372,12 +378,13 @@ class EquiREANN(Potential):
         element_index = atom_species  # per-element networks need `elements`: their slots are the species'
         inv_n = self.avg_num_neighbors.reciprocal()
 
+        reverse = reverse_edges(edge_index, num_atoms, edge_shift) if self.passing_nonbacktracking else None
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []
         for t, conv in enumerate(self.convs):
             node_orbitals, density, coefficients = conv(
                 edge_index, edge_orbitals, edge_cutoff, coefficients, center_weight,
-                node_orbitals, density, element_index, inv_n, num_atoms,
+                node_orbitals, density, element_index, inv_n, num_atoms, reverse,
             )
             density = (density.view(num_atoms, self.num_density_groups, -1)
                        / self.density_scale[t].view(-1, 1)).view(num_atoms, -1)
@@ -405,5 +412,6 @@ class EquiREANN(Potential):
             f"density_invariants={self.density_invariants!r}"
             + (f", passing_hops={self.passing_hops}" if self.passing_hops > 1 else "")
             + (", passing_norm=True" if self.passing_norm else "")
+            + (", passing_nonbacktracking=True" if self.passing_nonbacktracking else "")
             + (", compile=True" if self.compile_forces else "")
         )

@@ -164,6 +164,21 @@ class EquiREANNConv(MessagePassing):
     same in a chain and in a dense liquid (row sums below 1), so a learned |μ| ≈ 1–2 carries an orientation
     over many bonds without blowing up elsewhere. Smooth at the cutoff (f → 0 with its derivatives).
 
+    Non-backtracking hops (``passing_nonbacktracking=True``, with P ≥ 3): the intermediate hops run on the
+    directed edges, so that what j hands to i is not what i handed to j one hop earlier:
+
+    .. math::
+        h^{[0]}_{j\to i} = \Psi_{j,[0]}, \qquad
+        h^{[p]}_{j\to i} = \Psi_{j,[0]} + \mu_p \odot
+            \frac{\sum_{k \ne i} f(d_{kj})\, h^{[p-1]}_{k\to j}}{\epsilon + \sum_{k \ne i} f(d_{kj})},
+        \qquad \Psi_{i,[P-1]} = \Psi_{i,[0]} + \mu_{P-1} \odot \sum_j w_{ij} h^{[P-2]}_{j\to i}.
+
+    On a node hop an orientation spreads both ways and returns, so after p hops the part that went p bonds
+    straight on has weight (f/Σf)^p ≈ 0.44^p in a chain; a non-backtracking hop carries it on with
+    f/(ε + f) ≈ 1 per bond (ε ≪ f), so the far end of a chain arrives undamped, while the weights stay a
+    convex combination (≤ 1) in dense systems. Each such hop costs one more gather (the reverse edge) than a
+    node hop and keeps an (E, A, K) state.
+
     Args:
         contraction: the :class:`OrbitalContraction` of this iteration (may be shared).
         message_mlp: :math:`M_t`, a module ``(density (N, C), element_index (N,)) → (N, K)``, or None
@@ -178,6 +193,8 @@ class EquiREANNConv(MessagePassing):
         passing_hops: P, orbital hops per passing iteration (1: the paper's model; ignored in iteration 0).
         passing_norm: divide the hop weight by ε + Σ_k f(d_ik) instead of n̄.
         passing_norm_eps: ε (keeps an atom with one far neighbour smooth).
+        passing_nonbacktracking: intermediate hops on directed edges without the reverse edge (above);
+            ``forward`` then needs ``reverse_edge`` (:func:`~pyg_equireann.graph.edges.reverse_edges`).
 
     Shapes: edge_index (2, E) with row 0 the neighbour j and row 1 the centre i; edge_orbitals O
     (E, A, K); edge_cutoff f (E,); edge_coefficients c (E, K); node_orbitals Ψ (N, A, K);
@@ -197,6 +214,7 @@ class EquiREANNConv(MessagePassing):
         passing_hops: int = 1,
         passing_norm: bool = False,
         passing_norm_eps: float = 0.1,
+        passing_nonbacktracking: bool = False,
     ):
         super().__init__(aggr="add", flow="source_to_target", node_dim=0)
         if passing_hops < 1:
@@ -213,6 +231,8 @@ class EquiREANNConv(MessagePassing):
         self.hop_gain: Optional[nn.Parameter] = None
         if message_mlp is None:  # iteration 0 has nothing to pass: it builds Ψ⁽⁰⁾ from the neighbours only
             self.passing_hops = 1
+        # with P = 2 the one hop goes from the nodes to the nodes: nothing to backtrack
+        self.nonbacktracking = bool(passing_nonbacktracking) and self.passing_hops > 2
         needs_gain = (learnable_passing and message_mlp is not None) or self.passing_hops > 1
         if equivariant_passing and needs_gain:
             if degrees is None or num_radial is None:
@@ -238,8 +258,10 @@ class EquiREANNConv(MessagePassing):
         element_index: Optional[Tensor] = None,
         inv_avg_num_neighbors: Union[Tensor, float] = 1.0,
         num_nodes: Optional[int] = None,
+        reverse_edge: Optional[Tuple[Tensor, Tensor]] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Returns (node_orbitals Ψ⁽ᵗ⁾ (N, A, K), node_density ρ⁽ᵗ⁾ (N, C), edge_coefficients c⁽ᵗ⁾ (E, K))."""
+        """Returns (node_orbitals Ψ⁽ᵗ⁾ (N, A, K), node_density ρ⁽ᵗ⁾ (N, C), edge_coefficients c⁽ᵗ⁾ (E, K)).
+        ``reverse_edge``: (index of each edge's reverse (E,), whether it has one (E,)), for non-backtracking hops."""
         if num_nodes is None:
             num_nodes = node_orbitals.shape[0] if node_orbitals is not None else int(edge_index.max()) + 1
         if self.message_mlp is not None and node_density is not None:
@@ -265,7 +287,13 @@ class EquiREANNConv(MessagePassing):
         )
         aggregated = aggregated * inv_avg_num_neighbors  # a () tensor: no host sync to test it for 1
         if self.hop_gain is not None:
-            aggregated = self.hops(aggregated, edge_index, hop_weight)
+            if self.nonbacktracking:
+                if reverse_edge is None:
+                    raise ValueError("non-backtracking hops need reverse_edge (pyg_equireann.graph.reverse_edges)")
+                aggregated = self.nonbacktracking_hops(aggregated, edge_index, edge_cutoff, hop_weight,
+                                                       reverse_edge[0], reverse_edge[1], num_nodes)
+            else:
+                aggregated = self.hops(aggregated, edge_index, hop_weight)
         return aggregated, self.contraction(aggregated, center_weight), edge_coefficients
 
     def hops(self, orbitals: Tensor, edge_index: Tensor, hop_weight: Tensor) -> Tensor:
@@ -278,6 +306,27 @@ class EquiREANNConv(MessagePassing):
             current = orbitals.index_add(0, centers, scaled.index_select(0, neighbors) * weight)
         return current
 
+    def nonbacktracking_hops(self, orbitals: Tensor, edge_index: Tensor, edge_cutoff: Tensor, hop_weight: Tensor,
+                             reverse: Tensor, found: Tensor, num_nodes: int) -> Tensor:
+        """The P − 1 extra hops, the first P − 2 on directed edges without backtracking (class docstring);
+        orbitals (N, A, K), edge_cutoff f and hop_weight w (E,), reverse (E,) and found (E,) of
+        :func:`~pyg_equireann.graph.edges.reverse_edges`."""
+        neighbors, centers = edge_index[0], edge_index[1]
+        back_cutoff = edge_cutoff * found.to(edge_cutoff.dtype)  # f(d_ij) of the reverse edge, 0 where there is none
+        total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)  # Σ_k f(d_kj) per node
+        norm = (self.passing_norm_eps + total.index_select(0, neighbors) - back_cutoff).reciprocal().view(-1, 1, 1)
+        cutoff = edge_cutoff.view(-1, 1, 1)
+        source = orbitals.index_select(0, neighbors)  # Ψ_[0],j on each edge j → i
+        state = source
+        for gain in self.hop_gain[:-1]:
+            sent = state * cutoff  # f(d_kj) h_{k→j}, on the edge k → j (centre j)
+            into = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)  # Σ_k, per node j
+            back = sent.index_select(0, reverse) * found.to(sent.dtype).view(-1, 1, 1)  # the term k = i
+            state = source + (into.index_select(0, neighbors) - back) * norm * gain.index_select(0, self.degrees)
+        last = self.hop_gain[-1].index_select(0, self.degrees)
+        arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, state * hop_weight.view(-1, 1, 1))
+        return orbitals + arriving * last
+
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:
         message = coefficient.unsqueeze(1) * orbital
         if psi_j is not None:
@@ -288,4 +337,5 @@ class EquiREANNConv(MessagePassing):
     def extra_repr(self) -> str:
         return (f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.passing_weight is not None}"
                 + (f", passing_hops={self.passing_hops}" if self.passing_hops > 1 else "")
-                + (f", passing_norm=True (eps={self.passing_norm_eps})" if self.passing_norm else ""))
+                + (f", passing_norm=True (eps={self.passing_norm_eps})" if self.passing_norm else "")
+                + (", nonbacktracking=True" if self.nonbacktracking else ""))

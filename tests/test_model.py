@@ -18,7 +18,8 @@ MODELS = {
                                           passing_init="alternating", passing_hops=3, passing_norm=True),
     "nonbacktracking": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=2, learnable_passing=True,
                                                  passing_init="alternating", passing_hops=4, passing_norm=True,
-                                                 passing_norm_eps=0.02, passing_nonbacktracking=True),
+                                                 passing_norm_eps=0.02, passing_nonbacktracking=True,
+                                                 passing_hop_channels=3),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
                                             mlp_activation="silu"),
@@ -378,6 +379,32 @@ def test_nonbacktracking_hops_match_a_dense_edge_recursion():
     with pytest.raises(ValueError, match="non-backtracking hops need reverse_edge"):
         four.convs[1](edge_index, torch.zeros(len(f), 9, 8, dtype=torch.float64), f, torch.zeros(len(f), 8,
                       dtype=torch.float64), node_orbitals=psi0, node_density=out1["densities"][0], num_nodes=n)
+
+
+@pytest.mark.parametrize("nonbacktracking", [False, True])
+def test_hops_on_the_first_radial_channels_only(nonbacktracking):
+    """passing_hop_channels = K': the first K' channels hop exactly as with all K (hops act channel by channel), the
+    others keep the one-hop orbital Ψ₀; the gains have K' channels; K' outside 1..K is refused."""
+    z, pos = aspirin()
+    kw = dict(num_iterations=1, max_l=2, passing_hops=4, passing_norm=True, passing_nonbacktracking=nonbacktracking,
+              learnable_passing=True, passing_init="alternating")
+    torch.manual_seed(0)
+    full = EquiREANN(**kw).double()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    part = EquiREANN(passing_hop_channels=3, **kw).double()
+    one = EquiREANN(**{**kw, "passing_hops": 1}).double()
+    state = full.state_dict()
+    part.load_state_dict({k: v[..., :3] if "hop_gain" in k else v for k, v in state.items()})
+    one.load_state_dict({k: v for k, v in state.items() if "hop_gain" not in k})
+    assert part.convs[1].hop_gain.shape == (3, 3, 3)
+    psi_full, psi_part, psi_one = (m.compute(z, pos)["node_orbitals"][1] for m in (full, part, one))
+    assert rel(psi_part[..., :3], psi_full[..., :3]) < 1e-13
+    assert torch.equal(psi_part[..., 3:], psi_one[..., 3:])
+    assert rel(psi_full[..., 3:], psi_one[..., 3:]) > 1e-2
+    with pytest.raises(ValueError, match="passing_hop_channels must be in 1..num_radial=8, got 9"):
+        EquiREANN(passing_hops=2, passing_hop_channels=9)
 
 
 def test_nonbacktracking_hops_carry_an_orientation_along_a_chain_undamped():

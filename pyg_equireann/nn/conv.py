@@ -193,6 +193,8 @@ class EquiREANNConv(MessagePassing):
         passing_hops: P, orbital hops per passing iteration (1: the paper's model; ignored in iteration 0).
         passing_norm: divide the hop weight by ε + Σ_k f(d_ik) instead of n̄.
         passing_norm_eps: ε (keeps an atom with one far neighbour smooth).
+        passing_hop_channels: hop only the first K' radial channels of Ψ (the shortest distances: the bonded
+            neighbours), the others keep Ψ_[0]: the hops cost K'/K as much (None: all K).
         passing_nonbacktracking: intermediate hops on directed edges without the reverse edge (above);
             ``forward`` then needs ``reverse_edge`` (:func:`~pyg_equireann.graph.edges.reverse_edges`).
 
@@ -215,6 +217,7 @@ class EquiREANNConv(MessagePassing):
         passing_norm: bool = False,
         passing_norm_eps: float = 0.1,
         passing_nonbacktracking: bool = False,
+        passing_hop_channels: Optional[int] = None,
     ):
         super().__init__(aggr="add", flow="source_to_target", node_dim=0)
         if passing_hops < 1:
@@ -229,6 +232,7 @@ class EquiREANNConv(MessagePassing):
         self.passing_hops = int(passing_hops) if equivariant_passing else 1
         self.passing_weight: Optional[nn.Parameter] = None
         self.hop_gain: Optional[nn.Parameter] = None
+        self.hop_channels = 0
         if message_mlp is None:  # iteration 0 has nothing to pass: it builds Ψ⁽⁰⁾ from the neighbours only
             self.passing_hops = 1
         # with P = 2 the one hop goes from the nodes to the nodes: nothing to backtrack
@@ -243,8 +247,13 @@ class EquiREANNConv(MessagePassing):
                 weight[:, 1::2] = -1.0
             if learnable_passing and message_mlp is not None:
                 self.passing_weight = nn.Parameter(weight * passing_gain)
-            if self.passing_hops > 1:  # μ_p, (P − 1, L+1, K)
-                self.hop_gain = nn.Parameter((weight * passing_gain).expand(self.passing_hops - 1, -1, -1).clone())
+            if self.passing_hops > 1:  # μ_p, (P − 1, L+1, K')
+                if passing_hop_channels is not None and not 1 <= passing_hop_channels <= num_radial:
+                    raise ValueError(f"passing_hop_channels must be in 1..num_radial={num_radial}, "
+                                     f"got {passing_hop_channels}")
+                self.hop_channels = num_radial if passing_hop_channels is None else int(passing_hop_channels)
+                gain = (weight[:, :self.hop_channels] * passing_gain).expand(self.passing_hops - 1, -1, -1)
+                self.hop_gain = nn.Parameter(gain.clone())
 
     def forward(
         self,
@@ -287,6 +296,9 @@ class EquiREANNConv(MessagePassing):
         )
         aggregated = aggregated * inv_avg_num_neighbors  # a () tensor: no host sync to test it for 1
         if self.hop_gain is not None:
+            rest = None
+            if self.hop_channels < aggregated.shape[-1]:
+                aggregated, rest = aggregated[..., :self.hop_channels], aggregated[..., self.hop_channels:]
             if self.nonbacktracking:
                 if reverse_edge is None:
                     raise ValueError("non-backtracking hops need reverse_edge (pyg_equireann.graph.reverse_edges)")
@@ -294,6 +306,8 @@ class EquiREANNConv(MessagePassing):
                                                        reverse_edge[0], reverse_edge[1], num_nodes)
             else:
                 aggregated = self.hops(aggregated, edge_index, hop_weight)
+            if rest is not None:
+                aggregated = torch.cat([aggregated, rest], -1)
         return aggregated, self.contraction(aggregated, center_weight), edge_coefficients
 
     def hops(self, orbitals: Tensor, edge_index: Tensor, hop_weight: Tensor) -> Tensor:
@@ -338,4 +352,5 @@ class EquiREANNConv(MessagePassing):
         return (f"equivariant_passing={self.equivariant_passing}, learnable_passing={self.passing_weight is not None}"
                 + (f", passing_hops={self.passing_hops}" if self.passing_hops > 1 else "")
                 + (f", passing_norm=True (eps={self.passing_norm_eps})" if self.passing_norm else "")
-                + (", nonbacktracking=True" if self.nonbacktracking else ""))
+                + (", nonbacktracking=True" if self.nonbacktracking else "")
+                + (f", hop_channels={self.hop_channels}" if self.hop_gain is not None else ""))

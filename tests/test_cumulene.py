@@ -202,16 +202,16 @@ def test_nonlocal_cli_end_to_end(tmp_path):
 
     from .test_pipeline import hydra_app
 
-    overrides = ["nonlocal=quick", "run=[equireann,equireann_multihop,equireann_nopassing,schnet]", "num_iterations=2",
+    overrides = ["nonlocal=quick", "run=[equireann,equireann_nonbacktracking,equireann_nopassing,schnet]", "num_iterations=2",
                  "float64=true",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
                  "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",
-                 "models.equireann_multihop.num_channels=8", "models.equireann_nopassing.num_channels=8",
+                 "models.equireann_nonbacktracking.num_channels=8", "models.equireann_nopassing.num_channels=8",
                  "models.schnet.hidden_channels=16",
                  "models.schnet.num_filters=16", "rigid_twist_angles=[0,45,90]", f"hydra.run.dir={tmp_path}"]
     hydra_app(overrides, run, config_name="nonlocal")
-    for name in ("equireann", "equireann_multihop", "equireann_nopassing", "schnet"):
+    for name in ("equireann", "equireann_nonbacktracking", "equireann_nopassing", "schnet"):
         assert (tmp_path / name / "checkpoints" / "best.ckpt").is_file()
         p = np.load(tmp_path / name / "predictions.npz")
         assert len(p["test/idx"]) == 40 and np.isfinite(p["test/energy_pred"]).all()
@@ -219,11 +219,12 @@ def test_nonlocal_cli_end_to_end(tmp_path):
         if name in ("equireann_nopassing", "schnet"):  # invariant messages: the rigid twist is exactly flat
             assert all(np.ptp(p[f"rigid/{n}"]) < 1e-5 for n in range(4, 9))  # eV; float32 round-off
     report = (tmp_path / "report.md").read_text()
+    assert "energy_loss: total" in (tmp_path / "config_resolved.yaml").read_text()  # a twist does not grow with N
     assert "EquiREANN (paper) / EquiREANN, passing off twist MAE ratio" in report
-    assert "EquiREANN, multi-hop passing / SchNet twist MAE ratio" in report
+    assert "EquiREANN, non-backtracking passing / SchNet twist MAE ratio" in report
     assert "Mean-referenced twist MAE" in report and "fraction of the reference twist captured" in report
     rows = list(__import__("csv").DictReader(open(tmp_path / "per_length.csv")))
-    assert {r["model"] for r in rows} == {"equireann", "equireann_multihop", "equireann_nopassing", "schnet"}
+    assert {r["model"] for r in rows} == {"equireann", "equireann_nonbacktracking", "equireann_nopassing", "schnet"}
     assert all(np.isfinite(float(r["energy_mae_meV"])) for r in rows)
     scanned = [r for r in rows if r["n_carbon"] != "3"]
     assert all(np.isfinite(float(r["twist_mae_centered_meV"])) for r in scanned)

@@ -280,11 +280,13 @@ class EquiREANNConv(MessagePassing):
         if passed is not None and self.passing_weight is not None:
             passed = passed * self.passing_weight.index_select(0, self.degrees)  # λ_{l(a),k}, (A, K)
         hop_weight = edge_cutoff * inv_avg_num_neighbors  # w_ij (E,)
+        node_scale = inv_avg_num_neighbors  # w_ij = f(d_ij) c_i
         passing_cutoff = edge_cutoff
         if self.passing_norm and (passed is not None or self.hop_gain is not None):
             centers = edge_index[1]
             total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)
-            hop_weight = edge_cutoff / (self.passing_norm_eps + total.index_select(0, centers))
+            node_scale = (self.passing_norm_eps + total).reciprocal()
+            hop_weight = edge_cutoff * node_scale.index_select(0, centers)
             passing_cutoff = hop_weight / inv_avg_num_neighbors  # × 1/n̄ below gives w_ij
         aggregated = self.propagate(
             edge_index,
@@ -302,7 +304,7 @@ class EquiREANNConv(MessagePassing):
             if self.nonbacktracking:
                 if reverse_edge is None:
                     raise ValueError("non-backtracking hops need reverse_edge (pyg_equireann.graph.reverse_edges)")
-                aggregated = self.nonbacktracking_hops(aggregated, edge_index, edge_cutoff, hop_weight,
+                aggregated = self.nonbacktracking_hops(aggregated, edge_index, edge_cutoff, node_scale,
                                                        reverse_edge[0], reverse_edge[1], num_nodes)
             else:
                 aggregated = self.hops(aggregated, edge_index, hop_weight)
@@ -320,26 +322,33 @@ class EquiREANNConv(MessagePassing):
             current = orbitals.index_add(0, centers, scaled.index_select(0, neighbors) * weight)
         return current
 
-    def nonbacktracking_hops(self, orbitals: Tensor, edge_index: Tensor, edge_cutoff: Tensor, hop_weight: Tensor,
-                             reverse: Tensor, found: Tensor, num_nodes: int) -> Tensor:
+    def nonbacktracking_hops(self, orbitals: Tensor, edge_index: Tensor, edge_cutoff: Tensor,
+                             node_scale: Union[Tensor, float], reverse: Tensor, found: Tensor,
+                             num_nodes: int) -> Tensor:
         """The P − 1 extra hops, the first P − 2 on directed edges without backtracking (class docstring);
-        orbitals (N, A, K), edge_cutoff f and hop_weight w (E,), reverse (E,) and found (E,) of
-        :func:`~pyg_equireann.graph.edges.reverse_edges`."""
+        orbitals (N, A, K), edge_cutoff f (E,), node_scale c (N,) or a scalar (the last hop's weight is
+        w_ij = f(d_ij) c_i), reverse (E,) and found (E,) of :func:`~pyg_equireann.graph.edges.reverse_edges`.
+
+        Carried as s_e = f_e h_e, the quantity an edge sends: s' = f Ψ_[0],j + μ ⊙ (α Σ_k s_kj − β s_ij) with the
+        per-edge scalars α = f / (ε + Σ_{k≠i} f_kj) and β = α (0 without a reverse edge), and the last hop is
+        c_i Σ_j s_ji: fewer passes over the (E, A, K) state than with h itself."""
         neighbors, centers = edge_index[0], edge_index[1]
         back_cutoff = edge_cutoff * found.to(edge_cutoff.dtype)  # f(d_ij) of the reverse edge, 0 where there is none
         total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)  # Σ_k f(d_kj) per node
-        norm = (self.passing_norm_eps + total.index_select(0, neighbors) - back_cutoff).reciprocal().view(-1, 1, 1)
-        cutoff = edge_cutoff.view(-1, 1, 1)
-        source = orbitals.index_select(0, neighbors)  # Ψ_[0],j on each edge j → i
-        state = source
+        norm = (self.passing_norm_eps + total.index_select(0, neighbors) - back_cutoff).reciprocal()
+        alpha, beta = (edge_cutoff * norm).view(-1, 1, 1), (back_cutoff * norm).view(-1, 1, 1)
+        first = orbitals.index_select(0, neighbors) * edge_cutoff.view(-1, 1, 1)  # f Ψ_[0],j on each edge j → i
+        sent = first
         for gain in self.hop_gain[:-1]:
-            sent = state * cutoff  # f(d_kj) h_{k→j}, on the edge k → j (centre j)
-            into = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)  # Σ_k, per node j
-            back = sent.index_select(0, reverse) * found.to(sent.dtype).view(-1, 1, 1)  # the term k = i
-            state = source + (into.index_select(0, neighbors) - back) * norm * gain.index_select(0, self.degrees)
-        last = self.hop_gain[-1].index_select(0, self.degrees)
-        arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, state * hop_weight.view(-1, 1, 1))
-        return orbitals + arriving * last
+            into = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)  # Σ_k s_kj, per node j
+            sent = first + (into.index_select(0, neighbors) * alpha - sent.index_select(0, reverse) * beta) \
+                * gain.index_select(0, self.degrees)
+        arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)
+        if isinstance(node_scale, Tensor) and node_scale.dim() > 0:
+            arriving = arriving * node_scale.view(-1, 1, 1)
+        else:
+            arriving = arriving * node_scale
+        return orbitals + arriving * self.hop_gain[-1].index_select(0, self.degrees)
 
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:
         message = coefficient.unsqueeze(1) * orbital

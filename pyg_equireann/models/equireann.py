@@ -111,7 +111,7 @@ class EquiREANN(Potential):
             travel P bonds per iteration: receptive field (T·P + 1)·r_c (:class:`EquiREANNConv`, docs/nonlocal.md).
         passing_norm: hop weight f(d_ij) / (ε + Σ_k f(d_ik)) instead of f(d_ij)/n̄: no damping per bond.
         passing_norm_eps: ε of ``passing_norm`` (and of the non-backtracking hops).
-        passing_hop_channels: the hops move only the first K' radial channels (the shortest distances); None: all.
+        passing_hop_channels: the hops move only the first K' radial channels (None: all), at K'/K of the cost.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
             hand an orbital straight back, each normalised over the sender's other edges: an orientation travels
             along a chain with weight ≈ 1 per bond instead of spreading both ways (:class:`EquiREANNConv`).

@@ -193,8 +193,10 @@ class EquiREANNConv(MessagePassing):
         passing_hops: P, orbital hops per passing iteration (1: the paper's model; ignored in iteration 0).
         passing_norm: divide the hop weight by ε + Σ_k f(d_ik) instead of n̄.
         passing_norm_eps: ε (keeps an atom with one far neighbour smooth).
-        passing_hop_channels: hop only the first K' radial channels of Ψ (the shortest distances: the bonded
-            neighbours), the others keep Ψ_[0]: the hops cost K'/K as much (None: all K).
+        passing_hop_channels: hop only the first K' radial channels of Ψ (their Gaussians start at the shortest
+            distances; centres and widths are learned per element pair), the others keep Ψ_[0]: the hops cost K'/K
+            as much (None: all K). Keep K' ≥ 2 with ``passing_init="alternating"``: it is the −1 channel that
+            carries a sign flip per hop.
         passing_nonbacktracking: intermediate hops on directed edges without the reverse edge (above);
             ``forward`` then needs ``reverse_edge`` (:func:`~pyg_equireann.graph.edges.reverse_edges`).
 

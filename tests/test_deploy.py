@@ -147,6 +147,9 @@ MODELS = {
     "learned_passing": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=3, learnable_passing=True),
     "multihop": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=2, learnable_passing=True,
                                    passing_hops=3, passing_norm=True),
+    "nonbacktracking": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=2, learnable_passing=True,
+                                          passing_init="alternating", passing_hops=4, passing_norm=True,
+                                          passing_nonbacktracking=True, passing_hop_channels=3),
     "nopassing": lambda: make_model(EquiREANN, elements=(1, 6, 8), equivariant_passing=False),
     "reann": lambda: make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
 }

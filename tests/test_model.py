@@ -433,7 +433,8 @@ def test_nonbacktracking_hops_carry_an_orientation_along_a_chain_undamped():
             if nb:
                 reverse, found = reverse_edges(edge_index, n)
                 scale = 1.0 / (eps + torch.zeros(n, dtype=torch.float64).index_add(0, edge_index[1], f))
-                out[nb] = conv.nonbacktracking_hops(psi0, edge_index, f, scale, reverse, found, n).view(-1)
+                out[nb] = conv.nonbacktracking_hops(psi0, edge_index, f, scale.view(n, 1, 1), reverse, found, n)
+                out[nb] = out[nb].view(-1)
             else:
                 out[nb] = conv.hops(psi0, edge_index, w).view(-1)
     bond = float(f[0])

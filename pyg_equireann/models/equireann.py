@@ -194,7 +194,6 @@ class EquiREANN(Potential):
         self.learnable_passing = bool(learnable_passing)
         self.passing_hops = int(passing_hops)
         self.passing_norm = bool(passing_norm)
-        self.passing_nonbacktracking = bool(passing_nonbacktracking) and self.passing_hops > 2
         self.neighbor_backend = neighbor_backend
         self.compile_forces = bool(compile)
         self.elements = None if elements is None else sorted(int(e) for e in set(elements))
@@ -254,6 +253,8 @@ class EquiREANN(Potential):
                 )
             )
         self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)
+        # the convolutions decide (P ≥ 3, not iteration 0); compute() then builds the reverse-edge index once
+        self.passing_nonbacktracking = any(conv.nonbacktracking for conv in self.convs)
 
     @torch.no_grad()
     def calibrate_density_scale(self, batches) -> Tensor:

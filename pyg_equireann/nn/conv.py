@@ -282,13 +282,14 @@ class EquiREANNConv(MessagePassing):
         if passed is not None and self.passing_weight is not None:
             passed = passed * self.passing_weight.index_select(0, self.degrees)  # λ_{l(a),k}, (A, K)
         hop_weight = edge_cutoff * inv_avg_num_neighbors  # w_ij (E,)
-        node_scale = inv_avg_num_neighbors  # w_ij = f(d_ij) c_i
+        node_scale = inv_avg_num_neighbors  # c_i of w_ij = f(d_ij) c_i: a scalar, or (N, 1, 1) with passing_norm
         passing_cutoff = edge_cutoff
         if self.passing_norm and (passed is not None or self.hop_gain is not None):
             centers = edge_index[1]
             total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)
-            node_scale = (self.passing_norm_eps + total).reciprocal()
-            hop_weight = edge_cutoff * node_scale.index_select(0, centers)
+            scale = (self.passing_norm_eps + total).reciprocal()
+            hop_weight = edge_cutoff * scale.index_select(0, centers)
+            node_scale = scale.view(-1, 1, 1)
             passing_cutoff = hop_weight / inv_avg_num_neighbors  # × 1/n̄ below gives w_ij
         aggregated = self.propagate(
             edge_index,
@@ -328,7 +329,7 @@ class EquiREANNConv(MessagePassing):
                              node_scale: Union[Tensor, float], reverse: Tensor, found: Tensor,
                              num_nodes: int) -> Tensor:
         """The P − 1 extra hops, the first P − 2 on directed edges without backtracking (class docstring);
-        orbitals (N, A, K), edge_cutoff f (E,), node_scale c (N,) or a scalar (the last hop's weight is
+        orbitals (N, A, K), edge_cutoff f (E,), node_scale c (N, 1, 1) or a scalar (the last hop's weight is
         w_ij = f(d_ij) c_i), reverse (E,) and found (E,) of :func:`~pyg_equireann.graph.edges.reverse_edges`.
 
         Carried as s_e = f_e h_e, the quantity an edge sends: s' = f Ψ_[0],j + μ ⊙ (α Σ_k s_kj − β s_ij) with the
@@ -345,11 +346,7 @@ class EquiREANNConv(MessagePassing):
             into = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)  # Σ_k s_kj, per node j
             sent = first + (into.index_select(0, neighbors) * alpha - sent.index_select(0, reverse) * beta) \
                 * gain.index_select(0, self.degrees)
-        arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)
-        if isinstance(node_scale, Tensor) and node_scale.dim() > 0:
-            arriving = arriving * node_scale.view(-1, 1, 1)
-        else:
-            arriving = arriving * node_scale
+        arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent) * node_scale
         return orbitals + arriving * self.hop_gain[-1].index_select(0, self.degrees)
 
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:

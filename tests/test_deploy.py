@@ -150,12 +150,16 @@ MODELS = {
     "nonbacktracking": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=2, learnable_passing=True,
                                           passing_init="alternating", passing_hops=4, passing_norm=True,
                                           passing_nonbacktracking=True, passing_hop_channels=3),
+    "hop_cutoff": lambda: make_model(EquiREANN, elements=(1, 6, 8), num_iterations=2, learnable_passing=True,
+                                     passing_init="alternating", passing_hops=4, passing_norm=True,
+                                     passing_norm_eps=0.004, passing_nonbacktracking=True, passing_hop_cutoff=2.0),
     "nopassing": lambda: make_model(EquiREANN, elements=(1, 6, 8), equivariant_passing=False),
     "reann": lambda: make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
 }
 #: exported (export takes seconds; the trained EquiREANN of the CLI test, the calculator tests' model and a float32
-#: AOTInductor package are exported elsewhere); the others run eagerly through the same ForceField
-EXPORTED = ("reann",)
+#: AOTInductor package are exported elsewhere); the others run eagerly through the same ForceField. hop_cutoff: the
+#: hops' edge list has a data-dependent length (a nonzero() in the exported graph)
+EXPORTED = ("reann", "hop_cutoff")
 
 
 def calibrated(name):

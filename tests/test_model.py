@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyg_equireann import EquiREANN, REANN, energy_forces_stress, spherical_harmonics
+from pyg_equireann.graph.edges import reverse_edges
 
 from pyg_equireann.testing import Structure, check_forces_finite_differences
 
@@ -20,6 +21,10 @@ MODELS = {
                                                  passing_init="alternating", passing_hops=4, passing_norm=True,
                                                  passing_norm_eps=0.02, passing_nonbacktracking=True,
                                                  passing_hop_channels=3),
+    "hop_cutoff": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=2, learnable_passing=True,
+                                            passing_init="alternating", passing_hops=4, passing_norm=True,
+                                            passing_norm_eps=0.004, passing_nonbacktracking=True,
+                                            passing_hop_channels=3, passing_hop_cutoff=2.0),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
                                             mlp_activation="silu"),
@@ -118,10 +123,13 @@ def periodic_models():
     return {
         "equireann": make_model(EquiREANN, num_iterations=2, avg_num_neighbors=4.0),
         "reann": make_model(REANN, elements=(1, 6, 8), avg_num_neighbors=4.0),
+        "hop_cutoff": make_model(EquiREANN, num_iterations=2, avg_num_neighbors=4.0, learnable_passing=True,
+                                 passing_init="alternating", passing_hops=4, passing_norm=True,
+                                 passing_nonbacktracking=True, passing_hop_cutoff=2.5),
     }
 
 
-@pytest.mark.parametrize("name", ["equireann", "reann"])
+@pytest.mark.parametrize("name", ["equireann", "reann", "hop_cutoff"])
 def test_stress_matches_finite_strain(name):
     model = periodic_models()[name]
     z, pos, cell = small_periodic_system()
@@ -146,11 +154,14 @@ def test_stress_matches_finite_strain(name):
     assert stress.abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", ["equireann", "reann"])
+@pytest.mark.parametrize("name", ["equireann", "reann", "hop_cutoff"])
 def test_periodic_supercell_wrapping_and_rotation(name):
     model = periodic_models()[name]
     z, pos, cell = small_periodic_system()
     assert cell.norm(dim=1).min() < 2 * model.cutoff  # several images of each atom are neighbours
+    if name == "hop_cutoff":  # hop edges to periodic images (found by the shifts in reverse_edges)
+        vectors = model.compute(z, pos, cell=cell)["edge_vectors"].detach()
+        assert ((vectors.norm(dim=-1) < 2.5) & (vectors.norm(dim=-1) > 0.5)).sum() >= 4
     energy = model(z, pos, cell=cell)
     # 2×1×1 supercell: extensive
     pos2 = torch.cat([pos, pos + cell[0]])
@@ -202,6 +213,73 @@ def test_smooth_at_cutoff(name):
         assert (inside["forces"] - outside["forces"]).abs().max() < 50 * delta**3 * (1 + inside["forces"].abs().max())
     assert jumps[1] < jumps[0] * 1e-3  # ≥ 3rd order in practice (f ∝ δ⁴)
     assert jumps[1] < 1e-9
+
+
+def test_smooth_at_hop_cutoff():
+    """passing_hop_cutoff: E and F are smooth as an atom crosses r_hop (its hop edges leave the hops' list while it
+    stays inside r_c): E(r_hop + δ) − E(r_hop − δ) is the central difference of the force (residual O(δ³), no step),
+    and the force change shrinks with δ (no step in F)."""
+    model = MODELS["hop_cutoff"]()
+    r_hop = model.hop_cutoff_fn.cutoff
+    z = torch.tensor([6, 6, 8, 1])
+    base = torch.tensor([[0.0, 0.0, 0.0], [1.3, 0.0, 0.0], [2.5, 0.2, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    direction = torch.tensor([-1.0, 0.5, 0.3], dtype=torch.float64)
+    direction = direction / direction.norm()
+
+    def at(d):
+        pos = base.clone()
+        pos[3] = direction * d  # H at distance d from the first C, within r_c of every atom
+        return energy_forces_stress(model, z, pos)
+
+    slope = -(at(r_hop)["forces"][3] @ direction).item()  # dE/dd at r_hop
+    assert abs(slope) > 1e-6
+    residuals, force_steps = [], []
+    for delta in (1e-2, 1e-3):
+        inside, outside = at(r_hop - delta), at(r_hop + delta)
+        residuals.append(abs((outside["energy"] - inside["energy"]).item() - 2 * delta * slope))
+        force_steps.append((outside["forces"] - inside["forces"]).abs().max().item())
+    assert residuals[1] < 1e-10 and residuals[1] < residuals[0] * 1e-2
+    assert force_steps[1] < 0.2 * force_steps[0]
+
+
+def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop():
+    """The hops on the edges shorter than r_hop equal the hops on every edge with weight f(d; r_hop) (0 beyond
+    r_hop): leaving those edges out changes nothing but the cost; different from hopping with f(d; r_c). Bad values
+    are refused."""
+    z, pos = aspirin()
+    kw = dict(num_iterations=2, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=0.004,
+              passing_nonbacktracking=True, learnable_passing=True, passing_init="alternating", passing_hop_channels=2)
+    torch.manual_seed(0)
+    model = EquiREANN(passing_hop_cutoff=2.0, **kw).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = model.compute(z, pos)
+    edge_index, lengths = out["edge_index"], out["edge_vectors"].norm(dim=-1)
+    assert 0 < int((lengths < 2.0).sum()) < len(lengths) // 2
+    # the same model's iterations by hand, the hops on the full list with f(d; 2 Å)
+    every = EquiREANN(**kw).double()
+    every.load_state_dict(model.state_dict())
+    cutoff = every.cutoff_fn(lengths)
+    vectors = out["edge_vectors"]
+    species, atom_species = every.species, every.species_slot.index_select(0, z)
+    coefficients, alpha, mu = every.species_embedding(species, atom_species, edge_index)
+    radial = torch.exp(-(alpha * (lengths.unsqueeze(-1) - mu)).square())
+    orbitals = (every.angular(vectors, lengths) * cutoff.unsqueeze(-1)).unsqueeze(-1) * radial.unsqueeze(1)
+    weight = every.center_weight(species, atom_species)
+    reverse = reverse_edges(edge_index, len(z))
+    psi, density = None, None
+    for t, conv in enumerate(every.convs):
+        psi, density, coefficients = conv(edge_index, orbitals, cutoff, coefficients, weight, psi, density,
+                                          atom_species, every.avg_num_neighbors.reciprocal(), len(z), reverse,
+                                          (edge_index, model.hop_cutoff_fn(lengths)))
+        density = density / every.density_scale[t]
+        assert rel(psi, out["node_orbitals"][t]) < 1e-13
+    assert rel(every.compute(z, pos)["node_orbitals"][2], out["node_orbitals"][2]) > 1e-3
+    with pytest.raises(ValueError, match=r"passing_hop_cutoff must be in \(0, cutoff=4.0\] Å, got 5.0"):
+        EquiREANN(passing_hops=3, passing_hop_cutoff=5.0)
+    with pytest.raises(ValueError, match="passing_hop_cutoff needs passing_hops >= 2"):
+        EquiREANN(passing_hop_cutoff=2.0)
 
 
 def dihedral_chain(phi_deg: float) -> torch.Tensor:

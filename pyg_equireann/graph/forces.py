@@ -62,7 +62,8 @@ def compiled_derivatives(*args):
         # energy+forces 5x slower (48 vs 9.6 ms) and failed to build a periodic scatter (an assertion in
         # its vectorised atomic store); the option does not touch GPU kernels (docs/engine.md)
         _compiled_derivatives = torch.compile(_derivatives, fullgraph=True, dynamic=True, options={"cpp.threads": 1})
-    with dynamo_config.patch(trace_autograd_ops=True):
+    # capture_dynamic_output_shape_ops: the hops' own edge list (EquiREANN passing_hop_cutoff) is a nonzero()
+    with dynamo_config.patch(trace_autograd_ops=True, capture_dynamic_output_shape_ops=True):
         return _compiled_derivatives(*args)
 
 

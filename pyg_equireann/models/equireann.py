@@ -112,6 +112,11 @@ class EquiREANN(Potential):
         passing_norm: hop weight f(d_ij) / (ε + Σ_k f(d_ik)) instead of f(d_ij)/n̄: no damping per bond.
         passing_norm_eps: ε of ``passing_norm`` (and of the non-backtracking hops).
         passing_hop_channels: the hops move only the first K' radial channels (None: all), at K'/K of the cost.
+        passing_hop_cutoff: r_hop (Å): the hops run only on the edges shorter than r_hop (the bonds), with weight
+            f(d; r_hop) instead of f(d; r_c) (None: every edge, f(d; r_c)). Orientations travel along bonds; in
+            dense matter most of the r_c edges are not bonds (water at r_c = 4 Å: 26 edges per atom, 2.4 within
+            2 Å), so the hops cost a fraction. Smooth at r_hop (the weight and its derivatives vanish there);
+            one host sync per call (the number of hop edges).
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
             hand an orbital straight back, each normalised over the sender's other edges: an orientation travels
             along a chain with weight ≈ 1 per bond instead of spreading both ways (:class:`EquiREANNConv`).
@@ -164,6 +169,7 @@ class EquiREANN(Potential):
         passing_norm_eps: float = 0.1,
         passing_nonbacktracking: bool = False,
         passing_hop_channels: Optional[int] = None,
+        passing_hop_cutoff: Optional[float] = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -183,6 +189,12 @@ class EquiREANN(Potential):
             raise ValueError(f"passing_norm_eps must be positive, got {passing_norm_eps}")
         if passing_init not in ("ones", "alternating"):
             raise ValueError(f"passing_init must be 'ones' or 'alternating', got {passing_init!r}")
+        if passing_hop_cutoff is not None:
+            if passing_hops < 2:
+                raise ValueError(f"passing_hop_cutoff needs passing_hops >= 2 (it is the hops' edge list), "
+                                 f"got passing_hops={passing_hops}")
+            if not 0 < passing_hop_cutoff <= cutoff:
+                raise ValueError(f"passing_hop_cutoff must be in (0, cutoff={cutoff}] Å, got {passing_hop_cutoff}")
         if avg_num_neighbors is not None and not avg_num_neighbors > 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
         self.cutoff = float(cutoff)
@@ -255,6 +267,8 @@ class EquiREANN(Potential):
         self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)
         # the convolutions decide (P ≥ 3, not iteration 0); compute() then builds the reverse-edge index once
         self.passing_nonbacktracking = any(conv.nonbacktracking for conv in self.convs)
+        uses_hops = any(conv.hop_gain is not None for conv in self.convs)
+        self.hop_cutoff_fn = CosineCutoff(passing_hop_cutoff) if passing_hop_cutoff is not None and uses_hops else None
 
     @torch.no_grad()
     def calibrate_density_scale(self, batches) -> Tensor:
@@ -382,13 +396,19 @@ class EquiREANN(Potential):
         element_index = atom_species  # per-element networks need `elements`: their slots are the species'
         inv_n = self.avg_num_neighbors.reciprocal()
 
-        reverse = reverse_edges(edge_index, num_atoms, edge_shift) if self.passing_nonbacktracking else None
+        hop_edges, hop_index, hop_shift = None, edge_index, edge_shift
+        if self.hop_cutoff_fn is not None:  # the hops' edges: those shorter than r_hop (weight 0 beyond)
+            keep = torch.nonzero(edge_lengths.detach() < self.hop_cutoff_fn.cutoff).squeeze(1)
+            hop_index = edge_index.index_select(1, keep)
+            hop_shift = None if edge_shift is None else edge_shift.index_select(0, keep)
+            hop_edges = (hop_index, self.hop_cutoff_fn(edge_lengths.index_select(0, keep)))
+        reverse = reverse_edges(hop_index, num_atoms, hop_shift) if self.passing_nonbacktracking else None
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []
         for t, conv in enumerate(self.convs):
             node_orbitals, density, coefficients = conv(
                 edge_index, edge_orbitals, edge_cutoff, coefficients, center_weight,
-                node_orbitals, density, element_index, inv_n, num_atoms, reverse,
+                node_orbitals, density, element_index, inv_n, num_atoms, reverse, hop_edges,
             )
             density = (density.view(num_atoms, self.num_density_groups, -1)
                        / self.density_scale[t].view(-1, 1)).view(num_atoms, -1)
@@ -417,5 +437,6 @@ class EquiREANN(Potential):
             + (f", passing_hops={self.passing_hops}" if self.passing_hops > 1 else "")
             + (", passing_norm=True" if self.passing_norm else "")
             + (", passing_nonbacktracking=True" if self.passing_nonbacktracking else "")
+            + (f", passing_hop_cutoff={self.hop_cutoff_fn.cutoff}" if self.hop_cutoff_fn is not None else "")
             + (", compile=True" if self.compile_forces else "")
         )

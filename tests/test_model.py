@@ -242,13 +242,15 @@ def test_smooth_at_hop_cutoff():
     assert force_steps[1] < 0.2 * force_steps[0]
 
 
-def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop():
+@pytest.mark.parametrize("nonbacktracking", [False, True])
+def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop(nonbacktracking):
     """The hops on the edges shorter than r_hop equal the hops on every edge with weight f(d; r_hop) (0 beyond
     r_hop): leaving those edges out changes nothing but the cost; different from hopping with f(d; r_c). Bad values
     are refused."""
     z, pos = aspirin()
     kw = dict(num_iterations=2, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=0.004,
-              passing_nonbacktracking=True, learnable_passing=True, passing_init="alternating", passing_hop_channels=2)
+              passing_nonbacktracking=nonbacktracking, learnable_passing=True, passing_init="alternating",
+              passing_hop_channels=2)
     torch.manual_seed(0)
     model = EquiREANN(passing_hop_cutoff=2.0, **kw).double()
     with torch.no_grad():
@@ -267,7 +269,7 @@ def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop():
     radial = torch.exp(-(alpha * (lengths.unsqueeze(-1) - mu)).square())
     orbitals = (every.angular(vectors, lengths) * cutoff.unsqueeze(-1)).unsqueeze(-1) * radial.unsqueeze(1)
     weight = every.center_weight(species, atom_species)
-    reverse = reverse_edges(edge_index, len(z))
+    reverse = reverse_edges(edge_index, len(z)) if nonbacktracking else None
     psi, density = None, None
     for t, conv in enumerate(every.convs):
         psi, density, coefficients = conv(edge_index, orbitals, cutoff, coefficients, weight, psi, density,

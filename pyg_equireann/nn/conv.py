@@ -350,22 +350,25 @@ class EquiREANNConv(MessagePassing):
         orbitals (N, A, K), edge_cutoff f (E,), node_scale c (N, 1, 1) or a scalar (the last hop's weight is
         w_ij = f(d_ij) c_i), reverse (E,) and found (E,) of :func:`~pyg_equireann.graph.edges.reverse_edges`.
 
-        Carried as s_e = f_e h_e, the quantity an edge sends: s' = f Ψ_[0],j + μ ⊙ (α Σ_k s_kj − β s_ij) with the
-        per-edge scalars α = f / (ε + Σ_{k≠i} f_kj) and β = α (0 without a reverse edge), and the last hop is
-        c_i Σ_j s_ji: fewer passes over the (E, A, K) state than with h itself."""
+        Carried as s_e = f_e h_e, the quantity an edge sends: s' = f Ψ_[0],j + μ ⊙ α (Σ_k s_kj − [found] s_ij) with the
+        per-edge scalar α = f / (ε + Σ_{k≠i} f_kj) (the reverse edge has the same f), and the last hop is
+        c_i Σ_j s_ji: few passes over the (E, A, K) state, and few autograd nodes (on small systems each op's overhead
+        is what the hops cost)."""
         neighbors, centers = edge_index[0], edge_index[1]
-        back_cutoff = edge_cutoff * found.to(edge_cutoff.dtype)  # f(d_ij) of the reverse edge, 0 where there is none
+        found = found.to(edge_cutoff.dtype)
         total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)  # Σ_k f(d_kj) per node
-        norm = (self.passing_norm_eps + total.index_select(0, neighbors) - back_cutoff).reciprocal()
-        alpha, beta = (edge_cutoff * norm).view(-1, 1, 1), (back_cutoff * norm).view(-1, 1, 1)
+        norm = (self.passing_norm_eps + total.index_select(0, neighbors) - edge_cutoff * found).reciprocal()
+        alpha = (edge_cutoff * norm).view(-1, 1, 1)
+        minus_found = (-found).view(-1, 1, 1)  # the reverse edge's term, 0 where there is none
+        gains = self.hop_gain.index_select(1, self.degrees)  # μ_p (P − 1, A, K)
         first = orbitals.index_select(0, neighbors) * edge_cutoff.view(-1, 1, 1)  # f Ψ_[0],j on each edge j → i
         sent = first
-        for gain in self.hop_gain[:-1]:
+        for p in range(gains.shape[0] - 1):
             into = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent)  # Σ_k s_kj, per node j
-            sent = first + (into.index_select(0, neighbors) * alpha - sent.index_select(0, reverse) * beta) \
-                * gain.index_select(0, self.degrees)
+            others = torch.addcmul(into.index_select(0, neighbors), sent.index_select(0, reverse), minus_found)
+            sent = torch.addcmul(first, others * alpha, gains[p])
         arriving = orbitals.new_zeros(orbitals.shape).index_add(0, centers, sent) * node_scale
-        return orbitals + arriving * self.hop_gain[-1].index_select(0, self.degrees)
+        return torch.addcmul(orbitals, arriving, gains[-1])
 
     def message(self, orbital: Tensor, coefficient: Tensor, cutoff: Tensor, psi_j: Optional[Tensor]) -> Tensor:
         message = coefficient.unsqueeze(1) * orbital

@@ -308,15 +308,15 @@ class EquiREANNConv(MessagePassing):
         )
         aggregated = aggregated * inv_avg_num_neighbors  # a () tensor: no host sync to test it for 1
         if self.hop_gain is not None:
-            hop_index = edge_index
+            hop_index, hop_cutoff = edge_index, edge_cutoff
             if hop_edges is not None:  # the hops' own (shorter) edge list and weights
-                hop_index, edge_cutoff = hop_edges
-                hop_weight = edge_cutoff * inv_avg_num_neighbors
+                hop_index, hop_cutoff = hop_edges
+                hop_weight = hop_cutoff * inv_avg_num_neighbors
                 node_scale = inv_avg_num_neighbors
                 if self.passing_norm:
-                    total = edge_cutoff.new_zeros(num_nodes).index_add(0, hop_index[1], edge_cutoff)
+                    total = hop_cutoff.new_zeros(num_nodes).index_add(0, hop_index[1], hop_cutoff)
                     scale = (self.passing_norm_eps + total).reciprocal()
-                    hop_weight = edge_cutoff * scale.index_select(0, hop_index[1])
+                    hop_weight = hop_cutoff * scale.index_select(0, hop_index[1])
                     node_scale = scale.view(-1, 1, 1)
             rest = None
             if self.hop_channels < aggregated.shape[-1]:
@@ -325,7 +325,7 @@ class EquiREANNConv(MessagePassing):
             if self.nonbacktracking:
                 if reverse_edge is None:
                     raise ValueError("non-backtracking hops need reverse_edge (pyg_equireann.graph.reverse_edges)")
-                aggregated = self.nonbacktracking_hops(aggregated, hop_index, edge_cutoff, node_scale,
+                aggregated = self.nonbacktracking_hops(aggregated, hop_index, hop_cutoff, node_scale,
                                                        reverse_edge[0], reverse_edge[1], num_nodes)
             else:
                 aggregated = self.hops(aggregated, hop_index, hop_weight)

@@ -292,11 +292,7 @@ class EquiREANNConv(MessagePassing):
         node_scale = inv_avg_num_neighbors  # c_i of w_ij = f(d_ij) c_i: a scalar, or (N, 1, 1) with passing_norm
         passing_cutoff = edge_cutoff
         if self.passing_norm and (passed is not None or self.hop_gain is not None):
-            centers = edge_index[1]
-            total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)
-            scale = (self.passing_norm_eps + total).reciprocal()
-            hop_weight = edge_cutoff * scale.index_select(0, centers)
-            node_scale = scale.view(-1, 1, 1)
+            hop_weight, node_scale = self.normalised_weights(edge_index, edge_cutoff, num_nodes)
             passing_cutoff = hop_weight / inv_avg_num_neighbors  # × 1/n̄ below gives w_ij
         aggregated = self.propagate(
             edge_index,
@@ -311,13 +307,9 @@ class EquiREANNConv(MessagePassing):
             hop_index, hop_cutoff = edge_index, edge_cutoff
             if hop_edges is not None:  # the hops' own (shorter) edge list and weights
                 hop_index, hop_cutoff = hop_edges
-                hop_weight = hop_cutoff * inv_avg_num_neighbors
-                node_scale = inv_avg_num_neighbors
+                hop_weight, node_scale = hop_cutoff * inv_avg_num_neighbors, inv_avg_num_neighbors
                 if self.passing_norm:
-                    total = hop_cutoff.new_zeros(num_nodes).index_add(0, hop_index[1], hop_cutoff)
-                    scale = (self.passing_norm_eps + total).reciprocal()
-                    hop_weight = hop_cutoff * scale.index_select(0, hop_index[1])
-                    node_scale = scale.view(-1, 1, 1)
+                    hop_weight, node_scale = self.normalised_weights(hop_index, hop_cutoff, num_nodes)
             rest = None
             if self.hop_channels < aggregated.shape[-1]:
                 # contiguous: gathers of the strided slice are ~20x slower on a CPU
@@ -332,6 +324,13 @@ class EquiREANNConv(MessagePassing):
             if rest is not None:
                 aggregated = torch.cat([aggregated, rest], -1)
         return aggregated, self.contraction(aggregated, center_weight), edge_coefficients
+
+    def normalised_weights(self, edge_index: Tensor, edge_cutoff: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
+        """``passing_norm``'s weights w_ij = f(d_ij) c_i with c_i = 1 / (ε + Σ_k f(d_ik)): (w (E,), c (N, 1, 1))."""
+        centers = edge_index[1]
+        total = edge_cutoff.new_zeros(num_nodes).index_add(0, centers, edge_cutoff)
+        scale = (self.passing_norm_eps + total).reciprocal()
+        return edge_cutoff * scale.index_select(0, centers), scale.view(-1, 1, 1)
 
     def hops(self, orbitals: Tensor, edge_index: Tensor, hop_weight: Tensor) -> Tensor:
         """The P − 1 extra hops Ψ_[p] = Ψ_[0] + μ_p ⊙ Σ_j w_ij Ψ_[p−1],j; orbitals (N, A, K), hop_weight (E,)."""

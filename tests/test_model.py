@@ -489,6 +489,30 @@ def test_hops_on_the_first_radial_channels_only(nonbacktracking):
         EquiREANN(passing_hops=2, passing_hop_channels=9)
 
 
+@pytest.mark.parametrize("nonbacktracking", [False, True])
+def test_tied_hop_gain_is_one_gain_for_every_hop(nonbacktracking):
+    """passing_hop_tied_gain: one μ (1, L+1, K') per iteration; the same energy and forces as per-hop gains that are
+    all equal to it, and different ones once a hop's own gain moves."""
+    z, pos = aspirin()
+    kw = dict(num_iterations=2, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=0.004,
+              passing_nonbacktracking=nonbacktracking, passing_hop_channels=3, passing_hop_cutoff=2.0,
+              learnable_passing=True, passing_init="alternating")
+    torch.manual_seed(0)
+    tied = EquiREANN(passing_hop_tied_gain=True, **kw).double()
+    with torch.no_grad():
+        for p in tied.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    per_hop = EquiREANN(**kw).double()
+    per_hop.load_state_dict({k: v.expand(3, -1, -1) if "hop_gain" in k else v for k, v in tied.state_dict().items()})
+    assert tied.convs[1].hop_gain.shape == (1, 3, 3) and per_hop.convs[1].hop_gain.shape == (3, 3, 3)
+    e_tied, f_tied = energy_forces_stress(tied, z, pos).values()
+    e_hop, f_hop = energy_forces_stress(per_hop, z, pos).values()
+    assert rel(e_tied, e_hop) < 1e-13 and rel(f_tied, f_hop) < 1e-12
+    with torch.no_grad():
+        per_hop.convs[1].hop_gain[1].add_(0.5)
+    assert rel(energy_forces_stress(per_hop, z, pos)["forces"], f_tied) > 1e-3
+
+
 def test_nonbacktracking_hops_carry_an_orientation_along_a_chain_undamped():
     """A source at the end of a straight chain (nearest neighbours only): node hops spread it both ways (an echo at
     the source, ~0.5 per bond); non-backtracking hops hand it on with f/(ε + f) ≈ 1 per bond, nothing comes back."""

@@ -117,6 +117,8 @@ class EquiREANN(Potential):
             dense matter most of the r_c edges are not bonds (water at r_c = 4 Å: 26 edges per atom, 2.4 within
             2 Å), so the hops cost a fraction. Smooth at r_hop (the weight and its derivatives vanish there);
             one host sync per call (the number of hop edges).
+        passing_hop_tied_gain: one learned hop gain per iteration, degree and channel shared by all P − 1 hops
+            (instead of one per hop), so that an orientation changes by the same factor at every bond.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
             hand an orbital straight back, each normalised over the sender's other edges: an orientation travels
             along a chain with weight ≈ 1 per bond instead of spreading both ways (:class:`EquiREANNConv`).
@@ -170,6 +172,7 @@ class EquiREANN(Potential):
         passing_nonbacktracking: bool = False,
         passing_hop_channels: Optional[int] = None,
         passing_hop_cutoff: Optional[float] = None,
+        passing_hop_tied_gain: bool = False,
         compile: bool = False,
     ):
         super().__init__()
@@ -262,6 +265,7 @@ class EquiREANN(Potential):
                     passing_norm_eps=passing_norm_eps,
                     passing_nonbacktracking=passing_nonbacktracking,
                     passing_hop_channels=passing_hop_channels,
+                    passing_hop_tied_gain=passing_hop_tied_gain,
                 )
             )
         self.readout = make_mlp(density_width, readout_hidden, 1, per_element_readout)

@@ -203,6 +203,8 @@ class EquiREANNConv(MessagePassing):
             carries a sign flip per hop.
         passing_nonbacktracking: intermediate hops on directed edges without the reverse edge (above);
             ``forward`` then needs ``reverse_edge`` (:func:`~pyg_equireann.graph.edges.reverse_edges`).
+        passing_hop_tied_gain: one learned gain μ (L+1, K') for all P − 1 hops of the iteration instead of one per
+            hop: an orientation then changes by the same factor at every bond it crosses, whichever hop carries it.
 
     Shapes: edge_index (2, E) with row 0 the neighbour j and row 1 the centre i; edge_orbitals O
     (E, A, K); edge_cutoff f (E,); edge_coefficients c (E, K); node_orbitals Ψ (N, A, K);
@@ -224,6 +226,7 @@ class EquiREANNConv(MessagePassing):
         passing_norm_eps: float = 0.1,
         passing_nonbacktracking: bool = False,
         passing_hop_channels: Optional[int] = None,
+        passing_hop_tied_gain: bool = False,
     ):
         super().__init__(aggr="add", flow="source_to_target", node_dim=0)
         if passing_hops < 1:
@@ -253,12 +256,13 @@ class EquiREANNConv(MessagePassing):
                 weight[:, 1::2] = -1.0
             if learnable_passing and message_mlp is not None:
                 self.passing_weight = nn.Parameter(weight * passing_gain)
-            if self.passing_hops > 1:  # μ_p, (P − 1, L+1, K')
+            if self.passing_hops > 1:  # μ_p, (P − 1, L+1, K'), or one μ (1, L+1, K') for every hop
                 if passing_hop_channels is not None and not 1 <= passing_hop_channels <= num_radial:
                     raise ValueError(f"passing_hop_channels must be in 1..num_radial={num_radial}, "
                                      f"got {passing_hop_channels}")
                 self.hop_channels = num_radial if passing_hop_channels is None else int(passing_hop_channels)
-                gain = (weight[:, :self.hop_channels] * passing_gain).expand(self.passing_hops - 1, -1, -1)
+                hop_gains = 1 if passing_hop_tied_gain else self.passing_hops - 1
+                gain = (weight[:, :self.hop_channels] * passing_gain).expand(hop_gains, -1, -1)
                 self.hop_gain = nn.Parameter(gain.clone())
 
     def forward(
@@ -337,7 +341,7 @@ class EquiREANNConv(MessagePassing):
         neighbors, centers = edge_index[0], edge_index[1]
         weight = hop_weight.view(-1, 1, 1)
         current = orbitals
-        for gain in self.hop_gain:
+        for gain in self.hop_gain.expand(self.passing_hops - 1, -1, -1):
             scaled = current * gain.index_select(0, self.degrees)  # μ on the N nodes, before the gather
             current = orbitals.index_add(0, centers, scaled.index_select(0, neighbors) * weight)
         return current
@@ -359,7 +363,7 @@ class EquiREANNConv(MessagePassing):
         norm = (self.passing_norm_eps + total.index_select(0, neighbors) - edge_cutoff * found).reciprocal()
         alpha = (edge_cutoff * norm).view(-1, 1, 1)
         minus_found = (-found).view(-1, 1, 1)  # the reverse edge's term, 0 where there is none
-        gains = self.hop_gain.index_select(1, self.degrees)  # μ_p (P − 1, A, K)
+        gains = self.hop_gain.index_select(1, self.degrees).expand(self.passing_hops - 1, -1, -1)  # μ_p (P − 1, A, K)
         first = orbitals.index_select(0, neighbors) * edge_cutoff.view(-1, 1, 1)  # f Ψ_[0],j on each edge j → i
         sent = first
         for p in range(gains.shape[0] - 1):

@@ -247,8 +247,8 @@ def test_smooth_at_hop_cutoff():
 @pytest.mark.parametrize("nonbacktracking", [False, True])
 def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop(nonbacktracking):
     """The hops on the edges shorter than r_hop equal the hops on every edge with weight f(d; r_hop) (0 beyond
-    r_hop): leaving those edges out changes nothing but the cost; different from hopping with f(d; r_c). Bad values
-    are refused."""
+    r_hop), by hand and by the model's own full-list path (compact_hop_edges=False, its CUDA path): leaving those
+    edges out changes nothing but the cost; different from hopping with f(d; r_c). Bad values are refused."""
     z, pos = aspirin()
     kw = dict(num_iterations=2, max_l=2, passing_hops=4, passing_norm=True, passing_norm_eps=0.004,
               passing_nonbacktracking=nonbacktracking, learnable_passing=True, passing_init="alternating",
@@ -280,6 +280,14 @@ def test_hop_cutoff_is_the_hops_on_every_edge_with_weight_f_r_hop(nonbacktrackin
         density = density / every.density_scale[t]
         assert rel(psi, out["node_orbitals"][t]) < 1e-13
     assert rel(every.compute(z, pos)["node_orbitals"][2], out["node_orbitals"][2]) > 1e-3
+    # the model's own full-list path (what it takes on CUDA: no host sync), energy and forces included
+    model.compact_hop_edges = False
+    full = model.compute(z, pos)
+    assert all(rel(a, b) < 1e-13 for a, b in zip(full["node_orbitals"], out["node_orbitals"]))
+    e_full, f_full = energy_forces_stress(model, z, pos).values()
+    model.compact_hop_edges = None
+    e_short, f_short = energy_forces_stress(model, z, pos).values()
+    assert rel(e_full, e_short) < 1e-13 and rel(f_full, f_short) < 1e-12
     with pytest.raises(ValueError, match=r"passing_hop_cutoff must be in \(0, cutoff=4.0\] Å, got 5.0"):
         EquiREANN(passing_hops=3, passing_hop_cutoff=5.0)
     with pytest.raises(ValueError, match="passing_hop_cutoff needs passing_hops >= 2"):

@@ -115,8 +115,9 @@ class EquiREANN(Potential):
         passing_hop_cutoff: r_hop (Å): the hops run only on the edges shorter than r_hop (the bonds), with weight
             f(d; r_hop) instead of f(d; r_c) (None: every edge, f(d; r_c)). Orientations travel along bonds; in
             dense matter most of the r_c edges are not bonds (water at r_c = 4 Å: 26 edges per atom, 2.4 within
-            2 Å), so the hops cost a fraction. Smooth at r_hop (the weight and its derivatives vanish there);
-            one host sync per call (the number of hop edges).
+            2 Å), so the hops cost a fraction. Smooth at r_hop (the weight and its derivatives vanish there).
+            The short list is a ``nonzero`` (one host sync); on CUDA (:attr:`compact_hop_edges` None) the hops
+            run on every edge with that weight instead, the same numbers with no host sync.
         passing_hop_tied_gain: one learned hop gain per iteration, degree and channel shared by all P − 1 hops
             (instead of one per hop), so that an orientation changes by the same factor at every bond.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -131,10 +132,14 @@ class EquiREANN(Potential):
     its own neighbour list (``edge_index=None``), in :func:`~pyg_equireann.graph.forces.energy_forces_stress`,
     the data modules, the ASE calculator and the exported-model wrapper, each with one host sync. With a
     neighbour list given, :meth:`forward` neither checks nor synchronises with the host (pass ``num_graphs``
-    too): the path that training, ``torch.compile`` and ``torch.export`` take.
+    too): the path that training, ``torch.compile`` and ``torch.export`` take (on a CPU, ``passing_hop_cutoff``
+    adds one: :attr:`compact_hop_edges`).
     """
 
     min_distance: float = MIN_DISTANCE
+    # passing_hop_cutoff: hops on the edges shorter than r_hop only (True), or on every edge with weight
+    # f(d; r_hop), 0 beyond (False); the same numbers. None: True on a CPU (fewer edges), False on CUDA (no sync)
+    compact_hop_edges: Optional[bool] = None
     caches_graph = True
     supports_pbc = True
     calibrates_densities = True
@@ -401,11 +406,14 @@ class EquiREANN(Potential):
         inv_n = self.avg_num_neighbors.reciprocal()
 
         hop_edges, hop_index, hop_shift = None, edge_index, edge_shift
-        if self.hop_cutoff_fn is not None:  # the hops' edges: those shorter than r_hop (weight 0 beyond)
+        compact = self.compact_hop_edges if self.compact_hop_edges is not None else not pos.is_cuda
+        if self.hop_cutoff_fn is not None and compact:  # the hops' edges: those shorter than r_hop (weight 0 beyond)
             keep = torch.nonzero(edge_lengths.detach() < self.hop_cutoff_fn.cutoff).squeeze(1)
             hop_index = edge_index.index_select(1, keep)
             hop_shift = None if edge_shift is None else edge_shift.index_select(0, keep)
             hop_edges = (hop_index, self.hop_cutoff_fn(edge_lengths.index_select(0, keep)))
+        elif self.hop_cutoff_fn is not None:
+            hop_edges = (edge_index, self.hop_cutoff_fn(edge_lengths))
         reverse = reverse_edges(hop_index, num_atoms, hop_shift) if self.passing_nonbacktracking else None
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []

@@ -119,3 +119,32 @@ def test_compiled_forces_training_and_inference_match_eager(aspirin_batch):
     out0, out1 = (energy_forces_stress(m, z, pos, cell=cell, compute_stress=True) for m in (model, compiled))
     for key in ("energy", "forces", "stress"):
         assert rel(out1[key], out0[key]) < 1e-6, key
+
+
+def test_hops_along_bonds_without_host_syncs_on_the_cuda_path(aspirin_batch):
+    """The recipe's hops along bonds (``passing_hop_cutoff``): on a CPU the short hop list is one ``nonzero`` (one
+    host sync per forward); the path CUDA takes (``compact_hop_edges=False``: every edge, weight 0 beyond r_hop)
+    has none, in a forward and in a training step beyond the non-finite-loss check."""
+    batch = aspirin_batch
+    model = make_model(EquiREANN, elements=[1, 6, 8], cutoff=4.0, avg_num_neighbors=10.0, num_radial=16,
+                       learnable_passing=True, passing_init="alternating", passing_hops=4, passing_norm=True,
+                       passing_norm_eps=0.004, passing_nonbacktracking=True, passing_hop_channels=2,
+                       passing_hop_cutoff=2.0)
+
+    def forward():
+        model(batch.z, batch.pos, batch.batch, edge_index=batch.edge_index, num_graphs=batch.num_graphs)
+
+    assert syncs(count_host_syncs(forward)) == 1  # the CPU path: the hop list's nonzero
+    model.compact_hop_edges = False
+    assert count_host_syncs(forward) == {}
+    module = PotentialModule(model)
+    optimizer = module.configure_optimizers()["optimizer"]
+
+    def step():
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    train = count_host_syncs(step)
+    assert syncs(train) <= 1, train  # the check for a non-finite loss

@@ -25,7 +25,7 @@ from pyg_equireann.training.prepare import trainer_adjustments
 from .test_pipeline import BIN, TINY, cli, cli_env, compose_train, hydra_app
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.num_channels=8"]
+SMALL = ["model.num_channels=8", "model.num_radial=8"]  # the default model, smaller
 EPOCH_LINE = re.compile(r"epoch \d+.* \| lr [0-9.e+-]+ \| train loss .* \| val MAE E [0-9.]+ meV F [0-9.]+ meV/Å "
                         r"\| elapsed \d+:\d\d:\d\d")
 

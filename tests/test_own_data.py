@@ -28,7 +28,7 @@ from .test_pipeline import cli, hydra_app, read_csv
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ACAC = DATA / "acac"
-QUIET = ["trainer.enable_progress_bar=false", "num_threads=1", "model.num_channels=8"]
+QUIET = ["trainer.enable_progress_bar=false", "num_threads=1", "model.num_channels=8", "model.num_radial=8"]
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ TINY = ["data.num_train=20", "data.num_val=10", "data.num_test=10", "trainer.ena
 #: small hidden sizes per model config (the configs' defaults are the published sizes); the baselines as in
 #: the physics suite
 SMALL = {
-    "equireann": ["model.num_channels=8"],
+    "equireann": ["model.num_channels=8", "model.num_radial=8"],
     "equireann_nopassing": ["model.num_channels=8"],
     "reann": ["model.num_channels=8"],
     **{name: SMALL_MODEL_OVERRIDES[name] for name in ("schnet", "dimenetpp", "visnet", "mace")},

@@ -468,7 +468,8 @@ def test_same_seed_same_metrics_and_run_info(tmp_path):
     """Two runs with the same seed and config (float32, CPU) write byte-identical metrics; another seed
     does not. The run folder records versions, git commit and the resolved config."""
     torch.set_default_dtype(torch.float32)  # as in a fresh process (conftest sets float64)
-    common = [*TINY, "model.num_channels=8", "trainer.max_epochs=2", "data.batch_size=5", "trainer.deterministic=true"]
+    common = [*TINY, "model.num_channels=8", "model.num_radial=8", "trainer.max_epochs=2", "data.batch_size=5",
+              "trainer.deterministic=true"]
     runs = {name: tmp_path / name for name in ("a", "b", "c")}
     for name, run_dir in runs.items():
         hydra_app([*common, f"seed={7 if name != 'c' else 8}", f"hydra.run.dir={run_dir}"], train_run)

@@ -24,7 +24,7 @@ from pyg_equireann.cli.train import run as train_run
 from .test_pipeline import BIN, TINY, cli_env, compose_train, hydra_app, last_epoch_values, read_csv
 
 #: a tiny, exactly reproducible EquiREANN run
-EXACT = [*TINY, "model.num_channels=8", "float64=true", "trainer.deterministic=true"]
+EXACT = [*TINY, "model.num_channels=8", "model.num_radial=8", "float64=true", "trainer.deterministic=true"]
 #: epochs of last.ckpt seen at each epoch start by :class:`Probe`
 SEEN = []
 

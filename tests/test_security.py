@@ -28,7 +28,8 @@ from .conftest import DATA
 from .test_pipeline import TINY, cli, hydra_app
 
 E0 = "++data.atomic_energies={H:-13.6,C:-1029.8,O:-2041.8}"
-COMMON = ["data=rmd17", *TINY, "float64=true", "model.num_channels=8", "model.num_iterations=1", "trainer.max_epochs=1"]
+COMMON = ["data=rmd17", *TINY, "float64=true", "model.num_channels=8", "model.num_radial=8", "model.num_iterations=1",
+          "trainer.max_epochs=1"]
 
 
 class Payload:

@@ -406,14 +406,15 @@ class EquiREANN(Potential):
         inv_n = self.avg_num_neighbors.reciprocal()
 
         hop_edges, hop_index, hop_shift = None, edge_index, edge_shift
-        compact = self.compact_hop_edges if self.compact_hop_edges is not None else not pos.is_cuda
-        if self.hop_cutoff_fn is not None and compact:  # the hops' edges: those shorter than r_hop (weight 0 beyond)
-            keep = torch.nonzero(edge_lengths.detach() < self.hop_cutoff_fn.cutoff).squeeze(1)
-            hop_index = edge_index.index_select(1, keep)
-            hop_shift = None if edge_shift is None else edge_shift.index_select(0, keep)
-            hop_edges = (hop_index, self.hop_cutoff_fn(edge_lengths.index_select(0, keep)))
-        elif self.hop_cutoff_fn is not None:
-            hop_edges = (edge_index, self.hop_cutoff_fn(edge_lengths))
+        if self.hop_cutoff_fn is not None:  # the hops' edges and weights f(d; r_hop), 0 beyond r_hop
+            compact = self.compact_hop_edges if self.compact_hop_edges is not None else not pos.is_cuda
+            if compact:  # only the edges shorter than r_hop
+                keep = torch.nonzero(edge_lengths.detach() < self.hop_cutoff_fn.cutoff).squeeze(1)
+                hop_index = edge_index.index_select(1, keep)
+                hop_shift = None if edge_shift is None else edge_shift.index_select(0, keep)
+                hop_edges = (hop_index, self.hop_cutoff_fn(edge_lengths.index_select(0, keep)))
+            else:
+                hop_edges = (edge_index, self.hop_cutoff_fn(edge_lengths))
         reverse = reverse_edges(hop_index, num_atoms, hop_shift) if self.passing_nonbacktracking else None
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []

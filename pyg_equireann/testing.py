@@ -499,6 +499,7 @@ SMALL_MODEL_OVERRIDES = {
     "equireann_learned_passing": _SMALL_EQUIREANN,
     "equireann_multihop": _SMALL_EQUIREANN,
     "equireann_nonbacktracking": _SMALL_EQUIREANN,
+    "equireann_elastic": _SMALL_EQUIREANN,
     "equireann_nopassing": _SMALL_EQUIREANN,
     "reann": _SMALL_EQUIREANN,
     "schnet": ["model.hidden_channels=16", "model.num_filters=16", "model.num_interactions=2",

@@ -14,7 +14,7 @@ from pyg_equireann.testing import SMALL_MODEL_OVERRIDES, PhysicsTests, check_mod
 CONFIGS = SMALL_MODEL_OVERRIDES
 #: configs with periodic boundary conditions; the others must refuse a cell
 PERIODIC = {"equireann", "equireann_paper", "equireann_large", "equireann_learned_passing", "equireann_multihop",
-            "equireann_nonbacktracking", "equireann_nopassing", "reann", "mace"}
+            "equireann_nonbacktracking", "equireann_elastic", "equireann_nopassing", "reann", "mace"}
 
 
 def test_every_model_config_is_in_the_suite():

@@ -8,6 +8,7 @@ from pyg_equireann.graph.checks import MIN_DISTANCE, check_inputs
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts, reverse_edges
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
+from pyg_equireann.nn.elastic import OrbitalElasticity
 from pyg_equireann.nn.elements import element_mask, species_table
 from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.readout import MLP, ElementMLPs
@@ -120,6 +121,14 @@ class EquiREANN(Potential):
             run on every edge with that weight instead, the same numbers with no host sync.
         passing_hop_tied_gain: one learned hop gain per iteration, degree and channel shared by all P − 1 hops
             (instead of one per hop), so that an orientation changes by the same factor at every bond.
+        elastic_channels: K_e > 0 adds the elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`):
+            the first K_e radial channels of Ψ⁽ᵀ⁾, anchored to each atom with a learned stiffness, are relaxed along
+            the bonds, and each atom's share of the elastic energy per degree and channel enters its energy linearly
+            (learned weights, zero at initialisation). Along a chain this is a series of springs: a twist's energy
+            falls as 1/length and reaches the whole chain (docs/nonlocal.md). None: off (the paper's model).
+        elastic_iterations: conjugate-gradient steps of the relaxation (each reaches one bond further).
+        elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
+        elastic_min_anchor: floor of the learned anchor stiffness.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
             hand an orbital straight back, each normalised over the sender's other edges: an orientation travels
             along a chain with weight ≈ 1 per bond instead of spreading both ways (:class:`EquiREANNConv`).
@@ -178,6 +187,10 @@ class EquiREANN(Potential):
         passing_hop_channels: Optional[int] = None,
         passing_hop_cutoff: Optional[float] = None,
         passing_hop_tied_gain: bool = False,
+        elastic_channels: Optional[int] = None,
+        elastic_iterations: int = 20,
+        elastic_cutoff: float = 2.0,
+        elastic_min_anchor: float = 1e-3,
         compile: bool = False,
     ):
         super().__init__()
@@ -203,6 +216,11 @@ class EquiREANN(Potential):
                                  f"got passing_hops={passing_hops}")
             if not 0 < passing_hop_cutoff <= cutoff:
                 raise ValueError(f"passing_hop_cutoff must be in (0, cutoff={cutoff}] Å, got {passing_hop_cutoff}")
+        if elastic_channels is not None:
+            if not 1 <= elastic_channels <= num_radial:
+                raise ValueError(f"elastic_channels must be in 1..num_radial={num_radial}, got {elastic_channels}")
+            if not 0 < elastic_cutoff <= cutoff:
+                raise ValueError(f"elastic_cutoff must be in (0, cutoff={cutoff}] Å, got {elastic_cutoff}")
         if avg_num_neighbors is not None and not avg_num_neighbors > 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
         self.cutoff = float(cutoff)
@@ -278,6 +296,16 @@ class EquiREANN(Potential):
         self.passing_nonbacktracking = any(conv.nonbacktracking for conv in self.convs)
         uses_hops = any(conv.hop_gain is not None for conv in self.convs)
         self.hop_cutoff_fn = CosineCutoff(passing_hop_cutoff) if passing_hop_cutoff is not None and uses_hops else None
+        self.elastic: Optional[OrbitalElasticity] = None
+        self.elastic_cutoff_fn: Optional[CosineCutoff] = None
+        if elastic_channels is not None:
+            self.elastic = OrbitalElasticity(degrees, elastic_channels, density_width, iterations=elastic_iterations,
+                                             min_anchor=elastic_min_anchor, activation=mlp_activation)
+            self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
+            width = self.elastic.num_degrees * elastic_channels
+            # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ
+            self.register_buffer("elastic_scale", torch.ones(width))
+            self.elastic_weight = nn.Parameter(torch.zeros(width))
 
     @torch.no_grad()
     def calibrate_density_scale(self, batches) -> Tensor:
@@ -298,6 +326,16 @@ class EquiREANN(Potential):
             rms = (total / max(count, 1)).sqrt().to(self.density_scale.dtype)
             scale = torch.where(rms > 0, rms, torch.ones_like(rms))
             self.density_scale[t] = scale.view(self.density_scale[t].shape)
+        if self.elastic is not None:
+            self.elastic_scale.fill_(1.0)
+            total, count = 0.0, 0
+            for b in batches:
+                energies = self.compute(b.z, b.pos, b.batch, getattr(b, "cell", None), getattr(b, "pbc", None),
+                                        **_graph_kwargs(b))["elastic_energies"]
+                total = total + energies.double().square().sum(0)
+                count += energies.shape[0]
+            rms = (total / max(count, 1)).sqrt().to(self.elastic_scale.dtype)
+            self.elastic_scale.copy_(torch.where(rms > 0, rms, torch.ones_like(rms)))
         return self.density_scale.clone()
 
     @torch.no_grad()
@@ -405,16 +443,21 @@ class EquiREANN(Potential):
         element_index = atom_species  # per-element networks need `elements`: their slots are the species'
         inv_n = self.avg_num_neighbors.reciprocal()
 
+        compact = self.compact_hop_edges if self.compact_hop_edges is not None else not pos.is_cuda
+
+        def short_edges(cutoff_fn: CosineCutoff):
+            """(edge_index, weight f(d; r)) of the edges shorter than r, and their shifts; with ``compact`` False
+            every edge (weight 0 beyond r: the same numbers, no host sync)."""
+            if not compact:
+                return (edge_index, cutoff_fn(edge_lengths)), edge_shift
+            keep = torch.nonzero(edge_lengths.detach() < cutoff_fn.cutoff).squeeze(1)
+            shift = None if edge_shift is None else edge_shift.index_select(0, keep)
+            return (edge_index.index_select(1, keep), cutoff_fn(edge_lengths.index_select(0, keep))), shift
+
         hop_edges, hop_index, hop_shift = None, edge_index, edge_shift
         if self.hop_cutoff_fn is not None:  # the hops' edges and weights f(d; r_hop), 0 beyond r_hop
-            compact = self.compact_hop_edges if self.compact_hop_edges is not None else not pos.is_cuda
-            if compact:  # only the edges shorter than r_hop
-                keep = torch.nonzero(edge_lengths.detach() < self.hop_cutoff_fn.cutoff).squeeze(1)
-                hop_index = edge_index.index_select(1, keep)
-                hop_shift = None if edge_shift is None else edge_shift.index_select(0, keep)
-                hop_edges = (hop_index, self.hop_cutoff_fn(edge_lengths.index_select(0, keep)))
-            else:
-                hop_edges = (edge_index, self.hop_cutoff_fn(edge_lengths))
+            hop_edges, hop_shift = short_edges(self.hop_cutoff_fn)
+            hop_index = hop_edges[0]
         reverse = reverse_edges(hop_index, num_atoms, hop_shift) if self.passing_nonbacktracking else None
         node_orbitals, density = None, None
         orbitals_list, density_list, coefficient_list = [], [], []
@@ -430,8 +473,17 @@ class EquiREANN(Potential):
             coefficient_list.append(coefficients)
 
         readout = self.readout(density, element_index).squeeze(-1)
+        elastic_energies = None
+        if self.elastic is not None:
+            if self.hop_cutoff_fn is not None and self.hop_cutoff_fn.cutoff == self.elastic_cutoff_fn.cutoff:
+                bonds = hop_edges
+            else:
+                bonds = short_edges(self.elastic_cutoff_fn)[0]
+            relaxed = node_orbitals[..., :self.elastic.num_channels].contiguous()
+            elastic_energies = self.elastic(relaxed, density, bonds[0], bonds[1], batch, num_graphs).flatten(1)
+            readout = readout + (elastic_energies / self.elastic_scale) @ self.elastic_weight
         atomic, energy = self.total_energy(z, readout, batch, num_graphs)
-        return {
+        result = {
             "energy": energy,
             "atomic_energies": atomic,
             "node_orbitals": orbitals_list,
@@ -440,6 +492,9 @@ class EquiREANN(Potential):
             "edge_index": edge_index,
             "edge_vectors": vectors,
         }
+        if elastic_energies is not None:
+            result["elastic_energies"] = elastic_energies  # (N, (L+1)·K_e), before elastic_scale
+        return result
 
     def extra_repr(self) -> str:
         return (
@@ -451,5 +506,6 @@ class EquiREANN(Potential):
             + (", passing_norm=True" if self.passing_norm else "")
             + (", passing_nonbacktracking=True" if self.passing_nonbacktracking else "")
             + (f", passing_hop_cutoff={self.hop_cutoff_fn.cutoff}" if self.hop_cutoff_fn is not None else "")
+            + (f", elastic_channels={self.elastic.num_channels}" if self.elastic is not None else "")
             + (", compile=True" if self.compile_forces else "")
         )

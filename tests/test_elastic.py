@@ -1,0 +1,117 @@
+"""The elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`, ``EquiREANN(elastic_channels=…)``):
+the conjugate-gradient relaxation is the exact minimiser, graph by graph, and along a chain it is a series of springs."""
+import math
+from types import SimpleNamespace
+
+import torch
+
+from pyg_equireann import EquiREANN
+from pyg_equireann.nn.elastic import OrbitalElasticity
+from pyg_equireann.nn.orbitals import spherical_degrees
+
+from .conftest import make_model, random_rotation
+
+DEGREES = spherical_degrees(2)
+
+
+def chain_bonds(n, offset=0):
+    i = torch.arange(n - 1) + offset
+    return torch.stack([torch.cat([i, i + 1]), torch.cat([i + 1, i])])
+
+
+def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
+    """min_X J per graph and channel from a dense solve of (s L + A) X = A Ψ: (B, K)."""
+    anchor = torch.nn.functional.softplus(module.anchor(density)) + module.min_anchor  # (N, K)
+    stiffness = torch.nn.functional.softplus(module.stiffness)
+    n = orbitals.shape[0]
+    laplacian = torch.zeros(n, n)
+    laplacian.index_put_((bond_index[1], bond_index[0]), -bond_weight, accumulate=True)
+    laplacian.index_put_((bond_index[1], bond_index[1]), bond_weight, accumulate=True)
+    minima = torch.zeros(int(batch.max()) + 1, orbitals.shape[-1])
+    for g in range(minima.shape[0]):
+        atoms = (batch == g).nonzero().squeeze(1)
+        lap = laplacian[atoms][:, atoms]
+        for k in range(orbitals.shape[-1]):
+            a, psi = anchor[atoms, k], orbitals[atoms, :, k]
+            x = torch.linalg.solve(stiffness[k] * lap + torch.diag(a), a.unsqueeze(1) * psi)  # (n_g, A)
+            # J = ½ s Σ_{ij} L_ij x_i·x_j + ½ Σ a ‖x − ψ‖²
+            minima[g, k] = 0.5 * stiffness[k] * (x * (lap @ x)).sum() + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum()
+    return minima
+
+
+def test_relaxation_is_the_exact_minimiser_graph_by_graph():
+    torch.manual_seed(0)
+    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=12)
+    # a chain of 7 atoms, a ring of 5 with a branch, an isolated atom: one batch
+    ring = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 2], [1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 2, 5]]) + 7
+    bond_index = torch.cat([chain_bonds(7), ring], 1)
+    batch = torch.tensor([0] * 7 + [1] * 6 + [2])
+    chain_weight = 0.2 + torch.rand(6)
+    bond_weight = torch.cat([chain_weight, chain_weight, torch.full((12,), 0.7)])  # w_ij = w_ji
+    orbitals, density = torch.randn(14, len(DEGREES), 3), torch.randn(14, 5)
+    energies = module(orbitals, density, bond_index, bond_weight, batch, 3)  # (N, L+1, K)
+    assert energies.shape == (14, 3, 3) and (energies >= 0).all()
+    per_graph = torch.zeros(3, 3).index_add(0, batch, energies.sum(1))
+    torch.testing.assert_close(per_graph, dense_minimum(module, orbitals, density, bond_index, bond_weight, batch))
+    # each graph alone gives its own energies: the conjugate-gradient steps do not mix graphs
+    alone = module(orbitals[:7], density[:7], chain_bonds(7), bond_weight[:12], batch[:7], 1)
+    torch.testing.assert_close(alone, energies[:7])
+    # too few steps for the 7-atom chain: not the minimum (the steps are what reaches along the chain)
+    module.iterations = 2
+    short = torch.zeros(3, 3).index_add(0, batch, module(orbitals, density, bond_index, bond_weight, batch, 3).sum(1))
+    assert (short[0] - per_graph[0]).abs().max() > 1e-3
+
+
+def test_a_chain_is_a_series_of_springs():
+    """Ends anchored strongly, the middle barely: an end twisted by φ (l = 2, m = ±2 components rotate by 2φ) costs
+    ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length."""
+    module = OrbitalElasticity(DEGREES, 1, 1, iterations=40, min_anchor=1e-9).double()
+    module.anchor = torch.nn.Identity()  # anchor = softplus(density): ends softplus(12), middle ~ 0
+    for n in (3, 5, 8, 13, 21):
+        energies = []
+        for phi in (0.0, math.pi / 4):
+            psi = torch.zeros(n, len(DEGREES), 1)
+            psi[0, 8, 0] = 1.0
+            psi[-1, 8, 0], psi[-1, 4, 0] = math.cos(2 * phi), math.sin(2 * phi)
+            density = torch.full((n, 1), -40.0)
+            density[0] = density[-1] = 12.0
+            energies.append(module(psi, density, chain_bonds(n), torch.ones(2 * n - 2),
+                                   torch.zeros(n, dtype=torch.long), 1).sum())
+        end = torch.nn.functional.softplus(torch.tensor(12.0))
+        stiffness = torch.nn.functional.softplus(module.stiffness[0])  # 1
+        springs = 0.5 * (2 - 2 * math.cos(math.pi / 2)) / ((n - 1) / stiffness + 2 / end)  # 1/(s w) per bond, 1/a per end
+        torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
+
+
+def cumulene(n, twist):
+    """H₂C=(C=)ₙ₋₂=CH₂ along x, the far CH₂ rotated by ``twist`` about the axis (rad)."""
+    pos = [[1.3 * i, 0.0, 0.0] for i in range(n)]
+    for end, side in ((0, -1.0), (n - 1, 1.0)):
+        angle = twist if end else 0.0
+        for s in (1.0, -1.0):
+            pos.append([1.3 * end + 0.55 * side, 0.93 * s * math.cos(angle), 0.93 * s * math.sin(angle)])
+    return torch.tensor([6] * n + [1] * 4), torch.tensor(pos)
+
+
+def test_model_with_elastic_energy_sees_a_twist_beyond_its_receptive_field():
+    """With the passing off and T = 1 at r_c = 3 Å no atom sees both ends of a 12-carbon chain, except through the
+    relaxation along the bonds: the energy depends on the twist, invariantly, the same alone and in a batch."""
+    model = make_model(EquiREANN, 0, cutoff=3.0, num_iterations=1, equivariant_passing=False, elastic_channels=2,
+                       elastic_iterations=16, density_invariants="cubic", mlp_activation="silu")
+    with torch.no_grad():  # weak anchors (~ elastic_min_anchor): the relaxed field reaches over the whole chain
+        model.elastic.anchor[-1].bias.fill_(-10.0)
+    flat, twisted = cumulene(12, 0.0), cumulene(12, 0.6)
+    scales = model.calibrate_density_scale([SimpleNamespace(z=flat[0], pos=flat[1], batch=torch.zeros(16).long())])
+    assert (model.elastic_scale != 1).all() and scales.shape == model.density_scale.shape  # RMS of e, per (l, k)
+    plain = make_model(EquiREANN, 0, cutoff=3.0, num_iterations=1, equivariant_passing=False,
+                       density_invariants="cubic", mlp_activation="silu")
+    assert abs(plain(*flat) - plain(*twisted)).item() < 1e-12  # local: blind to the far twist
+    assert abs(model(*flat) - model(*twisted)).item() > 1e-2
+    z, pos = twisted
+    rotation = random_rotation(3)
+    torch.testing.assert_close(model(z, pos @ rotation.T), model(z, pos))
+    batch = torch.cat([torch.zeros(16), torch.ones(16)]).long()
+    both = model(torch.cat([z, flat[0]]), torch.cat([pos, flat[1] + 30.0]), batch)
+    torch.testing.assert_close(both, torch.cat([model(z, pos), model(*flat)]))
+    out = model.compute(z, pos)
+    assert out["elastic_energies"].shape == (16, 3 * 2)

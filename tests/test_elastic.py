@@ -1,5 +1,6 @@
-"""The elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`, ``EquiREANN(elastic_channels=…)``):
-the conjugate-gradient relaxation is the exact minimiser, graph by graph, and along a chain it is a series of springs."""
+"""The elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`,
+``EquiREANN(elastic_channels=…)``): the conjugate-gradient relaxation is the exact minimiser, graph by graph, and
+along a chain it is a series of springs."""
 import math
 from types import SimpleNamespace
 
@@ -79,7 +80,8 @@ def test_a_chain_is_a_series_of_springs():
                                    torch.zeros(n, dtype=torch.long), 1).sum())
         end = torch.nn.functional.softplus(torch.tensor(12.0))
         stiffness = torch.nn.functional.softplus(module.stiffness[0])  # 1
-        springs = 0.5 * (2 - 2 * math.cos(math.pi / 2)) / ((n - 1) / stiffness + 2 / end)  # 1/(s w) per bond, 1/a per end
+        # compliances in series: 1/(s w) per bond, 1/a per end
+        springs = 0.5 * (2 - 2 * math.cos(math.pi / 2)) / ((n - 1) / stiffness + 2 / end)
         torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
 
 

@@ -121,11 +121,12 @@ class EquiREANN(Potential):
             run on every edge with that weight instead, the same numbers with no host sync.
         passing_hop_tied_gain: one learned hop gain per iteration, degree and channel shared by all P − 1 hops
             (instead of one per hop), so that an orientation changes by the same factor at every bond.
-        elastic_channels: K_e > 0 adds the elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`):
-            the first K_e radial channels of Ψ⁽ᵀ⁾, anchored to each atom with a learned stiffness, are relaxed along
-            the bonds, and each atom's share of the elastic energy per degree and channel enters its energy linearly
-            (learned weights, zero at initialisation). Along a chain this is a series of springs: a twist's energy
-            falls as 1/length and reaches the whole chain (docs/nonlocal.md). None: off (the paper's model).
+        elastic_channels: K_e > 0 adds the elastic orbital energy
+            (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`): the first K_e radial channels of Ψ⁽ᵀ⁾, anchored
+            to each atom with a learned stiffness, are relaxed along the bonds, and each atom's share of the elastic
+            energy per degree and channel enters its energy linearly (learned weights, zero at initialisation).
+            Along a chain this is a series of springs: a twist's energy falls as 1/length and reaches the whole
+            chain (docs/nonlocal.md). None: off (the paper's model).
         elastic_iterations: conjugate-gradient steps of the relaxation (each reaches one bond further).
         elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
         elastic_min_anchor: floor of the learned anchor stiffness.

@@ -34,7 +34,8 @@ class OrbitalElasticity(nn.Module):
 
     X is found by ``iterations`` steps of conjugate gradients with a Jacobi preconditioner, started from Ψ;
     the step sizes are sums over the atoms of one graph and all angular components, so graphs in a batch do
-    not affect each other and rotations commute with every step (equivariant at any iteration count). Each step moves information one bond: after ``iterations`` steps X is exact on graphs whose
+    not affect each other and rotations commute with every step (equivariant at any iteration count). Each
+    step moves information one bond: after ``iterations`` steps X is exact on graphs whose
     bond paths are shorter (a chain of n carbons has n + 1 bonds). Steps after convergence do nothing.
 
     Args:
@@ -63,8 +64,8 @@ class OrbitalElasticity(nn.Module):
         self.iterations = int(iterations)
         self.min_anchor = float(min_anchor)
         # (A, L+1): sums the components of each degree
-        self.register_buffer("degree_sum", nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype()),
-                             persistent=False)
+        degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
+        self.register_buffer("degree_sum", degree_sum, persistent=False)
         self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))

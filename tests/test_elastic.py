@@ -25,18 +25,20 @@ def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
     anchor = torch.nn.functional.softplus(module.anchor(density)) + module.min_anchor  # (N, K)
     stiffness = torch.nn.functional.softplus(module.stiffness)
     n = orbitals.shape[0]
-    laplacian = torch.zeros(n, n)
-    laplacian.index_put_((bond_index[1], bond_index[0]), -bond_weight, accumulate=True)
-    laplacian.index_put_((bond_index[1], bond_index[1]), bond_weight, accumulate=True)
     minima = torch.zeros(int(batch.max()) + 1, orbitals.shape[-1])
-    for g in range(minima.shape[0]):
-        atoms = (batch == g).nonzero().squeeze(1)
-        lap = laplacian[atoms][:, atoms]
-        for k in range(orbitals.shape[-1]):
+    for k in range(orbitals.shape[-1]):
+        sign = 1.0 if k % 2 == 0 else -1.0  # σ_k
+        laplacian = torch.zeros(n, n)
+        laplacian.index_put_((bond_index[1], bond_index[0]), -sign * bond_weight, accumulate=True)
+        laplacian.index_put_((bond_index[1], bond_index[1]), bond_weight, accumulate=True)
+        for g in range(minima.shape[0]):
+            atoms = (batch == g).nonzero().squeeze(1)
+            lap = laplacian[atoms][:, atoms]
             a, psi = anchor[atoms, k], orbitals[atoms, :, k]
             x = torch.linalg.solve(stiffness[k] * lap + torch.diag(a), a.unsqueeze(1) * psi)  # (n_g, A)
             # J = ½ s Σ_{ij} L_ij x_i·x_j + ½ Σ a ‖x − ψ‖²
-            minima[g, k] = 0.5 * stiffness[k] * (x * (lap @ x)).sum() + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum()
+            minima[g, k] = (0.5 * stiffness[k] * (x * (lap @ x)).sum()
+                            + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum())
     return minima
 
 
@@ -65,23 +67,27 @@ def test_relaxation_is_the_exact_minimiser_graph_by_graph():
 
 def test_a_chain_is_a_series_of_springs():
     """Ends anchored strongly, the middle barely: an end twisted by φ (l = 2, m = ±2 components rotate by 2φ) costs
-    ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length."""
-    module = OrbitalElasticity(DEGREES, 1, 1, iterations=40, min_anchor=1e-9).double()
+    ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length.
+    In the σ = −1 channel the untwisted far end is (−1)^(n−1) u, the rest state of
+    a cumulene, whose consecutive π systems are perpendicular."""
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=40, min_anchor=1e-9).double()
     module.anchor = torch.nn.Identity()  # anchor = softplus(density): ends softplus(12), middle ~ 0
-    for n in (3, 5, 8, 13, 21):
+    for n in (3, 4, 5, 8, 13, 21):
         energies = []
         for phi in (0.0, math.pi / 4):
-            psi = torch.zeros(n, len(DEGREES), 1)
-            psi[0, 8, 0] = 1.0
-            psi[-1, 8, 0], psi[-1, 4, 0] = math.cos(2 * phi), math.sin(2 * phi)
-            density = torch.full((n, 1), -40.0)
+            psi = torch.zeros(n, len(DEGREES), 2)
+            psi[0, 8] = 1.0
+            psi[-1, 8], psi[-1, 4] = math.cos(2 * phi), math.sin(2 * phi)
+            psi[-1, :, 1] *= (-1) ** (n - 1)  # the σ = −1 channel's rest state
+            density = torch.full((n, 2), -40.0)
             density[0] = density[-1] = 12.0
             energies.append(module(psi, density, chain_bonds(n), torch.ones(2 * n - 2),
-                                   torch.zeros(n, dtype=torch.long), 1).sum())
+                                   torch.zeros(n, dtype=torch.long), 1).sum((0, 1)))
         end = torch.nn.functional.softplus(torch.tensor(12.0))
-        stiffness = torch.nn.functional.softplus(module.stiffness[0])  # 1
+        stiffness = torch.nn.functional.softplus(module.stiffness)  # 1
         # compliances in series: 1/(s w) per bond, 1/a per end
         springs = 0.5 * (2 - 2 * math.cos(math.pi / 2)) / ((n - 1) / stiffness + 2 / end)
+        torch.testing.assert_close(energies[0], torch.zeros(2), atol=1e-8, rtol=0)  # the 1e-9 middle anchors
         torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
 
 

@@ -127,7 +127,10 @@ class EquiREANN(Potential):
             energy per degree and channel enters its energy linearly (learned weights, zero at initialisation).
             Along a chain this is a series of springs: a twist's energy falls as 1/length and reaches the whole
             chain (docs/nonlocal.md). None: off (the paper's model).
-        elastic_iterations: conjugate-gradient steps of the relaxation (each reaches one bond further).
+        elastic_iterations: the most conjugate-gradient steps of the relaxation (each reaches one bond further).
+        elastic_tolerance: on a CPU, stop the relaxation once every residual is below this fraction of its
+            first (one host sync per step; the energy is then within ~tolerance² of the minimum); None, on CUDA
+            and under ``torch.compile``: every step runs.
         elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
         elastic_min_anchor: floor of the learned anchor stiffness.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -189,7 +192,8 @@ class EquiREANN(Potential):
         passing_hop_cutoff: Optional[float] = None,
         passing_hop_tied_gain: bool = False,
         elastic_channels: Optional[int] = None,
-        elastic_iterations: int = 20,
+        elastic_iterations: int = 32,
+        elastic_tolerance: Optional[float] = 1e-4,
         elastic_cutoff: float = 2.0,
         elastic_min_anchor: float = 1e-3,
         compile: bool = False,
@@ -301,7 +305,8 @@ class EquiREANN(Potential):
         self.elastic_cutoff_fn: Optional[CosineCutoff] = None
         if elastic_channels is not None:
             self.elastic = OrbitalElasticity(degrees, elastic_channels, density_width, iterations=elastic_iterations,
-                                             min_anchor=elastic_min_anchor, activation=mlp_activation)
+                                             min_anchor=elastic_min_anchor, activation=mlp_activation,
+                                             tolerance=elastic_tolerance)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ

@@ -1,6 +1,6 @@
 """Elastic relaxation of the orbital field along bonds (an extension of EquiREANN, docs/nonlocal.md)."""
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,15 +14,16 @@ class OrbitalElasticity(nn.Module):
     Each atom's orbital :math:`\Psi_i` (the first K_e radial channels of the last iteration) is the rest
     position of a spring of stiffness :math:`a_{i,k} > 0` (an anchor, learned from the atom's density),
     and each bond a spring of stiffness :math:`s_k\, w_{ij}` (:math:`w_{ij} = f(d_{ij}; r_b)`, the
-    bond weight, :math:`s_k > 0` learned). The relaxed field X minimises, per radial channel k,
+    bond weight, :math:`s_k > 0` learned) that pulls :math:`X_j` towards :math:`\sigma_k X_i`, with
+    :math:`\sigma_k = +1, -1, +1, …` over the channels. The relaxed field X minimises, per radial channel k,
 
     .. math::
-        J_k = \sum_{\{i,j\}} \tfrac12 s_k w_{ij} \lVert X_{i,:,k} - X_{j,:,k} \rVert^2
+        J_k = \sum_{\{i,j\}} \tfrac12 s_k w_{ij} \lVert X_{i,:,k} - \sigma_k X_{j,:,k} \rVert^2
             + \sum_i \tfrac12 a_{i,k} \lVert X_{i,:,k} - \Psi_{i,:,k} \rVert^2,
-        \qquad (s_k L_w + A_k)\, X_{:,:,k} = A_k \Psi_{:,:,k},
+        \qquad (s_k (D_w - \sigma_k W) + A_k)\, X_{:,:,k} = A_k \Psi_{:,:,k},
 
     and the energy of atom i is its share of the minimum, per degree l:
-    :math:`e_{i,l,k} = \tfrac14 \sum_j s_k w_{ij} \lVert X_{i,l,k} - X_{j,l,k}\rVert^2 + \tfrac12 a_{i,k}
+    :math:`e_{i,l,k} = \tfrac14 \sum_j s_k w_{ij} \lVert X_{i,l,k} - \sigma_k X_{j,l,k}\rVert^2 + \tfrac12 a_{i,k}
     \lVert X_{i,l,k} - \Psi_{i,l,k}\rVert^2` (norms over the 2l+1 components: invariant),
     :math:`\sum_{i,l} e_{i,l,k} = J_k`.
 
@@ -30,20 +31,26 @@ class OrbitalElasticity(nn.Module):
     anchored strongly (the CH₂ groups), X interpolates between the two end orientations and J is that of n
     springs in series, :math:`\propto \lVert \Psi_A - R\Psi_A \rVert^2 / n` for an end twisted by R: the
     1/n fall-off of a conjugated chain's twist energy is built in, not fitted per length, and it reaches as
-    far as the chain goes. In dense matter every atom is anchored and X stays local.
+    far as the chain goes. In dense matter every atom is anchored and X stays local. The channels with
+    σ = −1 are the cumulene's: consecutive π systems are perpendicular, and a quarter turn about the bond
+    negates the m = ±2 components, so an end's orientation arrives with the sign (−1)^bonds and the springs'
+    rest state is the untwisted chain for either parity (the existing passing learns the same sign, docs/nonlocal.md).
 
-    X is found by ``iterations`` steps of conjugate gradients with a Jacobi preconditioner, started from Ψ;
-    the step sizes are sums over the atoms of one graph and all angular components, so graphs in a batch do
-    not affect each other and rotations commute with every step (equivariant at any iteration count). Each
-    step moves information one bond: after ``iterations`` steps X is exact on graphs whose
-    bond paths are shorter (a chain of n carbons has n + 1 bonds). Steps after convergence do nothing.
+    X is found by conjugate gradients with a Jacobi preconditioner, started from Ψ, until the residual is
+    below ``tolerance`` of its first (on a CPU, eager) or for ``iterations`` steps. The step sizes are sums over
+    the atoms of one graph and all angular components, so graphs in a batch do not affect each other and
+    rotations commute with every step (equivariant at any step count). Each step moves information one bond
+    further: on a tree of m atoms (a chain) the steps are exact after at most m steps; steps after
+    convergence do nothing.
 
     Args:
         degrees: (A,) degree of each angular component.
         num_channels: K_e, the radial channels relaxed.
         density_width: width of the density that sets the anchors.
         anchor_hidden: hidden widths of the anchor network.
-        iterations: conjugate-gradient steps.
+        iterations: the most conjugate-gradient steps.
+        tolerance: stop when the preconditioned residual norm of every graph and channel is below this fraction
+            of its first (None: always ``iterations`` steps, no host sync).
         min_anchor: floor of a (keeps the system positive definite on a graph without anchors).
         activation: activation of the anchor network.
 
@@ -52,7 +59,8 @@ class OrbitalElasticity(nn.Module):
     """
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
-                 iterations: int = 20, min_anchor: float = 1e-3, activation: str = "silu"):
+                 iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
+                 tolerance: Optional[float] = 1e-4):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")
@@ -63,12 +71,17 @@ class OrbitalElasticity(nn.Module):
         self.num_channels = int(num_channels)
         self.iterations = int(iterations)
         self.min_anchor = float(min_anchor)
+        self.tolerance = None if tolerance is None else float(tolerance)
         # (A, L+1): sums the components of each degree
         degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
         self.register_buffer("degree_sum", degree_sum, persistent=False)
         self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
+        # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i
+        sign = torch.ones(num_channels)
+        sign[1::2] = -1.0
+        self.register_buffer("sign", sign, persistent=False)
 
     @staticmethod
     def _per_graph(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
@@ -86,9 +99,11 @@ class OrbitalElasticity(nn.Module):
         degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
         diagonal = degree * stiffness + anchor  # (N, 1, K), the Jacobi preconditioner
 
-        def apply(x: Tensor) -> Tensor:  # (s L_w + A) x, (L_w x)_i = Σ_j w_ij (x_i − x_j)
+        coupling = stiffness * self.sign.to(stiffness.dtype)  # s_k σ_k
+
+        def apply(x: Tensor) -> Tensor:  # (s L_w + A) x, (L_w x)_i = Σ_j w_ij (x_i − σ x_j)
             neighbor_sum = x.new_zeros(x.shape).index_add(0, centers, x.index_select(0, neighbors) * weight)
-            return diagonal * x - stiffness * neighbor_sum
+            return diagonal * x - coupling * neighbor_sum
 
         x = orbitals
         residual = anchor * orbitals - apply(orbitals)  # A Ψ − (s L + A) Ψ
@@ -98,7 +113,14 @@ class OrbitalElasticity(nn.Module):
         # a converged system gives 0/0 steps: denominators are kept above 1e-12 of the first residual (the
         # absolute 1e-18 keeps 1/floor² finite in float32); below it the steps are ~0 anyway
         floor = 1e-12 * rz + 1e-18
+        # stop once every graph's preconditioned residual is below `tolerance` of its first (one host sync per
+        # step; J is then within ~tolerance² of its minimum); on CUDA and compiled every step runs (no sync)
+        stop = None
+        if self.tolerance is not None and not orbitals.is_cuda and not torch.compiler.is_compiling():
+            stop = (self.tolerance ** 2 * rz).detach()
         for _ in range(self.iterations):
+            if stop is not None and bool((rz.detach() <= stop).all()):
+                break
             applied = apply(direction)
             step = rz / torch.maximum(self._per_graph(direction * applied, batch, num_graphs), floor)
             x = x + step * direction
@@ -108,8 +130,8 @@ class OrbitalElasticity(nn.Module):
             direction = z + rz_next / torch.maximum(rz, floor) * direction
             rz = rz_next
 
-        difference = x.index_select(0, centers) - x.index_select(0, neighbors)  # (E_b, A, K)
-        bonds = x.new_zeros(x.shape).index_add(0, centers, difference.square() * weight)  # Σ_j w_ij (X_i − X_j)²
+        difference = x.index_select(0, centers) - self.sign.to(x.dtype) * x.index_select(0, neighbors)  # (E_b, A, K)
+        bonds = x.new_zeros(x.shape).index_add(0, centers, difference.square() * weight)  # Σ_j w_ij (X_i − σ X_j)²
         energy = 0.25 * stiffness * bonds + 0.5 * anchor * (x - orbitals).square()  # (N, A, K)
         return torch.einsum("nak,al->nlk", energy, self.degree_sum.to(energy.dtype))
 

@@ -109,24 +109,30 @@ class OrbitalElasticity(nn.Module):
         z = residual / diagonal
         direction = z
         rz = self._per_graph(residual * z, batch, num_graphs)
-        # a converged system gives 0/0 steps: denominators are kept above 1e-12 of the first residual (the
-        # absolute 1e-18 keeps 1/floor² finite in float32); below it the steps are ~0 anyway
-        floor = 1e-12 * rz + 1e-18
+        # A system whose residual has reached rounding (100 eps of the first, relative) stops moving: its step
+        # and β are 0 from then on. Without that, float32 steps after convergence divide rounding noise by
+        # rounding noise and can blow up. The floor also keeps every denominator (and 1/floor²) finite.
+        finfo = torch.finfo(rz.dtype)
+        floor = (100 * finfo.eps) ** 2 * rz + finfo.tiny ** 0.5
+        zero = torch.zeros_like(rz)
         # stop once every graph's preconditioned residual is below `tolerance` of its first (one host sync per
         # step); on CUDA and compiled every step runs (no sync)
         stop = None
         if self.tolerance is not None and not orbitals.is_cuda and not torch.compiler.is_compiling():
-            stop = (self.tolerance ** 2 * rz).detach()
+            stop = torch.maximum(self.tolerance ** 2 * rz, floor).detach()
         for _ in range(self.iterations):
             if stop is not None and bool((rz.detach() <= stop).all()):
                 break
             applied = apply(direction)
-            step = rz / torch.maximum(self._per_graph(direction * applied, batch, num_graphs), floor)
+            moving = rz > floor
+            step = torch.where(moving, rz / torch.maximum(self._per_graph(direction * applied, batch, num_graphs),
+                                                          floor), zero)
             x = x + step * direction
             residual = residual - step * applied
             z = residual / diagonal
             rz_next = self._per_graph(residual * z, batch, num_graphs)
-            direction = z + rz_next / torch.maximum(rz, floor) * direction
+            beta = torch.where(moving & (rz_next > floor), rz_next / torch.maximum(rz, floor), zero)
+            direction = z + beta * direction
             rz = rz_next
         return x
 

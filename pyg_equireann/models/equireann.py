@@ -153,8 +153,9 @@ class EquiREANN(Potential):
     """
 
     min_distance: float = MIN_DISTANCE
-    # passing_hop_cutoff: hops on the edges shorter than r_hop only (True), or on every edge with weight
-    # f(d; r_hop), 0 beyond (False); the same numbers. None: True on a CPU (fewer edges), False on CUDA (no sync)
+    # passing_hop_cutoff (and elastic_cutoff): hops (bonds) on the edges shorter than r_hop only (True), or on every
+    # edge with weight f(d; r_hop), 0 beyond (False); the same numbers. None: True on a CPU (fewer edges), False on
+    # CUDA (no sync)
     compact_hop_edges: Optional[bool] = None
     caches_graph = True
     supports_pbc = True

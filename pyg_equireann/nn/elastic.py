@@ -97,6 +97,15 @@ class OrbitalElasticity(nn.Module):
         summed = by_degree.new_zeros((num_graphs,) + by_degree.shape[1:]).index_add(0, batch, by_degree)
         return summed.index_select(0, batch).index_select(1, self.degrees)
 
+    def anchors(self, density: Tensor, degree: Tensor, stiffness: Tensor) -> Tensor:
+        """a_{i,l,k} = (softplus(net(ρ_i)) + a_min)(1 + s_{l,k} Σ_j w_ij), on the components: (N, A, K).
+
+        Relative to the atom's springs, so the network sets the ratio a / (s Σ w) (a chain's decay length, about
+        (a / (s Σ w))^(−1/2) bonds) and the preconditioned system's condition number stays below ~1/a_min: conjugate
+        gradients in float32 stay accurate whatever the stiffness learns."""
+        ratio = nn.functional.softplus(self.anchor(density)).view(density.shape[0], self.num_degrees, -1)
+        return (ratio + self.min_anchor).index_select(1, self.degrees) * (1.0 + stiffness * degree)
+
     def relax(self, orbitals: Tensor, anchor: Tensor, diagonal: Tensor, coupling: Tensor, neighbors: Tensor,
               centers: Tensor, weight: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
         """X of (s (D − σW) + A) X = A Ψ by preconditioned conjugate gradients (class docstring); (N, A, K)."""
@@ -140,12 +149,11 @@ class OrbitalElasticity(nn.Module):
                 num_graphs: int) -> Tensor:
         num_atoms = orbitals.shape[0]
         neighbors, centers = bond_index[0], bond_index[1]
-        anchor = nn.functional.softplus(self.anchor(density)).view(num_atoms, self.num_degrees, self.num_channels)
-        anchor = (anchor + self.min_anchor).index_select(1, self.degrees)  # a (N, A, K)
         stiffness = nn.functional.softplus(self.stiffness).index_select(0, self.degrees)  # s (A, K)
         sign = self.sign.to(stiffness.dtype)
         weight = bond_weight.view(-1, 1, 1)
         degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
+        anchor = self.anchors(density, degree, stiffness)  # a (N, A, K)
         diagonal = degree * stiffness + anchor  # (N, A, K), the Jacobi preconditioner
         args = (anchor, diagonal, stiffness * sign, neighbors, centers, weight, batch, num_graphs)
         if self.gradient == "envelope":

@@ -70,7 +70,7 @@ def test_relaxation_is_the_exact_minimiser_graph_by_graph():
 
 
 def test_a_chain_is_a_series_of_springs():
-    """Ends anchored strongly, the middle barely (a_min = 1e-9): an end twisted by φ (l = 2, m = ±2 components rotate by 2φ) costs
+    """Ends anchored strongly, the middle barely (a_min = 1e-9): an end twisted by φ (l = 2, m = ±2 rotate by 2φ) costs
     ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length.
     In the σ = −1 channel the untwisted far end is (−1)^(n−1) u, the rest state of
     a cumulene, whose consecutive π systems are perpendicular."""

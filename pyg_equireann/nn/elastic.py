@@ -65,7 +65,7 @@ class OrbitalElasticity(nn.Module):
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
-                 tolerance: Optional[float] = 1e-6, gradient: str = "envelope"):
+                 tolerance: Optional[float] = 1e-4, gradient: str = "exact"):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")

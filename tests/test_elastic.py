@@ -1,7 +1,6 @@
 """The elastic orbital energy (:class:`~pyg_equireann.nn.elastic.OrbitalElasticity`,
 ``EquiREANN(elastic_channels=…)``): the conjugate-gradient relaxation is the exact minimiser, graph by graph, and
 along a chain it is a series of springs."""
-import itertools
 import math
 from types import SimpleNamespace
 
@@ -10,7 +9,6 @@ import torch
 from pyg_equireann import EquiREANN
 from pyg_equireann.nn.elastic import OrbitalElasticity
 from pyg_equireann.nn.orbitals import spherical_degrees
-from pyg_equireann.testing import Structure, check_forces_finite_differences
 
 from .conftest import make_model, random_rotation
 
@@ -23,14 +21,12 @@ def chain_bonds(n, offset=0):
 
 
 def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
-    """min_X J per graph, degree and channel from a dense solve of (s (D − σW) + A) X = A Ψ: (B, L+1, K)."""
-    n, num_degrees = orbitals.shape[0], module.num_degrees
-    stiffness = torch.nn.functional.softplus(module.stiffness)  # (L+1, K)
-    degree = torch.zeros(n).index_add(0, bond_index[1], bond_weight).view(-1, 1, 1)
-    ratio = torch.nn.functional.softplus(module.anchor(density)).view(n, num_degrees, -1) + module.min_anchor
-    anchor = ratio * (1 + stiffness * degree)  # (N, L+1, K)
-    minima = torch.zeros(int(batch.max()) + 1, num_degrees, orbitals.shape[-1])
-    for k, l in itertools.product(range(orbitals.shape[-1]), range(num_degrees)):
+    """min_X J per graph and channel from a dense solve of (s L + A) X = A Ψ: (B, K)."""
+    anchor = torch.nn.functional.softplus(module.anchor(density)) + module.min_anchor  # (N, K)
+    stiffness = torch.nn.functional.softplus(module.stiffness)
+    n = orbitals.shape[0]
+    minima = torch.zeros(int(batch.max()) + 1, orbitals.shape[-1])
+    for k in range(orbitals.shape[-1]):
         sign = 1.0 if k % 2 == 0 else -1.0  # σ_k
         laplacian = torch.zeros(n, n)
         laplacian.index_put_((bond_index[1], bond_index[0]), -sign * bond_weight, accumulate=True)
@@ -38,11 +34,11 @@ def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
         for g in range(minima.shape[0]):
             atoms = (batch == g).nonzero().squeeze(1)
             lap = laplacian[atoms][:, atoms]
-            a, psi = anchor[atoms, l, k], orbitals[atoms][:, DEGREES == l, k]
-            x = torch.linalg.solve(stiffness[l, k] * lap + torch.diag(a), a.unsqueeze(1) * psi)  # (n_g, 2l+1)
+            a, psi = anchor[atoms, k], orbitals[atoms, :, k]
+            x = torch.linalg.solve(stiffness[k] * lap + torch.diag(a), a.unsqueeze(1) * psi)  # (n_g, A)
             # J = ½ s Σ_{ij} L_ij x_i·x_j + ½ Σ a ‖x − ψ‖²
-            minima[g, l, k] = (0.5 * stiffness[l, k] * (x * (lap @ x)).sum()
-                               + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum())
+            minima[g, k] = (0.5 * stiffness[k] * (x * (lap @ x)).sum()
+                            + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum())
     return minima
 
 
@@ -58,23 +54,23 @@ def test_relaxation_is_the_exact_minimiser_graph_by_graph():
     orbitals, density = torch.randn(14, len(DEGREES), 3), torch.randn(14, 5)
     energies = module(orbitals, density, bond_index, bond_weight, batch, 3)  # (N, L+1, K)
     assert energies.shape == (14, 3, 3) and (energies >= 0).all()
-    per_graph = torch.zeros(3, 3, 3).index_add(0, batch, energies)
+    per_graph = torch.zeros(3, 3).index_add(0, batch, energies.sum(1))
     torch.testing.assert_close(per_graph, dense_minimum(module, orbitals, density, bond_index, bond_weight, batch))
     # each graph alone gives its own energies: the conjugate-gradient steps do not mix graphs
     alone = module(orbitals[:7], density[:7], chain_bonds(7), bond_weight[:12], batch[:7], 1)
     torch.testing.assert_close(alone, energies[:7])
     # too few steps for the 7-atom chain: not the minimum (the steps are what reaches along the chain)
     module.iterations = 2
-    short = torch.zeros(3, 3, 3).index_add(0, batch, module(orbitals, density, bond_index, bond_weight, batch, 3))
+    short = torch.zeros(3, 3).index_add(0, batch, module(orbitals, density, bond_index, bond_weight, batch, 3).sum(1))
     assert (short[0] - per_graph[0]).abs().max() > 1e-3
 
 
 def test_a_chain_is_a_series_of_springs():
-    """Ends anchored strongly, the middle barely (a_min = 1e-9): an end twisted by φ (l = 2, m = ±2 rotate by 2φ) costs
+    """Ends anchored strongly, the middle barely: an end twisted by φ (l = 2, m = ±2 components rotate by 2φ) costs
     ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length.
     In the σ = −1 channel the untwisted far end is (−1)^(n−1) u, the rest state of
     a cumulene, whose consecutive π systems are perpendicular."""
-    module = OrbitalElasticity(DEGREES, 2, 3 * 2, iterations=40, min_anchor=1e-9).double()
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=40, min_anchor=1e-9).double()
     module.anchor = torch.nn.Identity()  # anchor = softplus(density): ends softplus(12), middle ~ 0
     for n in (3, 4, 5, 8, 13, 21):
         energies = []
@@ -83,15 +79,15 @@ def test_a_chain_is_a_series_of_springs():
             psi[0, 8] = 1.0
             psi[-1, 8], psi[-1, 4] = math.cos(2 * phi), math.sin(2 * phi)
             psi[-1, :, 1] *= (-1) ** (n - 1)  # the σ = −1 channel's rest state
-            density = torch.full((n, 3 * 2), -40.0)  # (l, k) of every atom
+            density = torch.full((n, 2), -40.0)
             density[0] = density[-1] = 12.0
             energies.append(module(psi, density, chain_bonds(n), torch.ones(2 * n - 2),
                                    torch.zeros(n, dtype=torch.long), 1).sum((0, 1)))
-        stiffness = torch.nn.functional.softplus(module.stiffness[2])  # 1
-        end = torch.nn.functional.softplus(torch.tensor(12.0)) * (1 + stiffness)  # relative to the end's one bond
+        end = torch.nn.functional.softplus(torch.tensor(12.0))
+        stiffness = torch.nn.functional.softplus(module.stiffness)  # 1
         # compliances in series: 1/(s w) per bond, 1/a per end
         springs = 0.5 * (2 - 2 * math.cos(math.pi / 2)) / ((n - 1) / stiffness + 2 / end)
-        torch.testing.assert_close(energies[0], torch.zeros(2), atol=1e-7, rtol=0)  # the ~1e-9 middle anchors
+        torch.testing.assert_close(energies[0], torch.zeros(2), atol=1e-8, rtol=0)  # the 1e-9 middle anchors
         torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
 
 
@@ -129,33 +125,20 @@ def test_model_with_elastic_energy_sees_a_twist_beyond_its_receptive_field():
     assert out["elastic_energies"].shape == (16, 3 * 2)
 
 
-def test_envelope_gradient_equals_the_exact_one_at_the_minimum():
-    """∂J/∂X = 0 at the minimum: differentiating J at the relaxed field (no graph through the steps) gives the same
-    first derivatives as differentiating through every step, for the orbitals, the densities, the bond weights and
-    the parameters; in a model, forces = −∇E by finite differences."""
-    exact = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=2, density_width=5, iterations=40,
-                       tolerance=1e-12)
-    envelope = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=2, density_width=5, iterations=40,
-                          tolerance=1e-12, gradient="envelope")
-    envelope.load_state_dict(exact.state_dict())
-    bond_index, batch = torch.cat([chain_bonds(6), chain_bonds(4, 6)], 1), torch.tensor([0] * 6 + [1] * 4)
-    gamma = torch.randn(3, 2)
-    grads = []
-    for module in (exact, envelope):
-        orbitals = torch.randn(10, len(DEGREES), 2, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        density = torch.randn(10, 5, generator=torch.Generator().manual_seed(2)).requires_grad_()
-        w6, w4 = torch.linspace(0.3, 0.9, 5), torch.tensor([0.4, 0.8, 0.6])
-        weight = torch.cat([w6, w6, w4, w4]).requires_grad_()  # w_ij = w_ji
-        energy = (module(orbitals, density, bond_index, weight, batch, 2) * gamma).sum()
-        inputs = [orbitals, density, weight] + list(module.parameters())
-        grads.append([energy.detach()] + list(torch.autograd.grad(energy, inputs)))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-
-    model = make_model(EquiREANN, 0, cutoff=3.0, num_iterations=1, elastic_channels=2, elastic_iterations=40,
-                       elastic_tolerance=1e-12, elastic_gradient="envelope")
-    with torch.no_grad():
-        model.elastic.anchor[-1].bias.fill_(-3.0)
-    z, pos = cumulene(6, 0.4)
-    pos = pos + 0.05 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(3))
-    check_forces_finite_differences(model, Structure(z, pos, None, None), h=1e-5, rtol=1e-6)
+def test_steps_after_convergence_do_not_move_in_float32():
+    """On CUDA and compiled every step runs: in float32 a converged system must stay put (a step that divides
+    rounding noise by rounding noise would blow it up)."""
+    torch.manual_seed(0)
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=64, tolerance=None)
+    module.anchor = torch.nn.Identity()
+    n = 12
+    orbitals, density = torch.randn(5 * n, len(DEGREES), 2), torch.full((5 * n, 2), -8.0)
+    density[::n] = 5.0  # one end of each chain anchored strongly, the rest weakly
+    bond_index = torch.cat([chain_bonds(n, g * n) for g in range(5)], 1)
+    batch = torch.arange(5).repeat_interleave(n)
+    weight = torch.full((bond_index.shape[1],), 0.3)
+    energies = module(orbitals, density, bond_index, weight, batch, 5)
+    module.iterations = 2 * n  # converged by then: every chain is a tree of n atoms
+    converged = module(orbitals, density, bond_index, weight, batch, 5)
+    assert torch.isfinite(energies).all()
+    torch.testing.assert_close(energies, converged, rtol=1e-3, atol=1e-6)

@@ -131,9 +131,6 @@ class EquiREANN(Potential):
         elastic_tolerance: on a CPU, stop the relaxation once every residual is below this fraction of its
             first (one host sync per step; the energy is then within ~tolerance² of the minimum); None, on CUDA
             and under ``torch.compile``: every step runs.
-        elastic_gradient: ``"exact"`` (through every relaxation step) or ``"envelope"`` (J differentiated at the
-            relaxed field, which is exact for energy and forces at convergence and skips the steps' graph; the
-            force loss's parameter gradient leaves out how the field moves with the parameters).
         elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
         elastic_min_anchor: floor of the learned anchor stiffness.
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -198,7 +195,6 @@ class EquiREANN(Potential):
         elastic_channels: Optional[int] = None,
         elastic_iterations: int = 32,
         elastic_tolerance: Optional[float] = 1e-4,
-        elastic_gradient: str = "exact",
         elastic_cutoff: float = 2.0,
         elastic_min_anchor: float = 1e-3,
         compile: bool = False,
@@ -311,7 +307,7 @@ class EquiREANN(Potential):
         if elastic_channels is not None:
             self.elastic = OrbitalElasticity(degrees, elastic_channels, density_width, iterations=elastic_iterations,
                                              min_anchor=elastic_min_anchor, activation=mlp_activation,
-                                             tolerance=elastic_tolerance, gradient=elastic_gradient)
+                                             tolerance=elastic_tolerance)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ

@@ -12,19 +12,20 @@ class OrbitalElasticity(nn.Module):
     r"""An orbital field relaxed along the bonds, and its elastic energy per atom.
 
     Each atom's orbital :math:`\Psi_i` (the first K_e radial channels of the last iteration) is the rest
-    position of a spring of stiffness :math:`a_{i,l,k} > 0` (an anchor, learned from the atom's density),
-    and each bond a spring of stiffness :math:`s_{l,k}\, w_{ij}` (:math:`w_{ij} = f(d_{ij}; r_b)`, the
-    bond weight, :math:`s_{l,k} > 0` learned) that pulls :math:`X_j` towards :math:`\sigma_k X_i`, with
-    :math:`\sigma_k = +1, -1, +1, …` over the channels. Per degree l and channel k the relaxed field X minimises
+    position of a spring of stiffness :math:`a_{i,k} > 0` (an anchor, learned from the atom's density),
+    and each bond a spring of stiffness :math:`s_k\, w_{ij}` (:math:`w_{ij} = f(d_{ij}; r_b)`, the
+    bond weight, :math:`s_k > 0` learned) that pulls :math:`X_j` towards :math:`\sigma_k X_i`, with
+    :math:`\sigma_k = +1, -1, +1, …` over the channels. The relaxed field X minimises, per radial channel k,
 
     .. math::
-        J_{l,k} = \sum_{\{i,j\}} \tfrac12 s_{l,k} w_{ij} \lVert X_{i,l,k} - \sigma_k X_{j,l,k} \rVert^2
-            + \sum_i \tfrac12 a_{i,l,k} \lVert X_{i,l,k} - \Psi_{i,l,k} \rVert^2,
-        \qquad (s_{l,k} (D_w - \sigma_k W) + A_{l,k})\, X_{l,k} = A_{l,k} \Psi_{l,k}
+        J_k = \sum_{\{i,j\}} \tfrac12 s_k w_{ij} \lVert X_{i,:,k} - \sigma_k X_{j,:,k} \rVert^2
+            + \sum_i \tfrac12 a_{i,k} \lVert X_{i,:,k} - \Psi_{i,:,k} \rVert^2,
+        \qquad (s_k (D_w - \sigma_k W) + A_k)\, X_{:,:,k} = A_k \Psi_{:,:,k},
 
-    (norms over the 2l+1 components: invariant), and the energy of atom i is its share of the minimum,
-    :math:`e_{i,l,k} = \tfrac14 \sum_j s_{l,k} w_{ij} \lVert X_{i,l,k} - \sigma_k X_{j,l,k}\rVert^2
-    + \tfrac12 a_{i,l,k} \lVert X_{i,l,k} - \Psi_{i,l,k}\rVert^2`, :math:`\sum_i e_{i,l,k} = J_{l,k}`.
+    and the energy of atom i is its share of the minimum, per degree l:
+    :math:`e_{i,l,k} = \tfrac14 \sum_j s_k w_{ij} \lVert X_{i,l,k} - \sigma_k X_{j,l,k}\rVert^2 + \tfrac12 a_{i,k}
+    \lVert X_{i,l,k} - \Psi_{i,l,k}\rVert^2` (norms over the 2l+1 components: invariant),
+    :math:`\sum_{i,l} e_{i,l,k} = J_k`.
 
     Why: along a chain whose atoms are anchored weakly (the middle of a cumulene) and whose ends are
     anchored strongly (the CH₂ groups), X interpolates between the two end orientations and J is that of n
@@ -37,15 +38,10 @@ class OrbitalElasticity(nn.Module):
 
     X is found by conjugate gradients with a Jacobi preconditioner, started from Ψ, until the residual is
     below ``tolerance`` of its first (on a CPU, eager) or for ``iterations`` steps. The step sizes are sums over
-    the atoms of one graph and the 2l+1 components of a degree, so graphs in a batch do not affect each other
-    and rotations commute with every step (equivariant at any step count). Each step moves information one
-    bond further: on a tree of m atoms (a chain) the steps are exact after at most m steps; steps after
+    the atoms of one graph and all angular components, so graphs in a batch do not affect each other and
+    rotations commute with every step (equivariant at any step count). Each step moves information one bond
+    further: on a tree of m atoms (a chain) the steps are exact after at most m steps; steps after
     convergence do nothing.
-
-    Gradients: ``"exact"`` differentiates through every step (any order). ``"envelope"`` runs the steps
-    without a graph and differentiates J at the fixed X: since ∂J/∂X = 0 at the minimum, the energy and the
-    forces are exact up to the solver's residual (run it to a tight ``tolerance``), at the cost of one
-    evaluation of J; the parameter gradient of a force loss then leaves out how X moves with the parameters.
 
     Args:
         degrees: (A,) degree of each angular component.
@@ -57,7 +53,6 @@ class OrbitalElasticity(nn.Module):
             of its first (None: always ``iterations`` steps, no host sync).
         min_anchor: floor of a (keeps the system positive definite on a graph without anchors).
         activation: activation of the anchor network.
-        gradient: ``"exact"`` or ``"envelope"`` (above).
 
     Shapes: orbitals Ψ (N, A, K_e); density (N, D); bond_index (2, E_b) [j, i], bond_weight w (E_b,),
     batch (N,) → per-atom energies (N, L+1, K_e).
@@ -65,51 +60,48 @@ class OrbitalElasticity(nn.Module):
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
-                 tolerance: Optional[float] = 1e-4, gradient: str = "exact"):
+                 tolerance: Optional[float] = 1e-4):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")
         if not min_anchor > 0:
             raise ValueError(f"elastic_min_anchor must be positive, got {min_anchor}")
-        if gradient not in ("exact", "envelope"):
-            raise ValueError(f"elastic_gradient must be 'exact' or 'envelope', got {gradient!r}")
         self.register_buffer("degrees", degrees.clone(), persistent=False)
         self.num_degrees = int(degrees.max()) + 1
         self.num_channels = int(num_channels)
         self.iterations = int(iterations)
         self.min_anchor = float(min_anchor)
         self.tolerance = None if tolerance is None else float(tolerance)
-        self.gradient = gradient
         # (A, L+1): sums the components of each degree
         degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
         self.register_buffer("degree_sum", degree_sum, persistent=False)
-        self.anchor = MLP(density_width, anchor_hidden, self.num_degrees * num_channels, activation=activation)
+        self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
-        self.stiffness = nn.Parameter(torch.full((self.num_degrees, num_channels), math.log(math.e - 1.0)))
+        self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
         # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i
         sign = torch.ones(num_channels)
         sign[1::2] = -1.0
         self.register_buffer("sign", sign, persistent=False)
 
-    def _per_graph(self, values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        """Sum (N, A, K) over the atoms of each graph and the components of each degree, back on (N, A, K)."""
-        by_degree = torch.einsum("nak,al->nlk", values, self.degree_sum.to(values.dtype))
-        summed = by_degree.new_zeros((num_graphs,) + by_degree.shape[1:]).index_add(0, batch, by_degree)
-        return summed.index_select(0, batch).index_select(1, self.degrees)
+    @staticmethod
+    def _per_graph(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+        """Sum (N, A, K) over the atoms of each graph and all components: (N, 1, K), each atom its graph's sum."""
+        summed = values.new_zeros((num_graphs, values.shape[-1])).index_add(0, batch, values.sum(1))  # (B, K)
+        return summed.index_select(0, batch).unsqueeze(1)
 
-    def anchors(self, density: Tensor, degree: Tensor, stiffness: Tensor) -> Tensor:
-        """a_{i,l,k} = (softplus(net(ρ_i)) + a_min)(1 + s_{l,k} Σ_j w_ij), on the components: (N, A, K).
+    def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
+                num_graphs: int) -> Tensor:
+        num_atoms = orbitals.shape[0]
+        neighbors, centers = bond_index[0], bond_index[1]
+        anchor = (nn.functional.softplus(self.anchor(density)) + self.min_anchor).unsqueeze(1)  # (N, 1, K)
+        stiffness = nn.functional.softplus(self.stiffness)  # (K,)
+        weight = bond_weight.view(-1, 1, 1)
+        degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
+        diagonal = degree * stiffness + anchor  # (N, 1, K), the Jacobi preconditioner
 
-        Relative to the atom's springs, so the network sets the ratio a / (s Σ w) (a chain's decay length, about
-        (a / (s Σ w))^(−1/2) bonds) and the preconditioned system's condition number stays below ~1/a_min: conjugate
-        gradients in float32 stay accurate whatever the stiffness learns."""
-        ratio = nn.functional.softplus(self.anchor(density)).view(density.shape[0], self.num_degrees, -1)
-        return (ratio + self.min_anchor).index_select(1, self.degrees) * (1.0 + stiffness * degree)
+        coupling = stiffness * self.sign.to(stiffness.dtype)  # s_k σ_k
 
-    def relax(self, orbitals: Tensor, anchor: Tensor, diagonal: Tensor, coupling: Tensor, neighbors: Tensor,
-              centers: Tensor, weight: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        """X of (s (D − σW) + A) X = A Ψ by preconditioned conjugate gradients (class docstring); (N, A, K)."""
-        def apply(x: Tensor) -> Tensor:  # (s (D − σ W) + A) x
+        def apply(x: Tensor) -> Tensor:  # (s L_w + A) x, (L_w x)_i = Σ_j w_ij (x_i − σ x_j)
             neighbor_sum = x.new_zeros(x.shape).index_add(0, centers, x.index_select(0, neighbors) * weight)
             return diagonal * x - coupling * neighbor_sum
 
@@ -118,14 +110,14 @@ class OrbitalElasticity(nn.Module):
         z = residual / diagonal
         direction = z
         rz = self._per_graph(residual * z, batch, num_graphs)
-        # A system whose residual has reached rounding (100 eps of the first, relative) stops moving: its step
-        # and β are 0 from then on. Without that, float32 steps after convergence divide rounding noise by
-        # rounding noise and can blow up. The floor also keeps every denominator (and 1/floor²) finite.
-        finfo = torch.finfo(rz.dtype)
-        floor = (100 * finfo.eps) ** 2 * rz + finfo.tiny ** 0.5
+        # A converged system gives 0/0 steps: denominators are kept above 1e-12 of the first residual (the
+        # absolute 1e-18 keeps 1/floor² finite in float32), and a system below that floor stops moving (step and β
+        # 0), so that the steps after convergence, which run on CUDA and when compiled, cannot divide rounding noise
+        # by rounding noise.
+        floor = 1e-12 * rz + 1e-18
         zero = torch.zeros_like(rz)
         # stop once every graph's preconditioned residual is below `tolerance` of its first (one host sync per
-        # step); on CUDA and compiled every step runs (no sync)
+        # step; J is then within ~tolerance² of its minimum); on CUDA and compiled every step runs (no sync)
         stop = None
         if self.tolerance is not None and not orbitals.is_cuda and not torch.compiler.is_compiling():
             stop = torch.maximum(self.tolerance ** 2 * rz, floor).detach()
@@ -143,31 +135,12 @@ class OrbitalElasticity(nn.Module):
             beta = torch.where(moving & (rz_next > floor), rz_next / torch.maximum(rz, floor), zero)
             direction = z + beta * direction
             rz = rz_next
-        return x
 
-    def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
-                num_graphs: int) -> Tensor:
-        num_atoms = orbitals.shape[0]
-        neighbors, centers = bond_index[0], bond_index[1]
-        stiffness = nn.functional.softplus(self.stiffness).index_select(0, self.degrees)  # s (A, K)
-        sign = self.sign.to(stiffness.dtype)
-        weight = bond_weight.view(-1, 1, 1)
-        degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
-        anchor = self.anchors(density, degree, stiffness)  # a (N, A, K)
-        diagonal = degree * stiffness + anchor  # (N, A, K), the Jacobi preconditioner
-        args = (anchor, diagonal, stiffness * sign, neighbors, centers, weight, batch, num_graphs)
-        if self.gradient == "envelope":
-            # J is stationary in X at the minimum, so dJ_min/dθ = ∂J/∂θ at fixed X: no graph through the steps
-            with torch.no_grad():
-                x = self.relax(orbitals.detach(), *[a.detach() if torch.is_tensor(a) else a for a in args])
-        else:
-            x = self.relax(orbitals, *args)
-
-        difference = x.index_select(0, centers) - sign * x.index_select(0, neighbors)  # (E_b, A, K)
+        difference = x.index_select(0, centers) - self.sign.to(x.dtype) * x.index_select(0, neighbors)  # (E_b, A, K)
         bonds = x.new_zeros(x.shape).index_add(0, centers, difference.square() * weight)  # Σ_j w_ij (X_i − σ X_j)²
         energy = 0.25 * stiffness * bonds + 0.5 * anchor * (x - orbitals).square()  # (N, A, K)
         return torch.einsum("nak,al->nlk", energy, self.degree_sum.to(energy.dtype))
 
     def extra_repr(self) -> str:
         return (f"channels={self.num_channels}, iterations={self.iterations}, tolerance={self.tolerance}, "
-                f"min_anchor={self.min_anchor}, gradient={self.gradient!r}")
+                f"min_anchor={self.min_anchor}")

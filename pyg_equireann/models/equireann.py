@@ -416,7 +416,8 @@ class EquiREANN(Potential):
     ) -> Dict[str, Union[Tensor, List[Tensor]]]:
         """As :meth:`forward`, but returns a dict with ``energy`` (B,), ``atomic_energies`` (N,),
         ``node_orbitals`` [Ψ⁽⁰⁾…Ψ⁽ᵀ⁾] (N, A, K), ``densities`` [ρ⁽⁰⁾…] (N, C), ``edge_coefficients``
-        [c⁽⁰⁾…] (E, K), ``edge_index`` and ``edge_vectors`` (E, 3)."""
+        [c⁽⁰⁾…] (E, K), ``edge_index`` and ``edge_vectors`` (E, 3); with ``elastic_channels`` also
+        ``elastic_energies`` (N, (L+1)·K_e), each atom's elastic energy per degree and channel before scaling."""
         if pos.dim() != 2 or pos.shape[-1] != 3:
             raise ValueError(f"pos must have shape (N, 3), got {tuple(pos.shape)}")
         if z.shape != pos.shape[:1]:

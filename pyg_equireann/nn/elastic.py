@@ -99,7 +99,8 @@ class OrbitalElasticity(nn.Module):
         degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
         diagonal = degree * stiffness + anchor  # (N, 1, K), the Jacobi preconditioner
 
-        coupling = stiffness * self.sign.to(stiffness.dtype)  # s_k σ_k
+        sign = self.sign.to(stiffness.dtype)
+        coupling = stiffness * sign  # s_k σ_k
 
         def apply(x: Tensor) -> Tensor:  # (s L_w + A) x, (L_w x)_i = Σ_j w_ij (x_i − σ x_j)
             neighbor_sum = x.new_zeros(x.shape).index_add(0, centers, x.index_select(0, neighbors) * weight)
@@ -136,7 +137,7 @@ class OrbitalElasticity(nn.Module):
             direction = z + beta * direction
             rz = rz_next
 
-        difference = x.index_select(0, centers) - self.sign.to(x.dtype) * x.index_select(0, neighbors)  # (E_b, A, K)
+        difference = x.index_select(0, centers) - sign * x.index_select(0, neighbors)  # (E_b, A, K)
         bonds = x.new_zeros(x.shape).index_add(0, centers, difference.square() * weight)  # Σ_j w_ij (X_i − σ X_j)²
         energy = 0.25 * stiffness * bonds + 0.5 * anchor * (x - orbitals).square()  # (N, A, K)
         return torch.einsum("nak,al->nlk", energy, self.degree_sum.to(energy.dtype))

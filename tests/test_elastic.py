@@ -4,6 +4,7 @@ along a chain it is a series of springs."""
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from pyg_equireann import EquiREANN
@@ -42,9 +43,11 @@ def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
     return minima
 
 
-def test_relaxation_is_the_exact_minimiser_graph_by_graph():
+@pytest.mark.parametrize("dense_max_atoms", [256, 0], ids=["dense", "conjugate_gradients"])
+def test_relaxation_is_the_exact_minimiser_graph_by_graph(dense_max_atoms):
     torch.manual_seed(0)
-    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=12)
+    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=12,
+                        dense_max_atoms=dense_max_atoms)
     # a chain of 7 atoms, a ring of 5 with a branch, an isolated atom: one batch
     ring = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 2], [1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 2, 5]]) + 7
     bond_index = torch.cat([chain_bonds(7), ring], 1)
@@ -59,18 +62,54 @@ def test_relaxation_is_the_exact_minimiser_graph_by_graph():
     # each graph alone gives its own energies: the conjugate-gradient steps do not mix graphs
     alone = module(orbitals[:7], density[:7], chain_bonds(7), bond_weight[:12], batch[:7], 1)
     torch.testing.assert_close(alone, energies[:7])
+    if dense_max_atoms:
+        return
     # too few steps for the 7-atom chain: not the minimum (the steps are what reaches along the chain)
     module.iterations = 2
     short = torch.zeros(3, 3).index_add(0, batch, module(orbitals, density, bond_index, bond_weight, batch, 3).sum(1))
     assert (short[0] - per_graph[0]).abs().max() > 1e-3
 
 
-def test_a_chain_is_a_series_of_springs():
+def test_dense_solve_and_conjugate_gradients_agree_to_second_derivatives():
+    """The dense solve (small graphs on a CPU) and the conjugate gradients (large graphs, CUDA, compiled) give the
+    same energies, forces-like first derivatives and their parameter derivatives (training), in float64, also with an
+    atom bonded to its own periodic image and a graph without bonds."""
+    torch.manual_seed(1)
+    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=200,
+                        tolerance=1e-12).double()
+    ring = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 2], [1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 2, 5]]) + 7
+    self_image = torch.tensor([[14, 14], [14, 14]])  # atom 14 and two of its images (±a)
+    bond_index = torch.cat([chain_bonds(7), ring, self_image], 1)
+    batch = torch.tensor([0] * 7 + [1] * 6 + [2, 3])  # graph 2: one atom, no bonds
+    chain_weight = 0.2 + torch.rand(6)
+    bond_weight = torch.cat([chain_weight, chain_weight, torch.full((12,), 0.7), torch.full((2,), 0.3)]).double()
+    orbitals = torch.randn(15, len(DEGREES), 3, dtype=torch.float64, requires_grad=True)
+    density = torch.randn(15, 5, dtype=torch.float64)
+    results = []
+    for dense_max_atoms in (256, 0):
+        module.dense_max_atoms = dense_max_atoms
+        energies = module(orbitals, density, bond_index, bond_weight, batch, 4)
+        gradient, = torch.autograd.grad(energies.square().sum(), orbitals, create_graph=True)
+        second = torch.autograd.grad(gradient.square().sum(), [module.stiffness, *module.anchor.parameters()])
+        results.append((energies, gradient, *second))
+    for dense, iterative in zip(*results):
+        torch.testing.assert_close(dense, iterative, rtol=1e-9, atol=1e-12)
+    # graphs of equal size (a batch of one molecule) take the solve without padding
+    uniform = torch.cat([chain_bonds(7), chain_bonds(7, 7)], 1), torch.cat([chain_weight, chain_weight] * 2)
+    module.dense_max_atoms = 256
+    dense = module(orbitals[:14], density[:14], *uniform, torch.arange(14) // 7, 2)
+    module.dense_max_atoms = 0
+    torch.testing.assert_close(dense, module(orbitals[:14], density[:14], *uniform, torch.arange(14) // 7, 2))
+
+
+@pytest.mark.parametrize("dense_max_atoms", [256, 0], ids=["dense", "conjugate_gradients"])
+def test_a_chain_is_a_series_of_springs(dense_max_atoms):
     """Ends anchored strongly, the middle barely: an end twisted by φ (l = 2, m = ±2 components rotate by 2φ) costs
     ‖u − R u‖² / 2 over n − 1 bonds and the two end anchors in series, i.e. the twist energy falls as 1/length.
     In the σ = −1 channel the untwisted far end is (−1)^(n−1) u, the rest state of
     a cumulene, whose consecutive π systems are perpendicular."""
-    module = OrbitalElasticity(DEGREES, 2, 2, iterations=40, min_anchor=1e-9).double()
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=40, min_anchor=1e-9,
+                               dense_max_atoms=dense_max_atoms).double()
     module.anchor = torch.nn.Identity()  # anchor = softplus(density): ends softplus(12), middle ~ 0
     for n in (3, 4, 5, 8, 13, 21):
         energies = []
@@ -129,7 +168,7 @@ def test_steps_after_convergence_do_not_move_in_float32():
     """On CUDA and compiled every step runs: in float32 a converged system must stay put (a step that divides
     rounding noise by rounding noise would blow it up)."""
     torch.manual_seed(0)
-    module = OrbitalElasticity(DEGREES, 2, 2, iterations=64, tolerance=None)
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=64, tolerance=None, dense_max_atoms=0)
     module.anchor = torch.nn.Identity()
     n = 12
     orbitals, density = torch.randn(5 * n, len(DEGREES), 2), torch.full((5 * n, 2), -8.0)

@@ -1,5 +1,7 @@
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,6 +18,27 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 # took 260 s instead of 20 s and the NVE run 139 s instead of 8 s (2 cores, load average 9.5).
 torch.set_num_threads(1)
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``build(folder)`` fills once per test session, shared by the pytest-xdist
+    workers (their common temporary folder): the first worker to ask builds it, one that asks meanwhile waits
+    for it, the others find it. For expensive files that tests only read (exports, training runs): with
+    ``--dist worksteal`` a module's tests can be split between the workers, and each one would build its own
+    module-scoped copy."""
+    from filelock import FileLock  # a dependency of torch
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder above popen-gw0, popen-gw1, ...
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a failed build: start again
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from pyg_equireann.deploy.ase import EquiREANNCalculator, load_potential
 from pyg_equireann.deploy.export import export_model, read_metadata
 from pyg_equireann.utils import default_dtype
 
-from .conftest import DATA, make_model
+from .conftest import DATA, make_model, shared_folder
 
 ETHANOL_MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "ethanol_equireann.pt"
 
@@ -39,12 +39,12 @@ def deploy_model():
 
 
 def shared_package(tmp_path_factory) -> Path:
-    """:func:`deploy_model` exported once per test session (an export takes seconds); also used by
-    ``test_geometry_checks.py``."""
-    path = tmp_path_factory.getbasetemp() / "deploy_model.pt2"
-    if not path.exists():
-        export_model(deploy_model(), path)
-    return path
+    """:func:`deploy_model` exported once per test session, for every xdist worker (an export takes 10-30 s);
+    also used by ``test_geometry_checks.py``."""
+    def build(folder):
+        export_model(deploy_model(), folder / "deploy_model.pt2")
+
+    return shared_folder(tmp_path_factory, "deploy_model", build) / "deploy_model.pt2"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pyg_equireann.deploy.package import DeployedPotential
 from pyg_equireann.training.module import PotentialModule
 from pyg_equireann.utils import count_host_syncs, default_dtype
 
-from .conftest import DATA, make_model, small_periodic_system
+from .conftest import DATA, make_model, shared_folder, small_periodic_system
 
 BIN = Path(sys.executable).parent
 CU = DATA / "cu_emt"
@@ -38,15 +38,19 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="module")
-def cu_run(tmp_path_factory):
-    """A 2-epoch ``equireann-train experiment=cu_emt`` run (small EquiREANN, stress in the loss)."""
-    run_dir = tmp_path_factory.mktemp("cu") / "run"
+def train_cu(folder):
+    run_dir = folder / "run"
     r = cli("equireann-train", "experiment=cu_emt", "model.num_channels=8", "model.num_iterations=1",
             "data.num_train=8", "data.num_val=4", "data.num_test=4", "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false", "num_threads=1", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+            "trainer.enable_progress_bar=false", "num_threads=1", f"hydra.run.dir={run_dir}", cwd=folder)
     assert r.returncode == 0, r.stderr[-4000:]
-    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cu_run(tmp_path_factory):
+    """A 2-epoch ``equireann-train experiment=cu_emt`` run (small EquiREANN, stress in the loss), one for every
+    xdist worker (the tests only read it)."""
+    return shared_folder(tmp_path_factory, "deploy_cu", train_cu) / "run"
 
 
 def cu_frames(k=2):
@@ -69,11 +73,15 @@ def test_periodic_training_with_stress(cu_run):
 
 
 @pytest.fixture(scope="module")
-def exported(cu_run):
-    """``equireann-export ckpt_path=<run>/checkpoints/best.ckpt`` (default output ``<run>/model.pt2``)."""
-    r = cli("equireann-export", f"ckpt_path={cu_run / 'checkpoints' / 'best.ckpt'}", cwd=cu_run)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "largest relative deviation" in r.stdout
+def exported(cu_run, tmp_path_factory):
+    """``equireann-export ckpt_path=<run>/checkpoints/best.ckpt`` (default output ``<run>/model.pt2``), once for
+    every xdist worker."""
+    def export_cu(folder):
+        r = cli("equireann-export", f"ckpt_path={cu_run / 'checkpoints' / 'best.ckpt'}", cwd=cu_run)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert "largest relative deviation" in r.stdout
+
+    shared_folder(tmp_path_factory, "deploy_cu_exported", export_cu)
     return cu_run / "model.pt2"
 
 
@@ -169,12 +177,16 @@ def calibrated(name):
     return model
 
 
+def export_packages(folder):
+    with default_dtype(torch.float64):  # as the tests build their models (module fixtures run first)
+        for name in EXPORTED:
+            export_model(calibrated(name), folder / f"{name}.pt2")
+
+
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packages")
-    with default_dtype(torch.float64):  # as the tests build their models (module fixtures run first)
-        return {name: DeployedPotential.from_file(export_model(calibrated(name), folder / f"{name}.pt2"))
-                for name in EXPORTED}
+    folder = shared_folder(tmp_path_factory, "deploy_packages", export_packages)  # once for every xdist worker
+    return {name: DeployedPotential.from_file(folder / f"{name}.pt2") for name in EXPORTED}
 
 
 def molecule_and_cell():

@@ -98,8 +98,9 @@ class OrbitalElasticity(nn.Module):
     def _dense_solve(diagonal: Tensor, coupling: Tensor, rhs: Tensor, neighbors: Tensor, centers: Tensor,
                      weight: Tensor, batch: Tensor, counts: Tensor, size: int) -> Tensor:
         """Solve (diag(d) − s σ W) X = rhs exactly, graph by graph and channel by channel, as one batched Cholesky
-        solve of (B, K, n, n) matrices (n the largest graph; padding rows are the identity). The matrices are
-        symmetric positive definite: a signed graph Laplacian times s > 0 plus anchors > 0.
+        solve of (B, K, n, n) matrices (n the largest graph; padding rows are the identity; each graph's atoms
+        together, in ``batch`` order). The matrices are symmetric positive definite: a signed graph Laplacian times
+        s > 0 plus anchors > 0.
 
         diagonal (N, 1, K), coupling s σ (K,), rhs (N, A, K), bonds [j, i] with weights (E_b, 1, 1), ``counts``
         (B,) atoms per graph, ``size`` = max(counts) → X (N, A, K)."""
@@ -126,9 +127,11 @@ class OrbitalElasticity(nn.Module):
             dense = rhs.new_zeros((num_graphs * size, num_components, num_channels)).index_copy(0, slot, rhs)
             dense = dense.view(num_graphs, size, num_components, num_channels)
         matrix = off_diagonal + torch.diag_embed(padded_diagonal.transpose(1, 2))  # (B, K, n, n)
-        factor = torch.linalg.cholesky(matrix)
-        solution = torch.cholesky_solve(dense.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)  # (B, n, A, K)
-        solution = solution.reshape(num_graphs * size, num_components, num_channels)
+        # in float64: weak anchors (a ≥ a_min) under stiff springs make the condition number large, and a float32
+        # factorisation could fail or lose the small bond differences the energy is made of; the matrices are small
+        factor = torch.linalg.cholesky(matrix.double())
+        solution = torch.cholesky_solve(dense.permute(0, 3, 1, 2).double(), factor).to(rhs.dtype)
+        solution = solution.permute(0, 2, 3, 1).reshape(num_graphs * size, num_components, num_channels)
         return solution if uniform else solution.index_select(0, slot)
 
     def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
@@ -147,8 +150,9 @@ class OrbitalElasticity(nn.Module):
         if (self.dense_max_atoms > 0 and not orbitals.is_cuda and not torch.compiler.is_compiling()
                 and num_atoms > 0):
             counts = torch.bincount(batch, minlength=num_graphs)
-            size = int(counts.max())  # host sync: CPU only
-            if size <= self.dense_max_atoms:
+            size = int(counts.max())  # host syncs: CPU only
+            # the dense layout needs each graph's atoms together (PyG's batches); any other order takes the steps
+            if size <= self.dense_max_atoms and bool((batch[1:] >= batch[:-1]).all()):
                 x = self._dense_solve(diagonal, coupling, anchor * orbitals, neighbors, centers, weight, batch,
                                       counts, size)
                 return self._energies(x, orbitals, anchor, stiffness, sign, weight, neighbors, centers)

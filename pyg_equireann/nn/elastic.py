@@ -110,22 +110,19 @@ class OrbitalElasticity(nn.Module):
         if uniform:
             slot = torch.arange(num_atoms, device=batch.device)  # (N,) row of each atom in the (B·n) rows
             local = slot - batch * size
-        else:
+            padded_diagonal, dense = diagonal, rhs
+        else:  # the padding rows get 1 on the diagonal and 0 on the right
             first = counts.cumsum(0) - counts  # (B,) index of each graph's first atom
             local = torch.arange(num_atoms, device=batch.device) - first.index_select(0, batch)
             slot = batch * size + local
+            padded_diagonal = diagonal.new_ones((num_graphs * size, 1, num_channels)).index_copy(0, slot, diagonal)
+            dense = rhs.new_zeros((num_graphs * size, num_components, num_channels)).index_copy(0, slot, rhs)
+        padded_diagonal = padded_diagonal.view(num_graphs, size, num_channels)
+        dense = dense.view(num_graphs, size, num_components, num_channels)
         entries = rhs.new_zeros((num_graphs * size * size, num_channels))
         bond_slot = slot.index_select(0, centers) * size + local.index_select(0, neighbors)
         entries = entries.index_add(0, bond_slot, -coupling * weight.view(-1, 1))
         off_diagonal = entries.view(num_graphs, size, size, num_channels).permute(0, 3, 1, 2)
-        if uniform:
-            padded_diagonal = diagonal.view(num_graphs, size, num_channels)
-            dense = rhs.view(num_graphs, size, num_components, num_channels)
-        else:  # the padding rows get 1 on the diagonal and 0 on the right
-            padded_diagonal = diagonal.new_ones((num_graphs * size, num_channels)).index_copy(
-                0, slot, diagonal.squeeze(1)).view(num_graphs, size, num_channels)
-            dense = rhs.new_zeros((num_graphs * size, num_components, num_channels)).index_copy(0, slot, rhs)
-            dense = dense.view(num_graphs, size, num_components, num_channels)
         matrix = off_diagonal + torch.diag_embed(padded_diagonal.transpose(1, 2))  # (B, K, n, n)
         # in float64: weak anchors (a ≥ a_min) under stiff springs make the condition number large, and a float32
         # factorisation could fail or lose the small bond differences the energy is made of; the matrices are small
@@ -147,6 +144,7 @@ class OrbitalElasticity(nn.Module):
         sign = self.sign.to(stiffness.dtype)
         coupling = stiffness * sign  # s_k σ_k
 
+        x = None
         if (self.dense_max_atoms > 0 and not orbitals.is_cuda and not torch.compiler.is_compiling()
                 and num_atoms > 0):
             counts = torch.bincount(batch, minlength=num_graphs)
@@ -155,8 +153,8 @@ class OrbitalElasticity(nn.Module):
             if size <= self.dense_max_atoms and bool((batch[1:] >= batch[:-1]).all()):
                 x = self._dense_solve(diagonal, coupling, anchor * orbitals, neighbors, centers, weight, batch,
                                       counts, size)
-                return self._energies(x, orbitals, anchor, stiffness, sign, weight, neighbors, centers)
-        x = self._relax(orbitals, anchor, diagonal, coupling, weight, neighbors, centers, batch, num_graphs)
+        if x is None:
+            x = self._relax(orbitals, anchor, diagonal, coupling, weight, neighbors, centers, batch, num_graphs)
         return self._energies(x, orbitals, anchor, stiffness, sign, weight, neighbors, centers)
 
     def _energies(self, x: Tensor, orbitals: Tensor, anchor: Tensor, stiffness: Tensor, sign: Tensor, weight: Tensor,

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(importlib.resources.files("pyg_equireann.conf")))  # conf/ in a checkout, inside the wheel installed
 
@@ -76,10 +76,17 @@ def data_root() -> str:
     return str(default_data_root())
 
 
+def lr_scheduler(*args) -> "DictConfig | None":
+    """``${lr_scheduler:...}``: :func:`~pyg_equireann.training.optim.scheduler_config` as a DictConfig, not a dict
+    (``OmegaConf.resolve``, ``--cfg job --resolve``, replaces nodes only by containers)."""
+    from pyg_equireann.training.optim import scheduler_config  # imports torch: only when a config is resolved
+
+    config = scheduler_config(*args)
+    return None if config is None else OmegaConf.create(config)
+
+
 def register_resolvers() -> None:
     """The resolvers of ``conf/``."""
-    from pyg_equireann.training.optim import scheduler_config
-
     resolvers = {
         "data_root": data_root,
         # run folders recorded before ${data_root:} name ${project_root:}/data: the same folder
@@ -91,8 +98,7 @@ def register_resolvers() -> None:
         "dtype": lambda float64: "float64" if float64 else "float32",
         "ckpt_cutoff": ckpt_model_cutoff,
         "log_version": log_version,
-        # a DictConfig, not a dict: OmegaConf.resolve (``--cfg job --resolve``) replaces nodes only by containers
-        "lr_scheduler": lambda *args: None if (c := scheduler_config(*args)) is None else OmegaConf.create(c),
+        "lr_scheduler": lr_scheduler,
     }
     # cached: one value per composed config, however often Hydra and Lightning read it (folders are created once)
     cached = {"run_dir", "new_dir", "record_subdir", "log_version"}
@@ -118,6 +124,22 @@ def check_writable(folder, what: str = "output folder") -> Path:
         where = "" if existing == path else f" (in {existing}, where it would be created)"
         raise PermissionError(f"{what} {path} is not writable{where}: {error.strerror or error}") from None
     return path
+
+
+def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
+    """``PermissionError`` naming the first folder this run would write that is not writable: the run
+    folder, the checkpoint folder(s), the loggers' folders and the budget's snapshot folder, checked
+    before any data is read rather than when the first checkpoint is saved."""
+    folders = {"run folder": out_dir}
+    for name, node in list((cfg.get("callbacks") or {}).items()) + list((cfg.get("logger") or {}).items()):
+        for key in ("dirpath", "save_dir"):
+            if (node or {}).get(key):
+                folders[f"{name} folder ({key})"] = Path(str(node[key]))
+    budget = (cfg.get("callbacks") or {}).get("budget") or {}
+    if budget.get("minutes") and budget.get("snapshots"):
+        folders["snapshot folder"] = Path(str(budget.get("snapshot_dir") or out_dir / "snapshots"))
+    for what, folder in folders.items():
+        check_writable(folder, what)
 
 
 def config_keys(config_name: str, overrides):

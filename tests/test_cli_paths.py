@@ -258,6 +258,22 @@ def test_check_writable(tmp_path, unwritable_dir):
         check_writable(tmp_path / "f" / "sub")
 
 
+def test_console_scripts_import_torch_only_after_hydra():
+    """Every CLI module and the package import without torch, torch_geometric or Lightning (~7 s), which are
+    imported once Hydra has composed the config and the output folders are checked: a mistyped override or an
+    unwritable folder costs about a second. The package's public names still import on first use."""
+    code = ("import sys, pyg_equireann, pyg_equireann.cli.train, pyg_equireann.cli.evaluate, pyg_equireann.cli.export, "
+            "pyg_equireann.cli.bench, pyg_equireann.cli.nonlocal_suite\n"
+            "heavy = [m for m in ('torch', 'torch_geometric', 'lightning') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "from pyg_equireann import EquiREANN, energy_forces_stress\n"
+            "import pyg_equireann.models.equireann as m\n"
+            "assert EquiREANN is m.EquiREANN and 'torch' in sys.modules\n")
+    result = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=cli_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- 15: mistyped overrides
 
 

@@ -208,3 +208,14 @@ def test_dense_solve_of_a_float32_model_with_stiff_springs_and_weak_anchors():
                                torch.zeros(n, dtype=torch.long), 1))
     assert torch.isfinite(energies[0]).all()
     torch.testing.assert_close(energies[0].double().sum((0, 1)), energies[1].sum((0, 1)), rtol=1e-4, atol=0)
+
+
+def test_initial_anchor_sets_every_anchor_at_initialisation():
+    """``elastic_initial_anchor``: every atom's anchor starts at that stiffness (the anchor network's output layer
+    starts at zero weights); it must lie above the floor."""
+    model = EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_initial_anchor=0.01)
+    density = torch.randn(7, model.elastic.anchor[0].in_features)
+    anchor = torch.nn.functional.softplus(model.elastic.anchor(density)) + model.elastic.min_anchor
+    torch.testing.assert_close(anchor, torch.full_like(anchor, 0.01))
+    with pytest.raises(ValueError, match="elastic_initial_anchor must be above elastic_min_anchor"):
+        EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_initial_anchor=1e-3)

@@ -19,8 +19,8 @@ from pyg_equireann.deploy.ase import EquiREANNCalculator
 from pyg_equireann.training.checkpoint import read_checkpoint, register_model_class
 from pyg_equireann.config import ckpt_model_cutoff
 from pyg_equireann.cli.evaluate import run as eval_run
-from pyg_equireann.cli.export import export
 from pyg_equireann.cli.export import run as export_run
+from pyg_equireann.deploy.export import export
 from pyg_equireann.cli.train import run as train_run
 from pyg_equireann.training.module import PotentialModule
 

@@ -22,10 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pyg_equireann.cli import hydra_entry, user_errors
-from pyg_equireann.experiments.bench import run_bench
 
 
 def run(cfg: DictConfig) -> Path:
+    from pyg_equireann.experiments.bench import run_bench  # torch, Lightning: after Hydra's checks
+
     report = run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
     print(report.read_text().split("\n\n", 1)[1])
     print(f"\nreport: {report}")

@@ -13,7 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pyg_equireann.cli import check_writable, hydra_entry, user_errors
-from pyg_equireann.training.evaluation import run_evaluation
 
 
 def _remove_if_unused(out_dir: Path) -> None:
@@ -32,6 +31,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_writable(out_dir, "eval folder")
+        from pyg_equireann.training.evaluation import run_evaluation  # torch, Lightning: after the checks
+
         return run_evaluation(cfg, out_dir)
     except BaseException:
         _remove_if_unused(out_dir)

@@ -6,11 +6,12 @@ from typing import Dict
 from omegaconf import DictConfig
 
 from pyg_equireann.cli import check_writable, hydra_entry, user_errors
-from pyg_equireann.deploy.export import export
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     check_writable(Path(str(cfg.out)).expanduser().parent, "export folder")
+    from pyg_equireann.deploy.export import export  # torch: after the check
+
     deviations = export(cfg.ckpt_path, cfg.out, cfg.dtype, cfg.check, bool(cfg.aoti), str(cfg.device))
     print(f"exported {cfg.ckpt_path} -> {cfg.out} ({cfg.dtype}{', AOTInductor' if cfg.aoti else ''})")
     if deviations:

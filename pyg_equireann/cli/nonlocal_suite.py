@@ -16,10 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pyg_equireann.cli import hydra_entry, user_errors
-from pyg_equireann.experiments.nonlocal_suite import run_nonlocal
 
 
 def run(cfg: DictConfig) -> Path:
+    from pyg_equireann.experiments.nonlocal_suite import run_nonlocal  # torch, Lightning: after Hydra's checks
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     report = run_nonlocal(cfg, run_dir)
     print(report.read_text())

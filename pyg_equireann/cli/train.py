@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from pyg_equireann.cli import _log_to_files, hydra_entry, user_errors
-from pyg_equireann.training.evaluation import metrics_table
-from pyg_equireann.training.runs import check_output_folders, resume_config, train, write_config_record
+from pyg_equireann.config import check_output_folders
 
 log = logging.getLogger("equireann-train")
 
@@ -36,8 +34,15 @@ log = logging.getLogger("equireann-train")
 def run(cfg: DictConfig) -> Optional[float]:
     """Train the run of ``cfg`` (composed by Hydra) and print its summary; returns ``cfg.optimized_metric``'s
     value (for sweeps). SIGTERM (a batch system's time limit) exits with 143 after saving ``last.ckpt``."""
-    cfg = resume_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("ckpt_path") is None:  # a new run's folders, before importing torch and Lightning (~7 s)
+        check_output_folders(cfg, out_dir)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from pyg_equireann.training.evaluation import metrics_table
+    from pyg_equireann.training.runs import resume_config, train, write_config_record
+
+    cfg = resume_config(cfg)
     check_output_folders(cfg, out_dir)
     config_record = write_config_record(cfg, out_dir)
     try:

@@ -133,6 +133,7 @@ class EquiREANN(Potential):
             and under ``torch.compile``: every step runs.
         elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
         elastic_min_anchor: floor of the learned anchor stiffness.
+        elastic_initial_anchor: every anchor's stiffness at initialisation (None: ≈ 0.69, softplus(0)).
         elastic_dense_max_atoms: on a CPU, eagerly, graphs of at most this many atoms are relaxed exactly by one
             batched dense solve (faster than the conjugate-gradient steps on molecules; 0: always the steps).
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -200,6 +201,7 @@ class EquiREANN(Potential):
         elastic_cutoff: float = 2.0,
         elastic_min_anchor: float = 1e-3,
         elastic_dense_max_atoms: int = 256,
+        elastic_initial_anchor: Optional[float] = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -310,7 +312,8 @@ class EquiREANN(Potential):
         if elastic_channels is not None:
             self.elastic = OrbitalElasticity(degrees, elastic_channels, density_width, iterations=elastic_iterations,
                                              min_anchor=elastic_min_anchor, activation=mlp_activation,
-                                             tolerance=elastic_tolerance, dense_max_atoms=elastic_dense_max_atoms)
+                                             tolerance=elastic_tolerance, dense_max_atoms=elastic_dense_max_atoms,
+                                             initial_anchor=elastic_initial_anchor)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ

@@ -57,6 +57,9 @@ class OrbitalElasticity(nn.Module):
         min_anchor: floor of a (keeps the system positive definite on a graph without anchors).
         activation: activation of the anchor network.
         dense_max_atoms: the largest graph solved densely on a CPU (0: always conjugate gradients).
+        initial_anchor: every anchor's stiffness at initialisation (> min_anchor; None: softplus(0) + min_anchor
+            ≈ 0.69, as strong as a bond at ~1.5 Å). A weak start (e.g. 0.01) relaxes X over whole chains from the
+            first step; training then strengthens the anchors where the energy needs a local X.
 
     Shapes: orbitals Ψ (N, A, K_e); density (N, D); bond_index (2, E_b) [j, i], bond_weight w (E_b,),
     batch (N,) → per-atom energies (N, L+1, K_e).
@@ -64,12 +67,16 @@ class OrbitalElasticity(nn.Module):
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
-                 tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256):
+                 tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256,
+                 initial_anchor: Optional[float] = None):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")
         if not min_anchor > 0:
             raise ValueError(f"elastic_min_anchor must be positive, got {min_anchor}")
+        if initial_anchor is not None and not initial_anchor > min_anchor:
+            raise ValueError(f"elastic_initial_anchor must be above elastic_min_anchor={min_anchor}, "
+                             f"got {initial_anchor}")
         self.register_buffer("degrees", degrees.clone(), persistent=False)
         self.num_degrees = int(degrees.max()) + 1
         self.num_channels = int(num_channels)
@@ -80,7 +87,9 @@ class OrbitalElasticity(nn.Module):
         # (A, L+1): sums the components of each degree
         degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
         self.register_buffer("degree_sum", degree_sum, persistent=False)
-        self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation)
+        # the output layer starts at zero weights, so every anchor starts at softplus(bias) + a_min
+        bias = None if initial_anchor is None else math.log(math.expm1(initial_anchor - min_anchor))
+        self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation, output_bias=bias)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
         # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pyg_equireann.config import CONF_DIR, check_writable, resume_dir
+from pyg_equireann.config import CONF_DIR, resume_dir
 from pyg_equireann.training.callbacks import EpochLog, training_budget
 from pyg_equireann.training.checkpoint import _allowed_target, check_model_config, read_checkpoint, upgrade_targets
 from pyg_equireann.training.plots import learning_curve
@@ -214,22 +214,6 @@ def write_run_info(out_dir: Path, cfg: DictConfig, trainer: L.Trainer, config: O
     path = out_dir / (f"run_info_resumed_{now:%Y%m%d-%H%M%S}.json" if resumed else "run_info.json")
     path.write_text(json.dumps(info, indent=2))
     return path
-
-
-def check_output_folders(cfg: DictConfig, out_dir: Path) -> None:
-    """``PermissionError`` naming the first folder this run would write that is not writable: the run
-    folder, the checkpoint folder(s), the loggers' folders and the budget's snapshot folder, checked
-    before any data is read rather than when the first checkpoint is saved."""
-    folders = {"run folder": out_dir}
-    for name, node in list((cfg.get("callbacks") or {}).items()) + list((cfg.get("logger") or {}).items()):
-        for key in ("dirpath", "save_dir"):
-            if (node or {}).get(key):
-                folders[f"{name} folder ({key})"] = Path(str(node[key]))
-    budget = (cfg.get("callbacks") or {}).get("budget") or {}
-    if budget.get("minutes") and budget.get("snapshots"):
-        folders["snapshot folder"] = Path(str(budget.get("snapshot_dir") or out_dir / "snapshots"))
-    for what, folder in folders.items():
-        check_writable(folder, what)
 
 
 @dataclass

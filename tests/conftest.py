@@ -96,3 +96,17 @@ def small_periodic_system(seed: int = 0):
     pos = frac @ cell
     z = torch.tensor([8, 1, 1, 6])
     return z, pos, cell
+
+
+#: modules with the longest tests (a torch.compile, an AOTInductor package, a wheel build and install: 30-65 s
+#: each on an idle machine) run first, so no worker starts one of them when the other has nothing left to do;
+#: within a module the order is kept (module-scoped fixtures are built once)
+LONG_FIRST = ("test_engine.py", "test_deploy.py", "test_wheel.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable

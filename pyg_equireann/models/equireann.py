@@ -132,8 +132,8 @@ class EquiREANN(Potential):
             first (one host sync per step; the energy is then within ~tolerance² of the minimum); None, on CUDA
             and under ``torch.compile``: every step runs.
         elastic_cutoff: r_b (Å), the bonds: edges shorter than r_b with weight f(d; r_b).
-        elastic_min_anchor: floor of the learned anchor stiffness (it bounds the reach along a chain, ~(s w / a_min)^½
-            bonds).
+        elastic_min_anchor: floor of the learned anchor stiffness (along a chain anchored at the floor the field decays
+            over ~(s w / a_min)^½ bonds; 10⁻⁵ transferred no better than 10⁻³ on cumulenes, docs/nonlocal.md).
         elastic_initial_anchor: every anchor's stiffness at initialisation (None: ≈ 0.69, softplus(0)).
         elastic_dense_max_atoms: on a CPU, eagerly, graphs of at most this many atoms are relaxed exactly by one
             batched dense solve (faster than the conjugate-gradient steps on molecules; 0: always the steps).
@@ -200,7 +200,7 @@ class EquiREANN(Potential):
         elastic_iterations: int = 32,
         elastic_tolerance: Optional[float] = 1e-4,
         elastic_cutoff: float = 2.0,
-        elastic_min_anchor: float = 1e-5,
+        elastic_min_anchor: float = 1e-3,
         elastic_dense_max_atoms: int = 256,
         elastic_initial_anchor: Optional[float] = None,
         compile: bool = False,

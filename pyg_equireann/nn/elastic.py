@@ -56,7 +56,8 @@ class OrbitalElasticity(nn.Module):
             of its first (None: always ``iterations`` steps, no host sync).
         min_anchor: floor of a (keeps the system positive definite on a graph without anchors). It also bounds
             the reach: along a chain anchored at the floor the field decays over ~(s w / a_min)^½ bonds (at 10⁻³,
-            5–8 bonds of a cumulene: the learned middle anchors sat on that floor; docs/nonlocal.md).
+            5–8 bonds of a cumulene). A lower floor conditions the system worse (more conjugate-gradient steps)
+            and, over 15 cumulene runs, transferred no better (docs/nonlocal.md, "The anchor floor").
         activation: activation of the anchor network.
         dense_max_atoms: the largest graph solved densely on a CPU (0: always conjugate gradients).
         initial_anchor: every anchor's stiffness at initialisation (> min_anchor; None: softplus(0) + min_anchor
@@ -68,7 +69,7 @@ class OrbitalElasticity(nn.Module):
     """
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
-                 iterations: int = 32, min_anchor: float = 1e-5, activation: str = "silu",
+                 iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
                  tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256,
                  initial_anchor: Optional[float] = None):
         super().__init__()

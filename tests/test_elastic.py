@@ -215,7 +215,7 @@ def test_initial_anchor_sets_every_anchor_at_initialisation():
     starts at zero weights); it must lie above the floor."""
     model = EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_initial_anchor=0.01)
     density = torch.randn(7, model.elastic.anchor[0].in_features)
-    anchor = torch.nn.functional.softplus(model.elastic.anchor(density)) + model.elastic.min_anchor
+    anchor = model.elastic.anchor_stiffness(density)
     torch.testing.assert_close(anchor, torch.full_like(anchor, 0.01))
     with pytest.raises(ValueError, match="elastic_initial_anchor must be above elastic_min_anchor"):
         EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_min_anchor=1e-3, elastic_initial_anchor=1e-3)

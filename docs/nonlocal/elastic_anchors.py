@@ -22,14 +22,13 @@ def main(runs):
             inner = inner.model
         elastic = inner.elastic
         seen = {}
-        hook = elastic.anchor.register_forward_hook(
-            lambda module, inputs, out: seen.__setitem__("a", torch.nn.functional.softplus(out) + elastic.min_anchor))
+        hook = elastic.anchor.register_forward_hook(lambda module, inputs, out: seen.__setitem__("density", inputs[0]))
         atoms = build_chain(16)
         z = torch.tensor(atoms.numbers)
         with torch.no_grad():
             model(z, torch.tensor(atoms.positions))
+            anchor = elastic.anchor_stiffness(seen["density"])[z == 6]  # (16, K)
         hook.remove()
-        anchor = seen["a"][z == 6]  # (16, K)
         print(f"{run}: floor {elastic.min_anchor:g}, springs s = "
               f"{[round(float(s), 3) for s in torch.nn.functional.softplus(elastic.stiffness.detach())]}")
         for k in range(anchor.shape[-1]):

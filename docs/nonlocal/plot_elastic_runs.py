@@ -17,7 +17,8 @@ GROUPS = {  # label: (file pattern, colour)
     "floor 10⁻³, session 11 (~100 epochs)": ("elastic_floor3_session11_s*_length_transfer.csv", "tab:cyan"),
     "floor 10⁻⁵, session 10 (67–68 epochs)": ("elastic_floor5_session10_s*_length_transfer.csv", "tab:red"),
     "floor 10⁻⁵, session 11 (97–112 epochs)": ("elastic_floor5_session11_s*_length_transfer.csv", "tab:orange"),
-    "floor 10⁻³, session 11, 6.5 CPU-min (63–64 epochs)": ("elastic_short_session11_s*_length_transfer.csv", "tab:green"),
+    "floor 10⁻³, session 11, 6.5 CPU-min (63–64 epochs)":
+        ("elastic_short_session11_s*_length_transfer.csv", "tab:green"),
 }
 
 

@@ -143,11 +143,15 @@ class OrbitalElasticity(nn.Module):
         solution = solution.permute(0, 2, 3, 1).reshape(num_graphs * size, num_components, num_channels)
         return solution if uniform else solution.index_select(0, slot)
 
+    def anchor_stiffness(self, density: Tensor) -> Tensor:
+        """a = softplus(net(ρ)) + a_min, (N, K), of the atoms' densities (N, D)."""
+        return nn.functional.softplus(self.anchor(density)) + self.min_anchor
+
     def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
                 num_graphs: int) -> Tensor:
         num_atoms = orbitals.shape[0]
         neighbors, centers = bond_index[0], bond_index[1]
-        anchor = (nn.functional.softplus(self.anchor(density)) + self.min_anchor).unsqueeze(1)  # (N, 1, K)
+        anchor = self.anchor_stiffness(density).unsqueeze(1)  # (N, 1, K)
         stiffness = nn.functional.softplus(self.stiffness)  # (K,)
         weight = bond_weight.view(-1, 1, 1)
         degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij

@@ -5,6 +5,7 @@ the progress lines of ``examples/run_md.py``. Real CLIs (subprocesses, where the
 are what is tested), real Hydra, real Lightning trainers on tiny data."""
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -145,8 +146,47 @@ def test_cap_on_command_line_stops_before_budget_and_terminal_gets_no_epoch_line
     assert summary["epochs"] == 2 and "given on the command line" in summary["stop_reason"]
 
 
+class LearningRates(Callback):
+    """Records the learning rate of every training step (class attribute ``seen``)."""
+    seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        LearningRates.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_budget_in_epochs(tmp_path):
+    """``budget.epochs``: the cap of the trainer config is lifted, training stops after exactly that many epochs
+    (the same optimiser steps on any machine), the budget's cosine runs over those steps and ends at min_lr, the
+    stop line and summary say so. Minutes and epochs together: a one-line error, exit 2."""
+    run_dir = tmp_path / "run"
+
+    def task(cfg):
+        with user_errors():
+            return train_run(cfg)
+
+    LearningRates.seen = []
+    hydra_app([*SMALL, *TINY, "test=false", "budget.epochs=3", "budget.cosine_lr=true", "module.scheduler=none",
+               "module.lr=0.01", "budget.min_lr=1e-4", "data.batch_size=5",
+               f"+callbacks.lr._target_={__name__}.LearningRates", f"hydra.run.dir={run_dir}"], task)
+    lrs = LearningRates.seen
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["steps"] == 12 and summary["budget_epochs"] == 3, summary
+    assert summary["budget_minutes"] is None and summary["training_minutes"] > 0
+    assert summary["stop_reason"].startswith("the training budget was used (3 of 3 epochs ("), summary
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(0.01)
+    assert lrs[-1] == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_app([*SMALL, *TINY, "budget.epochs=3", "budget.minutes=1", f"hydra.run.dir={tmp_path / 'both'}"], task)
+    assert exit_info.value.code == 2
+    log = (tmp_path / "both" / "train.log").read_text()
+    assert "minutes or in epochs, not both" in log, log
+
+
 @pytest.mark.parametrize("overrides, lifted", [
     (["budget.minutes=5"], True),
+    (["budget.epochs=5"], True),
     (["experiment=quick"], True),  # the budget comes from the experiment
     (["budget.minutes=5", "trainer.max_epochs=7"], False),  # given on the command line
     (["experiment=cu_emt", "budget.minutes=5"], False),  # module.scheduler=cosine anneals over the epochs

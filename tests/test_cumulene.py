@@ -1,5 +1,6 @@
 """Cumulene twist benchmark: shipped data module, locality of the 3 Å graphs, rigid-twist invariance
 of the invariant variants, and a short training where orbital passing learns the twist."""
+import json
 from typing import Dict
 
 import ase.io
@@ -197,7 +198,8 @@ def test_rigid_twist_training_needs_orbital_passing():
 
 
 def test_nonlocal_cli_end_to_end(tmp_path):
-    """``equireann-nonlocal`` through Hydra on a tiny budget: every model's folder and the report."""
+    """``equireann-nonlocal`` through Hydra on a tiny budget (one epoch per model, ``budget.epochs``): every
+    model's folder and the report."""
     from pyg_equireann.cli.nonlocal_suite import run
 
     from .test_pipeline import hydra_app
@@ -205,7 +207,7 @@ def test_nonlocal_cli_end_to_end(tmp_path):
     overrides = ["nonlocal=quick", "run=[equireann,equireann_nonbacktracking,equireann_nopassing,schnet]", "num_iterations=2",
                  "float64=true",
                  "data.num_train=20", "data.num_val=10", "+data.num_test=40", "+data.cache=false",
-                 "+data.progress=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                 "+data.progress=false", "budget.minutes=null", "budget.epochs=1", "trainer.enable_progress_bar=false",
                  "+trainer.enable_model_summary=false", "models.equireann.num_channels=8",
                  "models.equireann_nonbacktracking.num_channels=8", "models.equireann_nopassing.num_channels=8",
                  "models.schnet.hidden_channels=16",
@@ -213,6 +215,7 @@ def test_nonlocal_cli_end_to_end(tmp_path):
     hydra_app(overrides, run, config_name="nonlocal")
     for name in ("equireann", "equireann_nonbacktracking", "equireann_nopassing", "schnet"):
         assert (tmp_path / name / "checkpoints" / "best.ckpt").is_file()
+        assert json.loads((tmp_path / name / "summary.json").read_text())["epochs"] == 1
         p = np.load(tmp_path / name / "predictions.npz")
         assert len(p["test/idx"]) == 40 and np.isfinite(p["test/energy_pred"]).all()
         assert sorted(k for k in p.files if k.startswith("rigid/")) == [f"rigid/{n}" for n in range(4, 9)]

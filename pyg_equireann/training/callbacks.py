@@ -103,13 +103,17 @@ class EMA(EMAWeightAveraging):
 class TrainingBudget(Callback):
     """Stops training after a budget of training time, counted inside training batches only
     (forward, backward, optimiser step; validation, testing and checkpointing are not counted), so
-    that models are compared at equal cost. Optionally anneals the learning rate with a cosine over
-    the budget (then use ``scheduler: none`` in the module) and saves snapshot checkpoints at
-    fractions of the budget (for learning curves at equal time).
+    that models are compared at equal cost; or after a number of epochs, so that runs on machines of
+    different speed take the same optimiser steps. Optionally anneals the learning rate with a cosine
+    over the budget, step by step (then use ``scheduler: none`` in the module), and saves snapshot
+    checkpoints at fractions of the budget (for learning curves).
 
     Args:
-        minutes: the budget; ``None``: no budget (the callback does nothing, so that a config can always
-            list it, ``conf/callbacks/default.yaml``).
+        minutes: the budget in minutes of ``clock``; ``None``: no time budget. With neither ``minutes`` nor
+            ``epochs`` the callback does nothing, so that a config can always list it
+            (``conf/callbacks/default.yaml``).
+        epochs: the budget in epochs (optimiser steps = epochs × training batches per epoch) instead of
+            minutes; the time inside training steps is still counted (snapshot names, the run summary).
         clock: ``"process"`` (CPU time of the process, all threads; robust to other load on the
             machine with one thread: with several, OpenMP threads spin while they wait for each other on
             a busy machine, and that time counts) or ``"wall"`` (elapsed time).
@@ -118,16 +122,25 @@ class TrainingBudget(Callback):
         snapshots: budget fractions (e.g. ``[0.1, 0.25, 0.5, 1.0]``) at which a checkpoint
             ``snapshot_dir/t<minutes>.ckpt`` is written (the EMA weights when the EMA callback is on).
         snapshot_dir: folder of the snapshots (default: ``<trainer.default_root_dir>/snapshots``).
-    The elapsed time is saved in checkpoints, so a resumed run continues the same budget.
+    The elapsed time and steps are saved in checkpoints, so a resumed run continues the same budget.
     """
 
     def __init__(self, minutes: Optional[float] = None, clock: str = "process", cosine_lr: bool = False,
-                 min_lr: float = 1e-5, snapshots: Optional[Sequence[float]] = None, snapshot_dir: Optional[str] = None):
+                 min_lr: float = 1e-5, snapshots: Optional[Sequence[float]] = None, snapshot_dir: Optional[str] = None,
+                 epochs: Optional[int] = None):
         if clock not in ("process", "wall"):
             raise ValueError(f"clock must be 'process' or 'wall', got {clock!r}")
         if minutes is not None and not minutes > 0:
             raise ValueError(f"the training budget must be positive, got {minutes} minutes")
+        if epochs is not None and (int(epochs) != epochs or not epochs >= 1):
+            raise ValueError(f"the training budget in epochs must be a positive whole number, got {epochs}")
+        if minutes is not None and epochs is not None:
+            raise ValueError(f"give the training budget in minutes or in epochs, not both (got budget.minutes="
+                             f"{minutes} and budget.epochs={epochs}; budget.minutes=null lifts a preset's minutes)")
         self.seconds = None if minutes is None else 60.0 * float(minutes)
+        self.epochs = None if epochs is None else int(epochs)
+        self.steps = 0  # training batches done
+        self._batches_per_epoch: Optional[int] = None
         self.clock = clock
         self.cosine_lr = cosine_lr
         self.min_lr = float(min_lr)
@@ -143,20 +156,35 @@ class TrainingBudget(Callback):
 
     @property
     def active(self) -> bool:
-        return self.seconds is not None
+        return self.seconds is not None or self.epochs is not None
 
     @property
     def fraction(self) -> float:
-        return self.elapsed / self.seconds if self.active else 0.0
+        if self.epochs is not None:
+            return self.steps / (self.epochs * self._batches_per_epoch) if self._batches_per_epoch else 0.0
+        return self.elapsed / self.seconds if self.seconds is not None else 0.0
 
     @property
     def exhausted(self) -> bool:
-        return self.active and self.elapsed >= self.seconds
+        return self.active and self.fraction >= 1.0
 
     def describe(self) -> str:
-        """E.g. ``"4.2 of 15 CPU minutes"`` (``"wall-clock minutes"`` for ``clock="wall"``)."""
+        """E.g. ``"4.2 of 15 CPU minutes"`` (``"wall-clock minutes"`` for ``clock="wall"``), or
+        ``"100 of 100 epochs (11.3 CPU minutes)"``."""
         clock = "CPU" if self.clock == "process" else "wall-clock"
+        if self.epochs is not None:
+            done = self.steps / self._batches_per_epoch if self._batches_per_epoch else 0
+            return f"{done:g} of {self.epochs} epochs ({self.elapsed / 60:.2f} {clock} minutes)"
         return f"{self.elapsed / 60:.2f} of {self.seconds / 60:g} {clock} minutes"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.epochs is None:
+            return
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:
+            raise ValueError("budget.epochs needs a training set of known length (an epoch of "
+                             f"{batches} batches); give the budget in minutes")
+        self._batches_per_epoch = int(batches)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.active:
@@ -177,10 +205,11 @@ class TrainingBudget(Callback):
         if self._start is not None:
             self.elapsed += self._now() - self._start
             self._start = None
+        self.steps += 1
         while self._saved < len(self.snapshots) and self.fraction >= self.snapshots[self._saved]:
             self._save_snapshot(trainer)
             self._saved += 1
-        if self.elapsed >= self.seconds:
+        if self.exhausted:
             trainer.should_stop = True
 
     def _save_snapshot(self, trainer) -> None:
@@ -192,7 +221,7 @@ class TrainingBudget(Callback):
     def state_dict(self) -> Dict[str, Any]:
         if not self.active:
             return {}  # Lightning saves no state for the callback
-        return {"elapsed": self.elapsed, "saved": self._saved, "initial_lr": self._initial_lr}
+        return {"elapsed": self.elapsed, "saved": self._saved, "initial_lr": self._initial_lr, "steps": self.steps}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if not self.active:
@@ -200,6 +229,7 @@ class TrainingBudget(Callback):
         self.elapsed = float(state_dict["elapsed"])
         self._saved = int(state_dict["saved"])
         self._initial_lr = state_dict.get("initial_lr")
+        self.steps = int(state_dict.get("steps", 0))
 
 
 def training_budget(callbacks) -> Optional[TrainingBudget]:

@@ -95,7 +95,8 @@ def trainer_adjustments(cfg: DictConfig) -> Dict[str, Any]:
 
     explicit, adjust = command_line_keys(cfg), {}
     epoch_schedule = (cfg.get("module") or {}).get("scheduler") == "cosine"
-    if (cfg.get("budget") or {}).get("minutes") and "trainer.max_epochs" not in explicit and not epoch_schedule:
+    budget = cfg.get("budget") or {}
+    if (budget.get("minutes") or budget.get("epochs")) and "trainer.max_epochs" not in explicit and not epoch_schedule:
         adjust["max_epochs"] = -1
     if not sys.stdout.isatty() and "trainer.enable_progress_bar" not in explicit:
         adjust["enable_progress_bar"] = False

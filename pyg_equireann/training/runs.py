@@ -30,7 +30,7 @@ log = logging.getLogger("equireann-train")
 #: keys that a resume may change on the command line without making it another experiment (prefixes)
 RESUME_HARMLESS = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.min_epochs",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-                   "num_threads", "test", "budget.minutes", "logger")
+                   "num_threads", "test", "budget.minutes", "budget.epochs", "logger")
 _UNSET = object()
 
 
@@ -262,7 +262,8 @@ def train(cfg: DictConfig, out_dir: Path, config_record: Optional[Path] = None, 
         summary["stop_reason"] = stopped
     budget = training_budget(callbacks)
     if budget is not None:
-        summary.update({"budget_minutes": budget.seconds / 60, "budget_clock": budget.clock,
+        summary.update({"budget_minutes": None if budget.seconds is None else budget.seconds / 60,
+                        "budget_epochs": budget.epochs, "budget_clock": budget.clock,
                         "training_minutes": budget.elapsed / 60})
     if trainer.is_global_zero:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))

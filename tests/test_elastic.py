@@ -22,8 +22,13 @@ def chain_bonds(n, offset=0):
 
 
 def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
-    """min_X J per graph and channel from a dense solve of (s L + A) X = A Ψ: (B, K)."""
-    anchor = torch.nn.functional.softplus(module.anchor(density)) + module.min_anchor  # (N, K)
+    """min_X J per graph and channel from a dense solve of (s L + A) X = A Ψ: (B, K); with per-degree anchors one
+    solve per degree, each with its degree's anchors."""
+    anchor = torch.nn.functional.softplus(module.anchor(density)) + module.min_anchor  # (N, K) or (N, (L+1)·K)
+    if module.anchor_per_degree:  # each component its degree's anchor: (N, A, K)
+        anchor = anchor.view(orbitals.shape[0], -1, orbitals.shape[-1])[:, DEGREES]
+    else:
+        anchor = anchor.unsqueeze(1).expand(-1, len(DEGREES), -1)
     stiffness = torch.nn.functional.softplus(module.stiffness)
     n = orbitals.shape[0]
     minima = torch.zeros(int(batch.max()) + 1, orbitals.shape[-1])
@@ -35,19 +40,21 @@ def dense_minimum(module, orbitals, density, bond_index, bond_weight, batch):
         for g in range(minima.shape[0]):
             atoms = (batch == g).nonzero().squeeze(1)
             lap = laplacian[atoms][:, atoms]
-            a, psi = anchor[atoms, k], orbitals[atoms, :, k]
-            x = torch.linalg.solve(stiffness[k] * lap + torch.diag(a), a.unsqueeze(1) * psi)  # (n_g, A)
-            # J = ½ s Σ_{ij} L_ij x_i·x_j + ½ Σ a ‖x − ψ‖²
-            minima[g, k] = (0.5 * stiffness[k] * (x * (lap @ x)).sum()
-                            + 0.5 * (a.unsqueeze(1) * (x - psi) ** 2).sum())
+            for c in range(len(DEGREES)):  # one system per component (the same matrix within a degree)
+                a, psi = anchor[atoms, c, k], orbitals[atoms, c, k]
+                x = torch.linalg.solve(stiffness[k] * lap + torch.diag(a), a * psi)  # (n_g,)
+                # J = ½ s Σ_{ij} L_ij x_i·x_j + ½ Σ a ‖x − ψ‖²
+                minima[g, k] += 0.5 * stiffness[k] * (x * (lap @ x)).sum() + 0.5 * (a * (x - psi) ** 2).sum()
     return minima
 
 
+@pytest.mark.parametrize("per_degree", [False, True], ids=["one_anchor", "anchor_per_degree"])
 @pytest.mark.parametrize("dense_max_atoms", [256, 0], ids=["dense", "conjugate_gradients"])
-def test_relaxation_is_the_exact_minimiser_graph_by_graph(dense_max_atoms):
+def test_relaxation_is_the_exact_minimiser_graph_by_graph(dense_max_atoms, per_degree):
     torch.manual_seed(0)
-    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=12,
-                        dense_max_atoms=dense_max_atoms)
+    module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5,
+                        iterations=12, dense_max_atoms=dense_max_atoms,
+                        anchor_per_degree=per_degree)
     # a chain of 7 atoms, a ring of 5 with a branch, an isolated atom: one batch
     ring = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 2], [1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 2, 5]]) + 7
     bond_index = torch.cat([chain_bonds(7), ring], 1)
@@ -70,13 +77,14 @@ def test_relaxation_is_the_exact_minimiser_graph_by_graph(dense_max_atoms):
     assert (short[0] - per_graph[0]).abs().max() > 1e-3
 
 
-def test_dense_solve_and_conjugate_gradients_agree_to_second_derivatives():
+@pytest.mark.parametrize("per_degree", [False, True], ids=["one_anchor", "anchor_per_degree"])
+def test_dense_solve_and_conjugate_gradients_agree_to_second_derivatives(per_degree):
     """The dense solve (small graphs on a CPU) and the conjugate gradients (large graphs, CUDA, compiled) give the
     same energies, forces-like first derivatives and their parameter derivatives (training), in float64, also with an
-    atom bonded to its own periodic image and a graph without bonds."""
+    atom bonded to its own periodic image and a graph without bonds; with one anchor per degree as well."""
     torch.manual_seed(1)
     module = make_model(OrbitalElasticity, 0, degrees=DEGREES, num_channels=3, density_width=5, iterations=200,
-                        tolerance=1e-12).double()
+                        tolerance=1e-12, anchor_per_degree=per_degree).double()
     ring = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 2], [1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 2, 5]]) + 7
     self_image = torch.tensor([[14, 14], [14, 14]])  # atom 14 and two of its images (±a)
     bond_index = torch.cat([chain_bonds(7), ring, self_image], 1)

@@ -135,6 +135,8 @@ class EquiREANN(Potential):
         elastic_min_anchor: floor of the learned anchor stiffness (along a chain anchored at the floor the field decays
             over ~(s w / a_min)^½ bonds; 10⁻⁵ transferred no better than 10⁻³ on cumulenes, docs/nonlocal.md).
         elastic_initial_anchor: every anchor's stiffness at initialisation (None: ≈ 0.69, softplus(0)).
+        elastic_anchor_per_degree: one learned anchor per degree and channel (each degree relaxed as its own system)
+            instead of one per channel.
         elastic_dense_max_atoms: on a CPU, eagerly, graphs of at most this many atoms are relaxed exactly by one
             batched dense solve (faster than the conjugate-gradient steps on molecules; 0: always the steps).
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -203,6 +205,7 @@ class EquiREANN(Potential):
         elastic_min_anchor: float = 1e-3,
         elastic_dense_max_atoms: int = 256,
         elastic_initial_anchor: Optional[float] = None,
+        elastic_anchor_per_degree: bool = False,
         compile: bool = False,
     ):
         super().__init__()
@@ -314,7 +317,8 @@ class EquiREANN(Potential):
             self.elastic = OrbitalElasticity(degrees, elastic_channels, density_width, iterations=elastic_iterations,
                                              min_anchor=elastic_min_anchor, activation=mlp_activation,
                                              tolerance=elastic_tolerance, dense_max_atoms=elastic_dense_max_atoms,
-                                             initial_anchor=elastic_initial_anchor)
+                                             initial_anchor=elastic_initial_anchor,
+                                             anchor_per_degree=elastic_anchor_per_degree)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ

@@ -63,15 +63,18 @@ class OrbitalElasticity(nn.Module):
         initial_anchor: every anchor's stiffness at initialisation (> min_anchor; None: softplus(0) + min_anchor
             ≈ 0.69, as strong as a bond at ~1.5 Å). A weak start (e.g. 0.01) relaxes X over whole chains from the
             first step; training then strengthens the anchors where the energy needs a local X.
+        anchor_per_degree: one anchor per degree and channel, a_{i,l,k}, instead of one per channel: each degree
+            relaxes as its own system (L+1 solves), so a degree whose field is frustrated by the sign σ (the l = 0
+            scalars in a σ = −1 channel) can be anchored strongly without anchoring the others.
 
     Shapes: orbitals Ψ (N, A, K_e); density (N, D); bond_index (2, E_b) [j, i], bond_weight w (E_b,),
-    batch (N,) → per-atom energies (N, L+1, K_e).
+    batch (N,) → per-atom energies (N, L+1, K_e); anchors (N, K_e), or (N, L+1, K_e) with ``anchor_per_degree``.
     """
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
                  tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256,
-                 initial_anchor: Optional[float] = None):
+                 initial_anchor: Optional[float] = None, anchor_per_degree: bool = False):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")
@@ -87,12 +90,14 @@ class OrbitalElasticity(nn.Module):
         self.min_anchor = float(min_anchor)
         self.tolerance = None if tolerance is None else float(tolerance)
         self.dense_max_atoms = int(dense_max_atoms)
+        self.anchor_per_degree = bool(anchor_per_degree)
         # (A, L+1): sums the components of each degree
         degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
         self.register_buffer("degree_sum", degree_sum, persistent=False)
         # the output layer starts at zero weights, so every anchor starts at softplus(bias) + a_min
         bias = None if initial_anchor is None else math.log(math.expm1(initial_anchor - min_anchor))
-        self.anchor = MLP(density_width, anchor_hidden, num_channels, activation=activation, output_bias=bias)
+        anchors = num_channels * (self.num_degrees if self.anchor_per_degree else 1)
+        self.anchor = MLP(density_width, anchor_hidden, anchors, activation=activation, output_bias=bias)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
         # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i
@@ -100,11 +105,15 @@ class OrbitalElasticity(nn.Module):
         sign[1::2] = -1.0
         self.register_buffer("sign", sign, persistent=False)
 
-    @staticmethod
-    def _per_graph(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        """Sum (N, A, K) over the atoms of each graph and all components: (N, 1, K), each atom its graph's sum."""
-        summed = values.new_zeros((num_graphs, values.shape[-1])).index_add(0, batch, values.sum(1))  # (B, K)
-        return summed.index_select(0, batch).unsqueeze(1)
+    def _per_graph(self, values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+        """Sum (N, A, K) over the atoms of each graph and all components: (N, 1, K), each atom its graph's sum; with
+        ``anchor_per_degree`` over each degree's components, (N, A, K), one system per graph, degree and channel."""
+        if not self.anchor_per_degree:
+            summed = values.new_zeros((num_graphs, values.shape[-1])).index_add(0, batch, values.sum(1))  # (B, K)
+            return summed.index_select(0, batch).unsqueeze(1)
+        per_degree = torch.einsum("nak,al->nlk", values, self.degree_sum.to(values.dtype))  # (N, L+1, K)
+        summed = values.new_zeros((num_graphs, *per_degree.shape[1:])).index_add(0, batch, per_degree)
+        return summed.index_select(0, batch).index_select(1, self.degrees)
 
     @staticmethod
     def _dense_solve(diagonal: Tensor, coupling: Tensor, rhs: Tensor, neighbors: Tensor, centers: Tensor,
@@ -144,18 +153,23 @@ class OrbitalElasticity(nn.Module):
         return solution if uniform else solution.index_select(0, slot)
 
     def anchor_stiffness(self, density: Tensor) -> Tensor:
-        """a = softplus(net(ρ)) + a_min, (N, K), of the atoms' densities (N, D)."""
-        return nn.functional.softplus(self.anchor(density)) + self.min_anchor
+        """a = softplus(net(ρ)) + a_min of the atoms' densities (N, D): (N, K), or (N, L+1, K) per degree."""
+        anchor = nn.functional.softplus(self.anchor(density)) + self.min_anchor
+        return anchor.view(-1, self.num_degrees, self.num_channels) if self.anchor_per_degree else anchor
 
     def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
                 num_graphs: int) -> Tensor:
         num_atoms = orbitals.shape[0]
         neighbors, centers = bond_index[0], bond_index[1]
-        anchor = self.anchor_stiffness(density).unsqueeze(1)  # (N, 1, K)
+        anchor = self.anchor_stiffness(density)
+        if self.anchor_per_degree:  # (N, L+1, K) → each component its degree's anchor, (N, A, K)
+            anchor = anchor.index_select(1, self.degrees)
+        else:
+            anchor = anchor.unsqueeze(1)  # (N, 1, K)
         stiffness = nn.functional.softplus(self.stiffness)  # (K,)
         weight = bond_weight.view(-1, 1, 1)
         degree = bond_weight.new_zeros(num_atoms).index_add(0, centers, bond_weight).view(-1, 1, 1)  # Σ_j w_ij
-        diagonal = degree * stiffness + anchor  # (N, 1, K), the Jacobi preconditioner
+        diagonal = degree * stiffness + anchor  # (N, 1 or A, K), the Jacobi preconditioner
 
         sign = self.sign.to(stiffness.dtype)
         coupling = stiffness * sign  # s_k σ_k
@@ -167,8 +181,13 @@ class OrbitalElasticity(nn.Module):
             size = int(counts.max())  # host syncs: CPU only
             # the dense layout needs each graph's atoms together (PyG's batches); any other order takes the steps
             if size <= self.dense_max_atoms and bool((batch[1:] >= batch[:-1]).all()):
-                x = self._dense_solve(diagonal, coupling, anchor * orbitals, neighbors, centers, weight, batch,
-                                      counts, size)
+                rhs = anchor * orbitals
+                if self.anchor_per_degree:  # one system per degree: its components [l², (l+1)²)
+                    x = torch.cat([self._dense_solve(diagonal[:, l * l:l * l + 1], coupling, rhs[:, l * l:(l + 1) ** 2],
+                                                     neighbors, centers, weight, batch, counts, size)
+                                   for l in range(self.num_degrees)], 1)
+                else:
+                    x = self._dense_solve(diagonal, coupling, rhs, neighbors, centers, weight, batch, counts, size)
         if x is None:
             x = self._relax(orbitals, anchor, diagonal, coupling, weight, neighbors, centers, batch, num_graphs)
         return self._energies(x, orbitals, anchor, stiffness, sign, weight, neighbors, centers)
@@ -223,4 +242,5 @@ class OrbitalElasticity(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={self.num_channels}, iterations={self.iterations}, tolerance={self.tolerance}, "
-                f"min_anchor={self.min_anchor}, dense_max_atoms={self.dense_max_atoms}")
+                f"min_anchor={self.min_anchor}, dense_max_atoms={self.dense_max_atoms}"
+                + (", anchor_per_degree=True" if self.anchor_per_degree else ""))

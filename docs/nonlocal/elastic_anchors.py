@@ -1,6 +1,6 @@
-"""The learned anchor stiffness of a trained elastic model along a straight n = 16 cumulene (end carbons and the
-middle eight), per channel, and the spring stiffness s = softplus(θ): the diagnostic of "The anchor floor" in
-docs/nonlocal.md.
+"""The learned anchor stiffness of a trained elastic model along a straight n = 16 cumulene (end hydrogens, end
+carbons and the middle eight carbons), per channel (and degree, with ``elastic_anchor_per_degree``), and the spring
+stiffness s = softplus(θ): the diagnostic of "The anchor floor" in docs/nonlocal.md.
 
     python docs/nonlocal/elastic_anchors.py <equireann-nonlocal run folder> [...]
 """
@@ -27,14 +27,20 @@ def main(runs):
         z = torch.tensor(atoms.numbers)
         with torch.no_grad():
             model(z, torch.tensor(atoms.positions))
-            anchor = elastic.anchor_stiffness(seen["density"])[z == 6]  # (16, K)
+            every = elastic.anchor_stiffness(seen["density"])  # (N, K) or (N, L+1, K)
+        anchor, hydrogen = every[z == 6], every[z == 1][0]  # the 16 carbons (chain order), one end hydrogen
         hook.remove()
         print(f"{run}: floor {elastic.min_anchor:g}, springs s = "
               f"{[round(float(s), 3) for s in torch.nn.functional.softplus(elastic.stiffness.detach())]}")
+        per_degree = anchor.dim() == 3  # elastic_anchor_per_degree: (16, L+1, K)
         for k in range(anchor.shape[-1]):
-            middle = anchor[4:12, k]
-            print(f"  channel {k} (sigma {int(elastic.sign[k]):+d}): end carbons {float(anchor[0, k]):.3g}, "
-                  f"middle {float(middle.min()):.3g}-{float(middle.max()):.3g}")
+            for l in range(anchor.shape[1] if per_degree else 1):
+                column = anchor[:, l, k] if per_degree else anchor[:, k]
+                h = hydrogen[l, k] if per_degree else hydrogen[k]
+                middle = column[4:12]
+                print(f"  channel {k} (sigma {int(elastic.sign[k]):+d})" + (f", l = {l}" if per_degree else "")
+                      + f": end hydrogens {float(h):.3g}, end carbons {float(column[0]):.3g}, "
+                      f"middle {float(middle.min()):.3g}-{float(middle.max()):.3g}")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ class LearningRates(Callback):
 def test_budget_in_epochs(tmp_path):
     """``budget.epochs``: the cap of the trainer config is lifted, training stops after exactly that many epochs
     (the same optimiser steps on any machine), the budget's cosine runs over those steps and ends at min_lr, the
-    stop line and summary say so. Minutes and epochs together: a one-line error, exit 2."""
+    stop line and summary say so; a resume keeps the step count. Minutes and epochs together: a one-line error,
+    exit 2."""
     run_dir = tmp_path / "run"
 
     def task(cfg):
@@ -176,6 +177,16 @@ def test_budget_in_epochs(tmp_path):
     assert len(lrs) == 12 and lrs[0] == pytest.approx(0.01)
     assert lrs[-1] == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+    # resumed with a larger budget (an allowed override): the step count goes on, one more epoch, the cosine
+    # now over 16 steps from step 12
+    LearningRates.seen = []
+    hydra_app([f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "budget.epochs=4",
+               f"++callbacks.lr._target_={__name__}.LearningRates"], task)  # a class the record names: repeated
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["steps"] == 16, summary
+    cosine = [1e-4 + (0.01 - 1e-4) * 0.5 * (1 + math.cos(math.pi * step / 16)) for step in range(12, 16)]
+    assert LearningRates.seen == pytest.approx(cosine)
 
     with pytest.raises(SystemExit) as exit_info:
         hydra_app([*SMALL, *TINY, "budget.epochs=3", "budget.minutes=1", f"hydra.run.dir={tmp_path / 'both'}"], task)

@@ -16,8 +16,8 @@ HERE = Path(__file__).resolve().parent
 PASSING_OFF = 631.6  # meV, in-domain twist MAE of the passing-off ablation (docs/nonlocal.md)
 GROUPS = [  # label, file-name pattern, colour, marker
     ("the config, conjugate gradients (sessions 8–9)", r"elastic_(s\d|final_s\d|cg_rerun_s\d)_", "tab:gray", "s"),
-    ("the config, exact solve (sessions 9–11)", r"elastic_(dense_s\d|floor[35]_session1[01]_s\d|short_session11_s\d)_",
-     "tab:blue", "o"),
+    ("the config, exact solve (sessions 9–12)",
+     r"elastic_(dense_s\d|floor[35]_session1[01]_s\d|short_session11_s\d|epochs100_session12_s\d)_", "tab:blue", "o"),
     ("4 elastic channels (session 12)", r"elastic_k4_session12_", "tab:orange", "D"),
     ("anchors per degree (session 12)", r"elastic_perdegree_session12_", "tab:green", "^"),
     ("other variants (weak initial anchors, no hops, relative anchors, envelope)",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyg_equireann.experiments.bench import run_bench
-from pyg_equireann.experiments.bench.accuracy import validation_curve
+from pyg_equireann.experiments.bench.accuracy import last_epoch_fit, validation_curve
 from pyg_equireann.experiments.bench.report import (accuracy_markdown, accuracy_rows, learning_curve_plot,
                                                     speed_markdown, speed_plot, step_curve_plot, write_csv)
 from pyg_equireann.experiments.bench.speed import energy_and_forces, is_out_of_memory, peak_memory, run_speed
@@ -227,7 +227,8 @@ def test_peak_memory_in_a_fresh_process():
 
 
 def test_accuracy_report_files(tmp_path):
-    runs = [{"dataset": "aspirin", "model": "equireann", "parameters": 1000, "epochs": 3, "training_minutes": 1.0,
+    runs = [{"dataset": "aspirin", "model": "equireann", "parameters": 1000, "epochs": 3, "steps": 600,
+             "training_minutes": 1.0, "last_epoch/train/forces_mae": 21.5,
              "test/energy_mae": 10.0, "test/energy_rmse": 12.0, "test/forces_mae": 50.0, "test/forces_rmse": 70.0},
             {"dataset": "acac", "model": "mace", "parameters": 2000, "epochs": 2, "training_minutes": 1.0,
              "test/300K/forces_mae": 30.0, "test/600K/forces_mae": 60.0},
@@ -236,7 +237,8 @@ def test_accuracy_report_files(tmp_path):
     assert [(r["dataset"], r["test_set"]) for r in rows] == [("aspirin", "test"), ("acac", "300K"), ("acac", "600K"),
                                                               ("aspirin", "–")]
     text = accuracy_markdown(rows)
-    assert "| aspirin | test | equireann | 1,000 | 3 | 1 | 10 | 12 | 50 | 70 |" in text and "failed: boom" in text
+    assert "| aspirin | test | equireann | 1,000 | 3 | 600 | 1 | 10 | 12 | 50 | 70 | 21.5 |" in text
+    assert "| acac | 300K | mace | 2,000 | 2 | – | 1 | – | – | 30 | – | – |" in text and "failed: boom" in text
     curves = {"equireann": [{"minutes": 0.5, "forces_mae": 80.0}, {"minutes": 1.0, "forces_mae": 50.0}]}
     assert learning_curve_plot(curves, tmp_path / "lc.png", "aspirin").stat().st_size > 1000
 
@@ -254,6 +256,18 @@ def test_validation_curve_against_optimiser_steps(tmp_path):
                      {"step": 19, "epoch": 1, "forces_mae": 50.0, "energy_mae": 20.0}]
     assert validation_curve(tmp_path / "missing") == []
     assert step_curve_plot({"equireann": curve}, tmp_path / "steps.png", "aspirin").stat().st_size > 1000
+
+
+def test_last_epoch_fit_against_validation(tmp_path):
+    """The generalisation columns: the last logged training-batch and validation metrics of a run's CSV log."""
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/forces_mae", "train/energy_mae", "val/forces_mae", "test/forces_mae"])
+        writer.writerows([[0, 9, 90.0, 40.0, "", ""], [0, 9, "", "", 80.0, ""], [1, 19, 12.0, 3.0, "", ""],
+                          [1, 19, "", "", 50.0, ""], [1, 19, "", "", "", 55.0]])
+    assert last_epoch_fit(tmp_path) == {"train/forces_mae": 12.0, "train/energy_mae": 3.0, "val/forces_mae": 50.0}
+    assert last_epoch_fit(tmp_path / "missing") == {}
 
 
 def test_bench_cli_quick_end_to_end(tmp_path):
@@ -275,6 +289,9 @@ def test_bench_cli_quick_end_to_end(tmp_path):
     assert summary["training_minutes"] >= 0.03 and summary["budget_clock"] == "process"
     curves = json.loads((out / "accuracy" / "curves.json").read_text())["ethanol"]["equireann"]
     assert len(curves) == 2 and curves[0]["minutes"] < curves[1]["minutes"]
+    with open(out / "accuracy.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["steps"]) == summary["steps"] > 0 and float(row["train_forces_mae"]) > 0
     report = (out / "report.md").read_text()
     assert "| ethanol | test | equireann |" in report and "| equireann |" in report
 

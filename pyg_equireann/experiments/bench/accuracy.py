@@ -69,6 +69,26 @@ def validation_curve(run_dir: Path) -> List[Dict[str, float]]:
     return points
 
 
+def last_epoch_fit(run_dir: Path) -> Dict[str, float]:
+    """How closely a run fitted its training data against how it did on new frames: the training-batch metrics
+    of its last logged epoch (live weights, mean over that epoch's batches) and that epoch's validation metrics
+    (EMA weights), from ``logs/metrics.csv``, as ``{"train/forces_mae", "train/energy_mae", "val/forces_mae",
+    "val/energy_mae"}`` (those present; ``{}`` without a log). With the test metrics they show whether a run is
+    limited by optimisation (training error near the test error) or by how it generalises (far below)."""
+    import csv
+
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    last: Dict[str, float] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ("train/forces_mae", "train/energy_mae", "val/forces_mae", "val/energy_mae"):
+                if row.get(key) not in ("", None):
+                    last[key] = float(row[key])
+    return last
+
+
 def run_accuracy(models: Mapping[str, Sequence[str]], datasets: Mapping[str, Sequence[str]],
                  common: Sequence[str], out_dir: Path, jobs: int = 1, threads: int = 1,
                  curve_frames: Optional[int] = 200, progress: bool = True) -> Dict[str, Any]:
@@ -89,7 +109,8 @@ def run_accuracy(models: Mapping[str, Sequence[str]], datasets: Mapping[str, Seq
     runs: List[Dict[str, Any]] = []
     for name, result in results.items():
         dataset, model = name.split("/")
-        runs.append({**result, "dataset": dataset, "model": model})
+        fit = {f"last_epoch/{k}": v for k, v in last_epoch_fit(out_dir / name).items()}
+        runs.append({**result, **fit, "dataset": dataset, "model": model})
     curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
     step_curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
     for name in tqdm(results, desc="learning curves", disable=not progress):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyg_equireann import EquiREANN
-from pyg_equireann.nn.elastic import OrbitalElasticity
+from pyg_equireann.nn.elastic import OrbitalElasticity, terminal_index
 from pyg_equireann.nn.orbitals import spherical_degrees
 
 from .conftest import make_model, random_rotation
@@ -227,3 +227,61 @@ def test_initial_anchor_sets_every_anchor_at_initialisation():
     torch.testing.assert_close(anchor, torch.full_like(anchor, 0.01))
     with pytest.raises(ValueError, match="elastic_initial_anchor must be above elastic_min_anchor"):
         EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_min_anchor=1e-3, elastic_initial_anchor=1e-3)
+
+
+def test_terminal_index_marks_the_ends_of_the_bond_network():
+    """τ_i = ‖Σ_j w r̂‖² / ((Σ_j w)² + ε): ≈ 1 for the hydrogens of a cumulene (one bond), 0 for its straight middle
+    and for an isolated atom, small for the planar CH₂ carbon; invariant, and differentiable where the bonds cancel."""
+    from pyg_equireann.nn.orbitals import CosineCutoff
+
+    z, pos = cumulene(6, 0.4)
+    pos = torch.cat([pos, torch.tensor([[30.0, 0.0, 0.0]])]).double().requires_grad_()  # + an isolated atom
+    cutoff = CosineCutoff(2.0)
+
+    def index(positions):
+        i, j = torch.meshgrid(torch.arange(11), torch.arange(11), indexing="ij")
+        keep = i != j
+        centers, neighbors = i[keep], j[keep]
+        vectors = positions[neighbors] - positions[centers]
+        return terminal_index(vectors, cutoff(torch.linalg.vector_norm(vectors, dim=-1)), centers, 11)
+
+    tau = index(pos)
+    assert (tau[6:10] > 0.9).all() and (tau[6:10] < 1).all()  # the four H
+    assert tau[1:5].abs().max() < 1e-12 and tau[10] == 0  # the middle carbons, the isolated atom
+    assert (tau[[0, 5]] > 0).all() and (tau[[0, 5]] < 0.2).all()  # the CH₂ carbons: three bonds at ~120°
+    torch.testing.assert_close(index(pos @ random_rotation(3).double().T), tau)
+    gradient, = torch.autograd.grad(tau.sum(), pos)
+    assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("dense_max_atoms", [256, 0], ids=["dense", "conjugate_gradients"])
+def test_terminal_anchor_pins_the_ends_whatever_the_anchor_network(dense_max_atoms):
+    """``terminal_anchor``: with every learned anchor collapsed to ~0 (the failure of the runs that do not
+    transfer), the ends of a chain (one bond each, τ ≈ 1) stay anchored at a_t τ and the twist energy is still that
+    of the springs in series, 1/length; without it the same network gives a field free everywhere."""
+    module = OrbitalElasticity(DEGREES, 2, 2, iterations=60, min_anchor=1e-9, dense_max_atoms=dense_max_atoms,
+                               terminal_anchor=3.0).double()
+    module.anchor = torch.nn.Identity()  # anchor = softplus(density) = softplus(−40) ≈ 0 for every atom
+    stiffness = torch.nn.functional.softplus(module.stiffness)
+    for n in (3, 5, 9, 16):
+        pos = torch.zeros(n, 3, dtype=torch.float64)
+        pos[:, 0] = torch.arange(n)
+        bonds = chain_bonds(n)
+        terminal = terminal_index(pos[bonds[0]] - pos[bonds[1]], torch.ones(2 * n - 2, dtype=torch.float64),
+                                  bonds[1], n)
+        energies = []
+        for phi in (0.0, math.pi / 4):
+            psi = torch.zeros(n, len(DEGREES), 2, dtype=torch.float64)
+            psi[0, 8] = 1.0
+            psi[-1, 8], psi[-1, 4] = math.cos(2 * phi), math.sin(2 * phi)
+            psi[-1, :, 1] *= (-1) ** (n - 1)
+            density = torch.full((n, 2), -40.0, dtype=torch.float64)
+            energies.append(module(psi, density, bonds, torch.ones(2 * n - 2, dtype=torch.float64),
+                                   torch.zeros(n, dtype=torch.long), 1, terminal).sum((0, 1)))
+        end = 3.0 / (1.0 + 1e-3)  # a_t τ of an atom with one bond of weight 1
+        springs = 0.5 * 2 / ((n - 1) / stiffness + 2 / end)
+        torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="needs the atoms' terminal indices"):
+        module(psi, density, bonds, torch.ones(2 * n - 2, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="elastic_terminal_anchor must be positive"):
+        EquiREANN(elements=[1, 6], cutoff=3.0, elastic_channels=2, elastic_terminal_anchor=0.0)

@@ -32,7 +32,7 @@ MODELS = {
     "elastic_per_degree": lambda seed=0: make_model(EquiREANN, seed, num_iterations=2, max_l=2, learnable_passing=True,
                                                     passing_init="alternating", passing_hops=2, passing_norm=True,
                                                     passing_hop_channels=3, elastic_channels=2,
-                                                    elastic_anchor_per_degree=True),
+                                                    elastic_anchor_per_degree=True, elastic_terminal_anchor=1.0),
     "passing_off": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, equivariant_passing=False),
     "cubic_silu": lambda seed=0: make_model(EquiREANN, seed, num_iterations=3, max_l=3, density_invariants="cubic",
                                             mlp_activation="silu"),

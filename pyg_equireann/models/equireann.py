@@ -8,7 +8,7 @@ from pyg_equireann.graph.checks import MIN_DISTANCE, check_inputs
 from pyg_equireann.graph.edges import edge_vectors, ensure_graph, image_shifts, reverse_edges
 from pyg_equireann.models.base import Potential
 from pyg_equireann.nn.conv import EquiREANNConv, OrbitalContraction
-from pyg_equireann.nn.elastic import OrbitalElasticity
+from pyg_equireann.nn.elastic import OrbitalElasticity, terminal_index
 from pyg_equireann.nn.elements import element_mask, species_table
 from pyg_equireann.nn.orbitals import AngularBasis, CenterWeight, CosineCutoff, NeighborTableEmbedding, PairEmbedding
 from pyg_equireann.nn.readout import MLP, ElementMLPs
@@ -137,6 +137,9 @@ class EquiREANN(Potential):
         elastic_initial_anchor: every anchor's stiffness at initialisation (None: ≈ 0.69, softplus(0)).
         elastic_anchor_per_degree: one learned anchor per degree and channel (each degree relaxed as its own system)
             instead of one per channel.
+        elastic_terminal_anchor: a_t: a fixed anchor stiffness added in proportion to how terminal an atom is
+            (1 when its bonds all point one way, an H; :func:`~pyg_equireann.nn.elastic.terminal_index`), so a
+            chain's ends stay pinned however the learned anchors go (None: off).
         elastic_dense_max_atoms: on a CPU, eagerly, graphs of at most this many atoms are relaxed exactly by one
             batched dense solve (faster than the conjugate-gradient steps on molecules; 0: always the steps).
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -206,6 +209,7 @@ class EquiREANN(Potential):
         elastic_dense_max_atoms: int = 256,
         elastic_initial_anchor: Optional[float] = None,
         elastic_anchor_per_degree: bool = False,
+        elastic_terminal_anchor: Optional[float] = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -318,7 +322,8 @@ class EquiREANN(Potential):
                                              min_anchor=elastic_min_anchor, activation=mlp_activation,
                                              tolerance=elastic_tolerance, dense_max_atoms=elastic_dense_max_atoms,
                                              initial_anchor=elastic_initial_anchor,
-                                             anchor_per_degree=elastic_anchor_per_degree)
+                                             anchor_per_degree=elastic_anchor_per_degree,
+                                             terminal_anchor=elastic_terminal_anchor)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ
@@ -499,7 +504,11 @@ class EquiREANN(Potential):
             else:
                 bonds = short_edges(self.elastic_cutoff_fn)[0]
             relaxed = node_orbitals[..., :self.elastic.num_channels].contiguous()
-            elastic_energies = self.elastic(relaxed, density, bonds[0], bonds[1], batch, num_graphs).flatten(1)
+            terminal = None
+            if self.elastic.terminal_anchor is not None:  # on every edge: weight 0 beyond r_b, no host sync
+                terminal = terminal_index(vectors, self.elastic_cutoff_fn(edge_lengths), edge_index[1], num_atoms)
+            elastic_energies = self.elastic(relaxed, density, bonds[0], bonds[1], batch, num_graphs,
+                                            terminal).flatten(1)
             readout = readout + (elastic_energies / self.elastic_scale) @ self.elastic_weight
         atomic, energy = self.total_energy(z, readout, batch, num_graphs)
         result = {

@@ -66,16 +66,26 @@ class OrbitalElasticity(nn.Module):
         anchor_per_degree: one anchor per degree and channel, a_{i,l,k}, instead of one per channel: each degree
             relaxes as its own system (L+1 solves), so a degree whose field is frustrated by the sign σ (the l = 0
             scalars in a σ = −1 channel) can be anchored strongly without anchoring the others.
+        terminal_anchor: a_t, a fixed stiffness added to every anchor of an atom in proportion to how terminal it
+            is, :math:`a_{i,k} \mathrel{+}= a_t \tau_i` (:func:`terminal_index`: 1 for an atom whose bonds all point
+            one way, an H or a carbonyl O; 0 for the middle of a chain or an isolated atom). The ends of a bonded
+            chain stay pinned whatever the anchor network learns, so the springs-in-series fall-off cannot be lost
+            by the anchors of the ends collapsing onto the floor (the failure of docs/nonlocal.md, session 12).
+            None: off.
 
     Shapes: orbitals Ψ (N, A, K_e); density (N, D); bond_index (2, E_b) [j, i], bond_weight w (E_b,),
-    batch (N,) → per-atom energies (N, L+1, K_e); anchors (N, K_e), or (N, L+1, K_e) with ``anchor_per_degree``.
+    batch (N,), terminal τ (N,) (with ``terminal_anchor``) → per-atom energies (N, L+1, K_e); anchors (N, K_e), or
+    (N, L+1, K_e) with ``anchor_per_degree``.
     """
 
     def __init__(self, degrees: Tensor, num_channels: int, density_width: int, anchor_hidden: Sequence[int] = (16,),
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
                  tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256,
-                 initial_anchor: Optional[float] = None, anchor_per_degree: bool = False):
+                 initial_anchor: Optional[float] = None, anchor_per_degree: bool = False,
+                 terminal_anchor: Optional[float] = None):
         super().__init__()
+        if terminal_anchor is not None and not terminal_anchor > 0:
+            raise ValueError(f"elastic_terminal_anchor must be positive (or null: off), got {terminal_anchor}")
         if iterations < 1:
             raise ValueError(f"elastic_iterations must be >= 1, got {iterations}")
         if not min_anchor > 0:
@@ -91,6 +101,7 @@ class OrbitalElasticity(nn.Module):
         self.tolerance = None if tolerance is None else float(tolerance)
         self.dense_max_atoms = int(dense_max_atoms)
         self.anchor_per_degree = bool(anchor_per_degree)
+        self.terminal_anchor = None if terminal_anchor is None else float(terminal_anchor)
         # (A, L+1): sums the components of each degree
         degree_sum = nn.functional.one_hot(degrees, self.num_degrees).to(torch.get_default_dtype())
         self.register_buffer("degree_sum", degree_sum, persistent=False)
@@ -152,16 +163,21 @@ class OrbitalElasticity(nn.Module):
         solution = solution.permute(0, 2, 3, 1).reshape(num_graphs * size, num_components, num_channels)
         return solution if uniform else solution.index_select(0, slot)
 
-    def anchor_stiffness(self, density: Tensor) -> Tensor:
-        """a = softplus(net(ρ)) + a_min of the atoms' densities (N, D): (N, K), or (N, L+1, K) per degree."""
+    def anchor_stiffness(self, density: Tensor, terminal: Optional[Tensor] = None) -> Tensor:
+        """a = softplus(net(ρ)) + a_min (+ a_t τ) of the atoms' densities (N, D) and terminal indices τ (N,): (N, K),
+        or (N, L+1, K) per degree."""
         anchor = nn.functional.softplus(self.anchor(density)) + self.min_anchor
+        if self.terminal_anchor is not None:
+            if terminal is None:
+                raise ValueError("OrbitalElasticity with terminal_anchor needs the atoms' terminal indices")
+            anchor = anchor + self.terminal_anchor * terminal.unsqueeze(-1)
         return anchor.view(-1, self.num_degrees, self.num_channels) if self.anchor_per_degree else anchor
 
     def forward(self, orbitals: Tensor, density: Tensor, bond_index: Tensor, bond_weight: Tensor, batch: Tensor,
-                num_graphs: int) -> Tensor:
+                num_graphs: int, terminal: Optional[Tensor] = None) -> Tensor:
         num_atoms = orbitals.shape[0]
         neighbors, centers = bond_index[0], bond_index[1]
-        anchor = self.anchor_stiffness(density)
+        anchor = self.anchor_stiffness(density, terminal)
         if self.anchor_per_degree:  # (N, L+1, K) → each component its degree's anchor, (N, A, K)
             anchor = anchor.index_select(1, self.degrees)
         else:
@@ -243,4 +259,19 @@ class OrbitalElasticity(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.num_channels}, iterations={self.iterations}, tolerance={self.tolerance}, "
                 f"min_anchor={self.min_anchor}, dense_max_atoms={self.dense_max_atoms}"
-                + (", anchor_per_degree=True" if self.anchor_per_degree else ""))
+                + (", anchor_per_degree=True" if self.anchor_per_degree else "")
+                + (f", terminal_anchor={self.terminal_anchor}" if self.terminal_anchor is not None else ""))
+
+
+def terminal_index(vectors: Tensor, weight: Tensor, centers: Tensor, num_atoms: int, eps: float = 1e-3) -> Tensor:
+    r"""How much each atom is the end of the bond network:
+    :math:`\tau_i = \lVert \sum_j w_{ij} \hat r_{ij} \rVert^2 / ((\sum_j w_{ij})^2 + \epsilon)` over its bonds
+    (weights w = f(d; r_b), smooth at r_b). ≈ 1 when every bond points one way (an H, a terminal O; w ≫ √ε ≈ 0.03),
+    0 where the bonds cancel (the middle of a straight chain, an sp³ centre) and for an atom without bonds; the
+    (planar, 120°) end carbon of a CH₂ group ~0.1. Invariant and smooth in the positions (no norm at zero).
+
+    Shapes: vectors (E_b, 3) of the bonds, weight (E_b,), centers (E_b,) → (N,)."""
+    unit = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(1e-9)
+    polar = vectors.new_zeros(num_atoms, 3).index_add(0, centers, weight.unsqueeze(-1) * unit)
+    total = vectors.new_zeros(num_atoms).index_add(0, centers, weight)
+    return polar.square().sum(-1) / (total.square() + eps)

@@ -22,15 +22,18 @@ def main(runs):
             inner = inner.model
         elastic = inner.elastic
         seen = {}
-        hook = elastic.anchor.register_forward_hook(lambda module, inputs, out: seen.__setitem__("density", inputs[0]))
+        # the relaxation's inputs: (orbitals, density, bond_index, bond_weight, batch, num_graphs[, terminal])
+        hook = elastic.register_forward_hook(lambda module, inputs, out: seen.__setitem__("inputs", inputs))
         atoms = build_chain(16)
         z = torch.tensor(atoms.numbers)
         with torch.no_grad():
             model(z, torch.tensor(atoms.positions))
-            every = elastic.anchor_stiffness(seen["density"])  # (N, K) or (N, L+1, K)
+            inputs = seen["inputs"]
+            # (N, K) or (N, L+1, K); with elastic_terminal_anchor the fixed a_t·τ included
+            every = elastic.anchor_stiffness(inputs[1], inputs[6] if len(inputs) > 6 else None)
         anchor, hydrogen = every[z == 6], every[z == 1][0]  # the 16 carbons (chain order), one end hydrogen
         hook.remove()
-        print(f"{run}: floor {elastic.min_anchor:g}, springs s = "
+        print(f"{run}: floor {elastic.min_anchor:g}, terminal anchor {elastic.terminal_anchor}, springs s = "
               f"{[round(float(s), 3) for s in torch.nn.functional.softplus(elastic.stiffness.detach())]}")
         per_degree = anchor.dim() == 3  # elastic_anchor_per_degree: (16, L+1, K)
         for k in range(anchor.shape[-1]):

@@ -281,6 +281,16 @@ def test_terminal_anchor_pins_the_ends_whatever_the_anchor_network(dense_max_ato
         end = 3.0 / (1.0 + 1e-3)  # a_t τ of an atom with one bond of weight 1
         springs = 0.5 * 2 / ((n - 1) / stiffness + 2 / end)
         torch.testing.assert_close(energies[1] - energies[0], springs, rtol=1e-6, atol=0)
+    # no anchor network at all: the same anchors (the floor, 10⁻⁹, plus a_t τ), the same energies
+    structural = OrbitalElasticity(DEGREES, 2, 2, iterations=60, min_anchor=1e-9, dense_max_atoms=dense_max_atoms,
+                                   terminal_anchor=3.0, learned_anchors=False).double()
+    assert structural.anchor is None
+    torch.testing.assert_close(structural(psi, density, bonds, torch.ones(2 * n - 2, dtype=torch.float64),
+                                          torch.zeros(n, dtype=torch.long), 1, terminal),
+                               module(psi, density, bonds, torch.ones(2 * n - 2, dtype=torch.float64),
+                                      torch.zeros(n, dtype=torch.long), 1, terminal), rtol=1e-7, atol=1e-12)
+    with pytest.raises(ValueError, match="needs elastic_terminal_anchor"):
+        OrbitalElasticity(DEGREES, 2, 2, learned_anchors=False)
     with pytest.raises(ValueError, match="needs the atoms' terminal indices"):
         module(psi, density, bonds, torch.ones(2 * n - 2, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="elastic_terminal_anchor must be positive"):

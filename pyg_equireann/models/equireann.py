@@ -140,6 +140,7 @@ class EquiREANN(Potential):
         elastic_terminal_anchor: a_t: a fixed anchor stiffness added in proportion to how terminal an atom is
             (1 when its bonds all point one way, an H; :func:`~pyg_equireann.nn.elastic.terminal_index`), so a
             chain's ends stay pinned however the learned anchors go (None: off).
+        elastic_learned_anchors: False: no anchor network, anchors a_min + a_t τ only (needs elastic_terminal_anchor).
         elastic_dense_max_atoms: on a CPU, eagerly, graphs of at most this many atoms are relaxed exactly by one
             batched dense solve (faster than the conjugate-gradient steps on molecules; 0: always the steps).
         passing_nonbacktracking: with ``passing_hops`` ≥ 3, the intermediate hops run on directed edges and never
@@ -210,6 +211,7 @@ class EquiREANN(Potential):
         elastic_initial_anchor: Optional[float] = None,
         elastic_anchor_per_degree: bool = False,
         elastic_terminal_anchor: Optional[float] = None,
+        elastic_learned_anchors: bool = True,
         compile: bool = False,
     ):
         super().__init__()
@@ -323,7 +325,8 @@ class EquiREANN(Potential):
                                              tolerance=elastic_tolerance, dense_max_atoms=elastic_dense_max_atoms,
                                              initial_anchor=elastic_initial_anchor,
                                              anchor_per_degree=elastic_anchor_per_degree,
-                                             terminal_anchor=elastic_terminal_anchor)
+                                             terminal_anchor=elastic_terminal_anchor,
+                                             learned_anchors=elastic_learned_anchors)
             self.elastic_cutoff_fn = CosineCutoff(elastic_cutoff)
             width = self.elastic.num_degrees * elastic_channels
             # e / elastic_scale (1 until calibrate_density_scale sets the RMS), times learned weights γ

@@ -72,6 +72,9 @@ class OrbitalElasticity(nn.Module):
             chain stay pinned whatever the anchor network learns, so the springs-in-series fall-off cannot be lost
             by the anchors of the ends collapsing onto the floor (the failure of docs/nonlocal.md, session 12).
             None: off.
+        learned_anchors: False: no anchor network, a_{i,k} = a_min + a_t τ_i (needs ``terminal_anchor``): the field
+            is pinned at the ends of the bond network and free elsewhere by construction, so training cannot make it
+            local by strengthening the middle anchors (what the anchor network did in runs that did not transfer).
 
     Shapes: orbitals Ψ (N, A, K_e); density (N, D); bond_index (2, E_b) [j, i], bond_weight w (E_b,),
     batch (N,), terminal τ (N,) (with ``terminal_anchor``) → per-atom energies (N, L+1, K_e); anchors (N, K_e), or
@@ -82,8 +85,10 @@ class OrbitalElasticity(nn.Module):
                  iterations: int = 32, min_anchor: float = 1e-3, activation: str = "silu",
                  tolerance: Optional[float] = 1e-4, dense_max_atoms: int = 256,
                  initial_anchor: Optional[float] = None, anchor_per_degree: bool = False,
-                 terminal_anchor: Optional[float] = None):
+                 terminal_anchor: Optional[float] = None, learned_anchors: bool = True):
         super().__init__()
+        if not learned_anchors and terminal_anchor is None:
+            raise ValueError("elastic_learned_anchors=false needs elastic_terminal_anchor (else every anchor is the floor)")
         if terminal_anchor is not None and not terminal_anchor > 0:
             raise ValueError(f"elastic_terminal_anchor must be positive (or null: off), got {terminal_anchor}")
         if iterations < 1:
@@ -108,7 +113,10 @@ class OrbitalElasticity(nn.Module):
         # the output layer starts at zero weights, so every anchor starts at softplus(bias) + a_min
         bias = None if initial_anchor is None else math.log(math.expm1(initial_anchor - min_anchor))
         anchors = num_channels * (self.num_degrees if self.anchor_per_degree else 1)
-        self.anchor = MLP(density_width, anchor_hidden, anchors, activation=activation, output_bias=bias)
+        self.learned_anchors = bool(learned_anchors)
+        self.anchors_per_atom = anchors
+        self.anchor = (MLP(density_width, anchor_hidden, anchors, activation=activation, output_bias=bias)
+                       if self.learned_anchors else None)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
         # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i
@@ -166,7 +174,10 @@ class OrbitalElasticity(nn.Module):
     def anchor_stiffness(self, density: Tensor, terminal: Optional[Tensor] = None) -> Tensor:
         """a = softplus(net(ρ)) + a_min (+ a_t τ) of the atoms' densities (N, D) and terminal indices τ (N,): (N, K),
         or (N, L+1, K) per degree."""
-        anchor = nn.functional.softplus(self.anchor(density)) + self.min_anchor
+        if self.anchor is not None:
+            anchor = nn.functional.softplus(self.anchor(density)) + self.min_anchor
+        else:
+            anchor = density.new_full((density.shape[0], self.anchors_per_atom), self.min_anchor)
         if self.terminal_anchor is not None:
             if terminal is None:
                 raise ValueError("OrbitalElasticity with terminal_anchor needs the atoms' terminal indices")
@@ -260,7 +271,8 @@ class OrbitalElasticity(nn.Module):
         return (f"channels={self.num_channels}, iterations={self.iterations}, tolerance={self.tolerance}, "
                 f"min_anchor={self.min_anchor}, dense_max_atoms={self.dense_max_atoms}"
                 + (", anchor_per_degree=True" if self.anchor_per_degree else "")
-                + (f", terminal_anchor={self.terminal_anchor}" if self.terminal_anchor is not None else ""))
+                + (f", terminal_anchor={self.terminal_anchor}" if self.terminal_anchor is not None else "")
+                + ("" if self.learned_anchors else ", learned_anchors=False"))
 
 
 def terminal_index(vectors: Tensor, weight: Tensor, centers: Tensor, num_atoms: int, eps: float = 1e-3) -> Tensor:

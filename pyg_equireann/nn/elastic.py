@@ -88,7 +88,8 @@ class OrbitalElasticity(nn.Module):
                  terminal_anchor: Optional[float] = None, learned_anchors: bool = True):
         super().__init__()
         if not learned_anchors and terminal_anchor is None:
-            raise ValueError("elastic_learned_anchors=false needs elastic_terminal_anchor (else every anchor is the floor)")
+            raise ValueError("elastic_learned_anchors=false needs elastic_terminal_anchor "
+                             "(else every anchor is the floor)")
         if terminal_anchor is not None and not terminal_anchor > 0:
             raise ValueError(f"elastic_terminal_anchor must be positive (or null: off), got {terminal_anchor}")
         if iterations < 1:

@@ -20,6 +20,9 @@ GROUPS = [  # label, file-name pattern, colour, marker
      r"elastic_(dense_s\d|floor[35]_session1[01]_s\d|short_session11_s\d|epochs100_session12_s\d)_", "tab:blue", "o"),
     ("4 elastic channels (session 12)", r"elastic_k4_session12_", "tab:orange", "D"),
     ("anchors per degree (session 12)", r"elastic_perdegree_session12_", "tab:green", "^"),
+    ("terminal anchors a_t·τ (session 13)", r"elastic_terminal_session13_", "tab:purple", "v"),
+    ("terminal anchors, weak start (session 13)", r"elastic_termweak_session13_", "tab:brown", "P"),
+    ("terminal anchors only, no anchor network (session 13)", r"elastic_structural_session13_", "tab:pink", "*"),
     ("other variants (weak initial anchors, no hops, relative anchors, envelope)",
      r"elastic_(weakinit|nohops|dense_nohops|relative|envelope_\w+)_s\d_", "tab:red", "x"),
 ]

@@ -258,7 +258,7 @@ def test_terminal_index_marks_the_ends_of_the_bond_network():
 def test_terminal_anchor_pins_the_ends_whatever_the_anchor_network(dense_max_atoms):
     """``terminal_anchor``: with every learned anchor collapsed to ~0 (the failure of the runs that do not
     transfer), the ends of a chain (one bond each, τ ≈ 1) stay anchored at a_t τ and the twist energy is still that
-    of the springs in series, 1/length; without it the same network gives a field free everywhere."""
+    of the springs in series, 1/length; with no anchor network at all the same."""
     module = OrbitalElasticity(DEGREES, 2, 2, iterations=60, min_anchor=1e-9, dense_max_atoms=dense_max_atoms,
                                terminal_anchor=3.0).double()
     module.anchor = torch.nn.Identity()  # anchor = softplus(density) = softplus(−40) ≈ 0 for every atom

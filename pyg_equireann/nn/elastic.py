@@ -114,10 +114,9 @@ class OrbitalElasticity(nn.Module):
         # the output layer starts at zero weights, so every anchor starts at softplus(bias) + a_min
         bias = None if initial_anchor is None else math.log(math.expm1(initial_anchor - min_anchor))
         anchors = num_channels * (self.num_degrees if self.anchor_per_degree else 1)
-        self.learned_anchors = bool(learned_anchors)
         self.anchors_per_atom = anchors
         self.anchor = (MLP(density_width, anchor_hidden, anchors, activation=activation, output_bias=bias)
-                       if self.learned_anchors else None)
+                       if learned_anchors else None)
         # softplus(log(e − 1)) = 1: unit bond stiffness at initialisation
         self.stiffness = nn.Parameter(torch.full((num_channels,), math.log(math.e - 1.0)))
         # σ_k = +1, −1, +1, …: even channels pull a neighbour's orbital towards X_i, odd ones towards −X_i
@@ -273,7 +272,7 @@ class OrbitalElasticity(nn.Module):
                 f"min_anchor={self.min_anchor}, dense_max_atoms={self.dense_max_atoms}"
                 + (", anchor_per_degree=True" if self.anchor_per_degree else "")
                 + (f", terminal_anchor={self.terminal_anchor}" if self.terminal_anchor is not None else "")
-                + ("" if self.learned_anchors else ", learned_anchors=False"))
+                + (", learned_anchors=False" if self.anchor is None else ""))
 
 
 def terminal_index(vectors: Tensor, weight: Tensor, centers: Tensor, num_atoms: int, eps: float = 1e-3) -> Tensor:

@@ -52,20 +52,25 @@ def evaluate_snapshots(run_dir: Path, max_frames: Optional[int] = 200, threads: 
     return points
 
 
-def validation_curve(run_dir: Path) -> List[Dict[str, float]]:
-    """The validation metrics of every epoch of a run (its ``logs/metrics.csv``, EMA weights) against the
-    optimiser step: ``[{"step", "epoch", "forces_mae", "energy_mae", ...}]``, the learning per step."""
+def _log_rows(run_dir: Path) -> List[Dict[str, str]]:
+    """The rows of a run's Lightning CSV log (``logs/metrics.csv``), ``[]`` without one."""
     import csv
 
     path = run_dir / "logs" / "metrics.csv"
     if not path.is_file():
         return []
-    points = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            values = {k[len("val/"):]: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
-            if values and row.get("step"):
-                points.append({"step": int(float(row["step"])), "epoch": int(float(row["epoch"])), **values})
+        return list(csv.DictReader(f))
+
+
+def validation_curve(run_dir: Path) -> List[Dict[str, float]]:
+    """The validation metrics of every epoch of a run (its ``logs/metrics.csv``, EMA weights) against the
+    optimiser step: ``[{"step", "epoch", "forces_mae", "energy_mae", ...}]``, the learning per step."""
+    points = []
+    for row in _log_rows(run_dir):
+        values = {k[len("val/"):]: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
+        if values and row.get("step"):
+            points.append({"step": int(float(row["step"])), "epoch": int(float(row["epoch"])), **values})
     return points
 
 
@@ -75,17 +80,11 @@ def last_epoch_fit(run_dir: Path) -> Dict[str, float]:
     (EMA weights), from ``logs/metrics.csv``, as ``{"train/forces_mae", "train/energy_mae", "val/forces_mae",
     "val/energy_mae"}`` (those present; ``{}`` without a log). With the test metrics they show whether a run is
     limited by optimisation (training error near the test error) or by how it generalises (far below)."""
-    import csv
-
-    path = run_dir / "logs" / "metrics.csv"
-    if not path.is_file():
-        return {}
     last: Dict[str, float] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for key in ("train/forces_mae", "train/energy_mae", "val/forces_mae", "val/energy_mae"):
-                if row.get(key) not in ("", None):
-                    last[key] = float(row[key])
+    for row in _log_rows(run_dir):
+        for key in ("train/forces_mae", "train/energy_mae", "val/forces_mae", "val/energy_mae"):
+            if row.get(key) not in ("", None):
+                last[key] = float(row[key])
     return last
 
 

@@ -1,6 +1,7 @@
 """The learned anchor stiffness of a trained elastic model along a straight n = 16 cumulene (end hydrogens, end
 carbons and the middle eight carbons), per channel (and degree, with ``elastic_anchor_per_degree``), and the spring
-stiffness s = softplus(θ): the diagnostic of "The anchor floor" in docs/nonlocal.md.
+stiffness s = softplus(θ), and the readout weight of each elastic energy: the diagnostic of "The anchor floor" and
+"Terminal anchors" in docs/nonlocal.md.
 
     python docs/nonlocal/elastic_anchors.py <equireann-nonlocal run folder> [...]
 """
@@ -33,7 +34,10 @@ def main(runs):
             every = elastic.anchor_stiffness(inputs[1], inputs[6] if len(inputs) > 6 else None)
         anchor, hydrogen = every[z == 6], every[z == 1][0]  # the 16 carbons (chain order), one end hydrogen
         hook.remove()
-        print(f"{run}: floor {elastic.min_anchor:g}, terminal anchor {elastic.terminal_anchor}, springs s = "
+        # readout weight of each elastic energy over its RMS on the first training structures, (L+1, K)
+        readout = (inner.elastic_weight / inner.elastic_scale).detach().view(-1, elastic.num_channels)
+        print(f"{run}: floor {elastic.min_anchor:g}, terminal anchor {elastic.terminal_anchor}, readout weight / RMS "
+              f"(rows l, columns channels) {[[float(f'{x:.3g}') for x in row] for row in readout]}, springs s = "
               f"{[round(float(s), 3) for s in torch.nn.functional.softplus(elastic.stiffness.detach())]}")
         per_degree = anchor.dim() == 3  # elastic_anchor_per_degree: (16, L+1, K)
         for k in range(anchor.shape[-1]):

@@ -136,15 +136,19 @@ class OrbitalElasticity(nn.Module):
 
     @staticmethod
     def _dense_solve(diagonal: Tensor, coupling: Tensor, rhs: Tensor, neighbors: Tensor, centers: Tensor,
-                     weight: Tensor, batch: Tensor, counts: Tensor, size: int) -> Tensor:
+                     weight: Tensor, batch: Tensor, counts: Tensor, size: int,
+                     groups: Optional[Tensor] = None) -> Tensor:
         """Solve (diag(d) − s σ W) X = rhs exactly, graph by graph and channel by channel, as one batched Cholesky
-        solve of (B, K, n, n) matrices (n the largest graph; padding rows are the identity; each graph's atoms
+        solve of (B, G, K, n, n) matrices (n the largest graph; padding rows are the identity; each graph's atoms
         together, in ``batch`` order). The matrices are symmetric positive definite: a signed graph Laplacian times
         s > 0 plus anchors > 0.
 
-        diagonal (N, 1, K), coupling s σ (K,), rhs (N, A, K), bonds [j, i] with weights (E_b, 1, 1), ``counts``
-        (B,) atoms per graph, ``size`` = max(counts) → X (N, A, K)."""
+        diagonal (N, G, K): G = 1, one system per channel for all components, or G diagonals (the degrees) with
+        ``groups`` (A,) the diagonal of each component (one factorisation for all of them, each component solved
+        with its own); coupling s σ (K,), rhs (N, A, K), bonds [j, i] with weights (E_b, 1, 1), ``counts`` (B,)
+        atoms per graph, ``size`` = max(counts) → X (N, A, K)."""
         num_atoms, num_components, num_channels = rhs.shape
+        num_groups = diagonal.shape[1]
         num_graphs = counts.shape[0]
         uniform = num_graphs * size == num_atoms  # every graph has n atoms (a batch of one molecule): no padding
         if uniform:
@@ -155,19 +159,25 @@ class OrbitalElasticity(nn.Module):
             first = counts.cumsum(0) - counts  # (B,) index of each graph's first atom
             local = torch.arange(num_atoms, device=batch.device) - first.index_select(0, batch)
             slot = batch * size + local
-            padded_diagonal = diagonal.new_ones((num_graphs * size, 1, num_channels)).index_copy(0, slot, diagonal)
+            padded_diagonal = diagonal.new_ones((num_graphs * size, num_groups, num_channels)).index_copy(
+                0, slot, diagonal)
             dense = rhs.new_zeros((num_graphs * size, num_components, num_channels)).index_copy(0, slot, rhs)
-        padded_diagonal = padded_diagonal.view(num_graphs, size, num_channels)
+        padded_diagonal = padded_diagonal.view(num_graphs, size, num_groups, num_channels)
         dense = dense.view(num_graphs, size, num_components, num_channels)
         entries = rhs.new_zeros((num_graphs * size * size, num_channels))
         bond_slot = slot.index_select(0, centers) * size + local.index_select(0, neighbors)
         entries = entries.index_add(0, bond_slot, -coupling * weight.view(-1, 1))
-        off_diagonal = entries.view(num_graphs, size, size, num_channels).permute(0, 3, 1, 2)
-        matrix = off_diagonal + torch.diag_embed(padded_diagonal.transpose(1, 2))  # (B, K, n, n)
+        off_diagonal = entries.view(num_graphs, 1, size, size, num_channels).permute(0, 1, 4, 2, 3)
+        matrix = off_diagonal + torch.diag_embed(padded_diagonal.permute(0, 2, 3, 1))  # (B, G, K, n, n)
         # in float64: weak anchors (a ≥ a_min) under stiff springs make the condition number large, and a float32
         # factorisation could fail or lose the small bond differences the energy is made of; the matrices are small
         factor = torch.linalg.cholesky(matrix.double())
-        solution = torch.cholesky_solve(dense.permute(0, 3, 1, 2).double(), factor).to(rhs.dtype)
+        right = dense.permute(0, 3, 1, 2).unsqueeze(1).double()  # (B, 1, K, n, A)
+        if groups is not None:  # each group's system sees only its own components (the others' right sides are 0)
+            mask = nn.functional.one_hot(groups, num_groups).T.to(right.dtype)  # (G, A)
+            right = right * mask.view(1, num_groups, 1, 1, num_components)
+        solution = torch.cholesky_solve(right, factor)  # (B, G, K, n, A)
+        solution = (solution.sum(1) if groups is not None else solution.squeeze(1)).to(rhs.dtype)
         solution = solution.permute(0, 2, 3, 1).reshape(num_graphs * size, num_components, num_channels)
         return solution if uniform else solution.index_select(0, slot)
 
@@ -209,10 +219,10 @@ class OrbitalElasticity(nn.Module):
             # the dense layout needs each graph's atoms together (PyG's batches); any other order takes the steps
             if size <= self.dense_max_atoms and bool((batch[1:] >= batch[:-1]).all()):
                 rhs = anchor * orbitals
-                if self.anchor_per_degree:  # one system per degree: its components [l², (l+1)²)
-                    x = torch.cat([self._dense_solve(diagonal[:, l * l:l * l + 1], coupling, rhs[:, l * l:(l + 1) ** 2],
-                                                     neighbors, centers, weight, batch, counts, size)
-                                   for l in range(self.num_degrees)], 1)
+                if self.anchor_per_degree:  # one system per degree (its diagonal at its first component, l²)
+                    first = torch.arange(self.num_degrees, device=diagonal.device).square()
+                    x = self._dense_solve(diagonal.index_select(1, first), coupling, rhs, neighbors, centers, weight,
+                                          batch, counts, size, groups=self.degrees)
                 else:
                     x = self._dense_solve(diagonal, coupling, rhs, neighbors, centers, weight, batch, counts, size)
         if x is None:
